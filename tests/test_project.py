@@ -1,0 +1,24 @@
+"""The project's own contract: README's test command is what CI runs; the core imports no Prefect/MLflow."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    readme_commands = re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text())
+    assert len(readme_commands) >= 2
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert readme_commands[1].strip() in ci
+
+
+def test_core_imports_no_prefect_or_mlflow():
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "sparsekd_core").rglob("*.py")
+        if re.search(r"^\s*(import|from)\s+(prefect|mlflow)\b", p.read_text(), re.M)
+    ]
+    assert offenders == []
