@@ -58,7 +58,7 @@ class StageConfig(BaseModel):
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith(("/", "./", "../", "~")) or os.sep in spec and Path(spec).suffix != ""
+    return spec.startswith(("/", "./", "../", "~"))
 
 
 def check_model_spec(spec: str) -> str:
@@ -198,7 +198,9 @@ def format_validation_error(section: str, err: ValidationError) -> str:
             parts.append(f"{section}.{loc}: unknown field")
         elif e["type"] == "missing":
             parts.append(f"{section}.{loc}: required field is missing")
-        elif isinstance(value, (dict, list)) or not e["loc"]:
+        elif not e["loc"]:  # a cross-field check: its message starts with `field=value`
+            parts.append(f"{section}.{msg}")
+        elif isinstance(value, (dict, list)):
             parts.append(f"{section}.{loc}: {msg}")
         else:
             parts.append(f"{section}.{loc}={value!r}: {msg}")

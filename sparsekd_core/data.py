@@ -68,7 +68,9 @@ def wikitext_articles(raw: str) -> list[str]:
         if _WIKI_TITLE.match(line) or not articles:
             articles.append([])
         articles[-1].append(line)
-    return ["\n".join(a).strip() for a in articles]
+    docs = ["\n".join(a).strip() for a in articles]
+    # Blank lines before the first title are layout, not a document.
+    return docs[1:] if docs and not docs[0] and not _WIKI_TITLE.match(articles[0][0]) else docs
 
 
 def wikitext_rows_to_raw(rows: Iterable[str]) -> str:
