@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any, Callable
 
-from sparsekd_core.config import ConfigError, DataConfig, EvalConfig, ModelConfig, build, load_yaml
+from sparsekd_core.config import ConfigError, DataConfig, EvalConfig, ModelConfig, ProfileConfig, build, load_yaml
 
 EXIT_BAD_INPUT = 2
 
@@ -130,9 +130,80 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------- profile
+
+
+def _int_list(flag: str):
+    def parse(text: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+    return parse
+
+
+def add_profile_parser(sub) -> None:
+    p = sub.add_parser("profile", help="TTFT/TPOT, memory and attention-vs-FFN time, models side by side")
+    p.add_argument("--model", dest="models", action="append", help="model to profile (repeat; the first is the baseline)")
+    p.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--batch-sizes", type=_int_list("--batch-sizes"), help="comma-separated (default 1,16,64)")
+    p.add_argument("--seq-len", type=_int_list("--seq-len"), help="comma-separated prompt lengths (default 128)")
+    p.add_argument("--new-tokens", type=int, help="decode steps timed per run (default 32)")
+    p.add_argument("--warmup", type=int, help="untimed runs before timing (default 1)")
+    p.add_argument("--repeats", type=int, help="timed runs per cell (default 3)")
+    p.add_argument("--out", help="directory for profile.json, profile.md and speedup.png")
+    p.add_argument("--config", help="YAML file with a `profile` section (flags override it)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.set_defaults(func=cmd_profile)
+
+
+PROFILE_FLAGS = {"profile": {"batch_sizes": "batch_sizes", "seq_len": "seq_len", "new_tokens": "new_tokens",
+                             "warmup": "warmup", "repeats": "repeats"}}
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sparsekd_core.models import load_model
+    from sparsekd_core.profile import add_speedups, markdown_table, profile_model, speedup_plot
+
+    if not args.models:
+        raise ConfigError("profile: give at least one --model (the first is the baseline for speedups)")
+    prof_cfg = build(ProfileConfig, "profile", _sections(args, PROFILE_FLAGS)["profile"])
+    model_cfgs = [build(ModelConfig, "model", {k: v for k, v in {"model": m, "dtype": args.dtype,
+                  "device": args.device}.items() if v is not None}) for m in args.models]
+    results: list[dict] = []
+    for cfg in model_cfgs:  # one model in memory at a time
+        loaded = load_model(cfg, log=log)
+        log(f"profile: {cfg.model} on {loaded.device.type} {str(loaded.dtype).removeprefix('torch.')}")
+        results += profile_model(cfg.model, loaded.model, prof_cfg, progress=lambda r: log(
+            f"  batch {r['batch_size']:>3} seq {r['seq_len']:>4}: TTFT {r['ttft_ms']:.1f} ms, TPOT {r['tpot_ms']:.2f} ms, "
+            f"attention {r['attention_ms']:.1f} ms, FFN {r['ffn_ms']:.1f} ms"))
+        del loaded
+    add_speedups(results)
+    table = markdown_table(results)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "profile.json", json.dumps({"results": results}, indent=1) + "\n")
+        _write_atomic(out / "profile.md", table)
+        speedup_plot(results, out / "speedup.png")
+        log(f"profile: wrote {out}/profile.json, profile.md, speedup.png")
+    _emit({"results": results}, args.json, table)
+    return 0
+
+
+def _write_atomic(path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 # ---------------------------------------------------------------------------------------------------------------- main
 
-VERBS: list[Callable] = [add_eval_parser]
+VERBS: list[Callable] = [add_eval_parser, add_profile_parser]
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -187,6 +187,24 @@ class MixtureConfig(StageConfig):
         return cls(components=comps, **kwargs)
 
 
+class ProfileConfig(StageConfig):
+    """Inference profiling cells: every batch size × sequence length, for every model."""
+
+    batch_sizes: list[int] = Field([1, 16, 64], min_length=1, description="Batch sizes to time.")
+    seq_len: list[int] = Field([128], min_length=1, description="Prompt lengths (prefill tokens) to time.")
+    new_tokens: int = Field(32, ge=1, description="Greedy decode steps timed per run (TPOT = their mean).")
+    warmup: int = Field(1, ge=0, description="Untimed runs before timing.")
+    repeats: int = Field(3, ge=1, description="Timed runs per cell (median/min/max reported).")
+    seed: int = Field(0, ge=0, description="Seed of the random prompt token ids.")
+
+    @field_validator("batch_sizes", "seq_len")
+    @classmethod
+    def _positive(cls, values: list[int]) -> list[int]:
+        if any(v <= 0 for v in values):
+            raise ValueError(f"every value must be a positive integer, got {values}")
+        return values
+
+
 def format_validation_error(section: str, err: ValidationError) -> str:
     """One line per config: `section.field=value: what is wrong / allowed`, several problems joined by '; '."""
     parts = []
