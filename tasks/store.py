@@ -1,0 +1,110 @@
+"""Content-addressed stage outputs: a stage whose inputs are unchanged and whose output still verifies is not rerun.
+
+Every stage run lives in ``<root>/<stage>/<key>/`` where ``key`` hashes the stage name, its validated config,
+the *fingerprints* (keys) of the artifacts it consumes and a digest of the ``sparsekd_core`` source. The stage
+writes its files there (resumable stages — cache, distill — keep their own progress there, so a rerun after a
+crash resumes inside the same directory), and ``manifest.json`` is written last, atomically, with every file's
+size. A manifest whose files are all present with those sizes is a finished stage; anything else is rerun.
+A consumer's key includes its producer's key, so a change anywhere upstream changes every key downstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+MANIFEST = "manifest.json"
+
+
+def code_digest() -> str:
+    """Digest of the sparsekd_core sources (16 hex chars): a code change invalidates every cached stage."""
+    import sparsekd_core
+
+    root = Path(sparsekd_core.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stage_key(stage: str, config: dict[str, Any], inputs: dict[str, str]) -> str:
+    payload = json.dumps({"stage": stage, "config": config, "inputs": inputs, "code": code_digest()},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def verify(manifest: dict[str, Any]) -> bool:
+    """True if every file the manifest lists is present with its recorded size."""
+    directory = Path(manifest["path"])
+    for rel, size in manifest.get("files", {}).items():
+        p = directory / rel
+        if not p.is_file() or p.stat().st_size != size:
+            return False
+    return True
+
+
+def load_manifest(directory: Path) -> dict[str, Any] | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return manifest if verify(manifest) else None
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def run_stage(
+    root: str | os.PathLike,
+    stage: str,
+    config: dict[str, Any],
+    inputs: dict[str, str],
+    produce: Callable[[Path], dict[str, Any]],
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Return the finished stage's manifest, running ``produce(directory)`` only if no verified output exists.
+
+    ``produce`` writes its files into ``directory`` and returns a JSON-able result (metrics, sub-paths).
+    The manifest: ``{"stage", "key", "path", "files", "result", "seconds", "cached"}``; ``key`` is the
+    fingerprint that consumers pass on in their ``inputs``.
+    """
+    key = stage_key(stage, config, inputs)
+    directory = Path(root).expanduser().resolve() / stage / key
+    found = load_manifest(directory)
+    if found is not None:
+        log(f"{stage}: cached ({directory})")
+        return {**found, "cached": True}
+    directory.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result = produce(directory)
+    manifest = {
+        "stage": stage,
+        "key": key,
+        "path": str(directory),
+        "config": config,
+        "inputs": inputs,
+        "result": result,
+        "seconds": time.perf_counter() - t0,
+        "files": _file_sizes(directory),
+    }
+    write_json_atomic(directory / MANIFEST, manifest)
+    return {**manifest, "cached": False}

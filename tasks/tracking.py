@@ -1,0 +1,116 @@
+"""MLflow tracking shared by tasks and flows, with run ids passed explicitly.
+
+MLflow's active-run stack is thread-local, and Prefect runs tasks in worker threads, so nothing here uses
+``mlflow.start_run`` context: every call names its run id. Writes go through one lock per process, since
+concurrent writers to one SQLite file can fail with "database is locked".
+Tracking URI: the argument, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<workdir>/mlflow.db`` with artifacts
+in ``<workdir>/mlartifacts``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
+_LOCK = threading.RLock()
+
+
+def default_tracking_uri(workdir: str | os.PathLike) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).expanduser().resolve() / 'mlflow.db'}"
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{'distill': {'lr': 2e-5}} → {'distill.lr': '2e-05'}; lists become comma-joined strings."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = ",".join(str(v) for v in value)
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class Tracker:
+    """Thin, explicit-run-id wrapper over MlflowClient."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        with _LOCK:
+            found = self.client.get_experiment_by_name(experiment)
+            if found is not None:
+                self.experiment_id = found.experiment_id
+            else:
+                location = None
+                if artifact_root is not None:
+                    location = Path(artifact_root).expanduser().resolve().as_uri()
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+
+    def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, Any] | None = None,
+                  params: dict[str, Any] | None = None) -> str:
+        all_tags = {k: str(v) for k, v in (tags or {}).items()}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        with _LOCK:
+            run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+            if params:
+                self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        items = [Param(k, v[:6000]) for k, v in flat.items()]
+        with _LOCK:
+            for start in range(0, len(items), 100):
+                self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if _is_number(v)]
+        with _LOCK:
+            for start in range(0, len(items), 500):
+                self.client.log_batch(run_id, metrics=items[start : start + 500])
+
+    def log_curve(self, run_id: str, key: str, points: Iterable[tuple[int, float]]) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(v), now, int(step)) for step, v in points if _is_number(v)]
+        with _LOCK:
+            for start in range(0, len(items), 500):
+                self.client.log_batch(run_id, metrics=items[start : start + 500])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        with _LOCK:
+            for k, v in tags.items():
+                self.client.set_tag(run_id, k, str(v))
+
+    def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        with _LOCK:
+            if Path(path).is_dir():
+                self.client.log_artifacts(run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        with _LOCK:
+            self.client.set_terminated(run_id, status=status)
+
+
+def _is_number(value: Any) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))

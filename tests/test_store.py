@@ -1,0 +1,40 @@
+"""Content-addressed stage outputs: reuse when verified, rerun when missing, new key when inputs change."""
+
+from __future__ import annotations
+
+from tasks.store import run_stage
+
+
+def test_run_stage_caches_and_verifies(tmp_path):
+    calls = []
+
+    def produce(directory):
+        calls.append(directory)
+        (directory / "weights.bin").write_bytes(b"x" * 10)
+        return {"ppl": 12.5}
+
+    first = run_stage(tmp_path, "prune", {"rho": 0.15}, {"model": "abc"}, produce, log=lambda m: None)
+    again = run_stage(tmp_path, "prune", {"rho": 0.15}, {"model": "abc"}, produce, log=lambda m: None)
+    assert len(calls) == 1 and not first["cached"] and again["cached"]
+    assert again["result"] == {"ppl": 12.5} and again["key"] == first["key"]
+    # A changed input or config is a new key; a damaged output is redone in place.
+    other = run_stage(tmp_path, "prune", {"rho": 0.35}, {"model": "abc"}, produce, log=lambda m: None)
+    assert other["key"] != first["key"] and len(calls) == 2
+    (tmp_path / "prune" / first["key"] / "weights.bin").write_bytes(b"x")
+    redone = run_stage(tmp_path, "prune", {"rho": 0.15}, {"model": "abc"}, produce, log=lambda m: None)
+    assert not redone["cached"] and len(calls) == 3 and redone["key"] == first["key"]
+
+
+def test_crash_before_manifest_is_rerun(tmp_path):
+    def crash(directory):
+        (directory / "partial.bin").write_bytes(b"half")
+        raise RuntimeError("killed")
+
+    try:
+        run_stage(tmp_path, "cache", {}, {}, crash, log=lambda m: None)
+    except RuntimeError:
+        pass
+    seen = []
+    done = run_stage(tmp_path, "cache", {}, {}, lambda d: seen.append(sorted(p.name for p in d.iterdir())) or {},
+                     log=lambda m: None)
+    assert not done["cached"] and seen == [["partial.bin"]]  # same directory: a resumable stage finds its progress
