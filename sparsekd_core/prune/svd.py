@@ -1,0 +1,229 @@
+"""Structured low-rank pruning of MLP projections by truncated SVD (plain, or activation-aware/whitened).
+
+For each MLP matrix W [m, n] (m = out, n = in):
+
+* **plain** (the paper's method): W = U Σ Vᵀ, keep r components: u = U_r Σ_r [m, r], v = V_rᵀ [r, n].
+  Minimises ‖W − uv‖_F (weight error).
+* **whitened** (SVD-LLM style; the default when calibration data is given): with G = Σ_t x_t x_tᵀ the input's
+  second moment over the calibration tokens and S the Cholesky factor of G + λI (λ = damping·mean diag G),
+  A = W S = U Σ Vᵀ, u = U_r Σ_r, v = V_rᵀ S⁻¹. Since ‖(W − uv) X‖_F = ‖A − U_rΣ_rV_rᵀ‖_F, truncation minimises
+  the output error on the calibration activations instead of the weight error.
+* **re-truncation** of an already factored layer W = u₀v₀ (rank r₀): QR u₀ = Q_a R_a, QR (v₀S)ᵀ = Q_b R_b, SVD of
+  the r₀×r₀ core R_a R_bᵀ = U_c Σ V_cᵀ gives W S = (Q_a U_c) Σ (Q_b V_c)ᵀ exactly, without forming an m×n matrix.
+
+A matrix is factored only where r·(m + n) < m·n; otherwise it stays dense. Decompositions run in float64 on the
+model's device (exact SVD; at these sizes a randomized SVD would save little and cost accuracy).
+
+Rank selection: ``energy`` τ keeps the smallest r with Σ_{i≤r} σ_i² ≥ τ·Σ σ_i² per matrix (of the whitened
+spectrum when whitened); ``target_reduction`` ρ assigns each matrix a cut s·w (w: its schedule weight, see
+``schedule_weights``) and solves s by bisection so that 1 − (MLP params after)/(dense MLP params) is within
+0.5 pp of ρ (exact parameter counts, biases included).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, PruneConfig
+from .lowrank import LowRankLinear, MlpMatrix, count_params, find_mlp_matrices, module_params, set_module
+from .report import LayerReport, PruneReport, dense_mlp_params, next_round, record_round
+
+TOLERANCE = 0.005  # achieved reduction must be within 0.5 pp of the target
+
+
+# ---------------------------------------------------------------------------------------------------------------- ranks
+
+
+def schedule_weights(matrices: list[MlpMatrix], cfg: PruneConfig) -> list[float]:
+    """Relative cut rate per matrix. uniform: all 1. tiered: edge blocks (the first and last
+    max(1, round(tier_edge_fraction·L)) of L blocks) × tier_edge_weight, gate projections × tier_gate_weight."""
+    if cfg.resolved_schedule != "tiered":
+        return [1.0] * len(matrices)
+    n_layers = max(m.layer for m in matrices) + 1
+    edge = max(1, round(cfg.tier_edge_fraction * n_layers)) if cfg.tier_edge_fraction > 0 else 0
+    weights = []
+    for m in matrices:
+        w = cfg.tier_edge_weight if (m.layer < edge or m.layer >= n_layers - edge) else 1.0
+        weights.append(w * (cfg.tier_gate_weight if m.is_gate else 1.0))
+    return weights
+
+
+def _params_at(m: MlpMatrix, rank: int | None) -> int:
+    """Parameters of matrix m at a rank (None = dense), bias included."""
+    out_f, in_f = m.shape
+    bias = out_f if _bias(m.module) is not None else 0
+    return (out_f * in_f if rank is None else rank * (out_f + in_f)) + bias
+
+
+def _bias(module: nn.Module):
+    return module.u.bias if isinstance(module, LowRankLinear) else module.bias
+
+
+def _rank_for_cut(m: MlpMatrix, cut: float) -> int | None:
+    """Largest rank whose parameters are at most (1 − cut) of the dense matrix's; None = stay dense/unchanged."""
+    out_f, in_f = m.shape
+    if cut <= 0:
+        return m.rank
+    rank = max(1, int((1 - cut) * out_f * in_f // (out_f + in_f)))
+    if m.rank is not None:
+        return min(rank, m.rank)
+    return rank if rank * (out_f + in_f) < out_f * in_f else None
+
+
+def solve_ranks(matrices: list[MlpMatrix], weights: list[float], target: float, mlp_dense: int) -> list[int | None]:
+    """Ranks (None = dense) giving a total MLP reduction within 0.5 pp of ``target`` (relative to ``mlp_dense``)."""
+    other = 0  # MLP parameters outside the matrices (none today; keeps the accounting honest if that changes)
+
+    def reduction(ranks: list[int | None]) -> float:
+        return 1 - (other + sum(_params_at(m, r) for m, r in zip(matrices, ranks))) / mlp_dense
+
+    def ranks_at(scale: float) -> list[int | None]:
+        return [_rank_for_cut(m, scale * w) for m, w in zip(matrices, weights)]
+
+    current = reduction([m.rank for m in matrices])
+    if current >= target - TOLERANCE:
+        raise ConfigError(f"prune.target_reduction={target}: the model is already at an MLP reduction of "
+                          f"{current:.4f}; give a larger target than the current one")
+    hi = 1.0 / min(weights)
+    if reduction(ranks_at(hi)) < target - TOLERANCE:
+        raise ConfigError(f"prune.target_reduction={target}: unreachable even at rank 1 everywhere "
+                          f"(max {reduction(ranks_at(hi)):.4f}); allowed: a smaller target")
+    lo = 0.0
+    for _ in range(100):  # reduction(ranks_at(s)) is non-decreasing in s
+        mid = (lo + hi) / 2
+        if reduction(ranks_at(mid)) < target:
+            lo = mid
+        else:
+            hi = mid
+    ranks, ranks_hi = ranks_at(lo), ranks_at(hi)
+    # Between the two bracketing scales some matrices step down; take those steps one at a time (most-cut tier
+    # first) and keep the combination closest to the target.
+    best, best_err = list(ranks), abs(reduction(ranks) - target)
+    for i in sorted((i for i in range(len(ranks)) if ranks[i] != ranks_hi[i]), key=lambda i: -weights[i]):
+        ranks[i] = ranks_hi[i]
+        err = abs(reduction(ranks) - target)
+        if err < best_err:
+            best, best_err = list(ranks), err
+    if best_err > TOLERANCE:
+        raise ConfigError(f"prune.target_reduction={target}: closest achievable is {reduction(best):.4f} "
+                          "(the matrices are too few/small for 0.5 pp steps)")
+    return best
+
+
+def energy_rank(sigma: torch.Tensor, tau: float) -> int:
+    """Smallest r with Σ_{i≤r} σ_i² ≥ τ·Σ σ_i² (σ sorted descending)."""
+    cumulative = torch.cumsum(sigma.double() ** 2, 0)
+    return int(torch.searchsorted(cumulative, tau * cumulative[-1]).clamp(max=len(sigma) - 1)) + 1
+
+
+# ---------------------------------------------------------------------------------------------------------- decompose
+
+
+def whitening_factor(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """Lower-triangular S [n, n] float64 with S Sᵀ = G + λI, λ = damping·mean(diag G) (raised ×10 until PD)."""
+    g = gram.double()
+    scale = g.diagonal().mean().clamp(min=1e-12)
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    for _ in range(6):
+        factor, info = torch.linalg.cholesky_ex(g + damping * scale * eye)
+        if int(info) == 0:
+            return factor
+        damping *= 10
+    raise RuntimeError("whitening: the calibration second moment is not positive definite even with damping")
+
+
+def spectrum(module: nn.Module, whitener: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of A = W·S (S = whitener, or I) in float64: (U [m, k], σ [k], Vᵀ [k, n]), σ descending.
+
+    For a LowRankLinear (W = u v) it goes through QR of the factors, never forming W.
+    """
+    if isinstance(module, LowRankLinear):
+        left, right = module.u.weight.double(), module.v.weight.double()
+        if whitener is not None:
+            right = right @ whitener
+        q_a, r_a = torch.linalg.qr(left)  # [m, r0], [r0, r0]
+        q_b, r_b = torch.linalg.qr(right.T)  # [n, r0], [r0, r0]
+        u_c, sigma, vh_c = torch.linalg.svd(r_a @ r_b.T)
+        return q_a @ u_c, sigma, vh_c @ q_b.T
+    weight = module.weight.double()
+    if whitener is not None:
+        weight = weight @ whitener
+    return torch.linalg.svd(weight, full_matrices=False)
+
+
+def truncated_layer(module: nn.Module, rank: int, whitener: torch.Tensor | None = None,
+                    factors: tuple | None = None) -> LowRankLinear:
+    """The rank-``rank`` LowRankLinear for ``module`` (plain or whitened truncation; see the module docstring)."""
+    u_full, sigma, vh = factors if factors is not None else spectrum(module, whitener)
+    u = u_full[:, :rank] * sigma[:rank]
+    v = vh[:rank]
+    if whitener is not None:  # v = V_rᵀ S⁻¹: solve X S = V_rᵀ
+        v = torch.linalg.solve_triangular(whitener, v, upper=False, left=False)
+    ref = module.u.weight if isinstance(module, LowRankLinear) else module.weight
+    bias = _bias(module)
+    return LowRankLinear.from_factors(u.to(ref.dtype), v.to(ref.dtype), None if bias is None else bias.detach())
+
+
+# -------------------------------------------------------------------------------------------------------------- prune
+
+
+@torch.no_grad()
+def prune_svd(model: nn.Module, cfg: PruneConfig, grams: dict[str, torch.Tensor] | None = None,
+              parent: str | None = None, log=print, progress=None) -> PruneReport:
+    """Prune ``model``'s MLP matrices in place by truncated SVD as ``cfg`` says; return the round's report.
+
+    ``grams``: {matrix name: Σ x xᵀ} from ``calibration.input_statistics`` — required when ``cfg.use_whitening``.
+    The model's config gets the round's ``sparsekd_compression`` record (method, round, parent, history).
+    """
+    t0 = time.perf_counter()
+    whiten = cfg.use_whitening
+    if whiten and not grams:
+        raise ValueError("whitened SVD needs the calibration second moments (grams)")
+    matrices = find_mlp_matrices(model)
+    if not matrices:
+        raise ConfigError("prune: no MLP projections found (expected names like model.layers.<i>.mlp.<proj>)")
+    counts_before = count_params(model)
+    mlp_dense = dense_mlp_params(model)
+    planned: list[int | None] | None = None
+    if cfg.target_reduction is not None:
+        planned = solve_ranks(matrices, schedule_weights(matrices, cfg), cfg.target_reduction, mlp_dense)
+
+    rows = []
+    for i, m in enumerate(matrices):
+        whitener = whitening_factor(grams[m.name], cfg.damping) if whiten else None
+        factors = spectrum(m.module, whitener)
+        sigma = factors[1]
+        if planned is not None:
+            rank = planned[i]
+        else:
+            rank = energy_rank(sigma, cfg.energy)
+            limit = m.rank if m.rank is not None else None
+            if limit is not None:
+                rank = min(rank, limit)
+            elif rank * sum(m.shape) >= m.shape[0] * m.shape[1]:
+                rank = None  # factoring would not save parameters: keep dense
+        params_before = module_params(m.module)
+        if rank is not None and rank != m.rank:
+            set_module(model, m.name, truncated_layer(m.module, rank, whitener, factors))
+        kept = 1.0 if rank is None else float((sigma[:rank] ** 2).sum() / (sigma ** 2).sum())
+        rows.append(LayerReport(m.name, m.layer, m.proj, m.shape, m.rank, rank, params_before,
+                                module_params(model.get_submodule(m.name)), kept))
+        if progress is not None:
+            progress(1)
+
+    report = PruneReport(
+        method="svd-whitened" if whiten else "svd",
+        round=next_round(model),
+        counts_before=counts_before,
+        counts_after=count_params(model),
+        mlp_params_dense=mlp_dense,
+        layers=rows,
+        seconds=time.perf_counter() - t0,
+        settings={"schedule": cfg.resolved_schedule, "target_reduction": cfg.target_reduction,
+                  "energy": cfg.energy, "whiten": whiten, "damping": cfg.damping if whiten else None},
+    )
+    record_round(model, report, parent)
+    return report
