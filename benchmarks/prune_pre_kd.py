@@ -36,6 +36,7 @@ VARIANTS = {
     "plain-tiered": dict(whiten=False, schedule="tiered"),
     "whitened-uniform": dict(whiten=True, schedule="uniform"),
     "whitened-tiered": dict(whiten=True, schedule="tiered"),
+    "whitened-energy": dict(whiten=True, schedule="energy"),
 }
 
 

@@ -151,8 +151,8 @@ def _targets(text: str) -> list[float]:
     try:
         return [float(t) for t in text.split(",")]
     except ValueError:
-        raise ConfigError(f"prune.target_reduction={text!r}: give a number in (0, 1), a comma-separated "
-                          "increasing list of rounds (0.15,0.35) or 'paper'") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number in (0, 1), a comma-separated increasing list "
+                                         "of rounds (0.15,0.35) or 'paper'") from None
 
 
 def add_prune_parser(sub) -> None:

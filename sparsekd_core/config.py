@@ -247,8 +247,10 @@ class PruneConfig(StageConfig):
         None, gt=0, lt=1, description="ρ in (0, 1): cumulative MLP-parameter reduction vs the dense model."
     )
     energy: float | None = Field(None, gt=0, le=1, description="τ in (0, 1]: spectral energy kept per matrix (svd).")
-    schedule: Literal["tiered", "uniform"] | None = Field(
-        None, description="How ρ is spread over matrices (svd with target_reduction; default tiered)."
+    schedule: Literal["tiered", "uniform", "energy"] | None = Field(
+        None,
+        description="How ρ is spread over matrices (svd with target_reduction; default tiered). energy: one "
+        "spectral-energy threshold for all matrices, solved for ρ.",
     )
     whiten: bool | None = Field(
         None, description="Activation-aware (whitened) SVD. Default: on when calibration data is given."

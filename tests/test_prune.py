@@ -83,7 +83,7 @@ def test_whitened_full_rank_is_exact(tiny_tokenizer, ids):
     assert torch.allclose(logits(model, ids), reference, atol=LOGITS_ATOL)
 
 
-@pytest.mark.parametrize("schedule", ["uniform", "tiered"])
+@pytest.mark.parametrize("schedule", ["uniform", "tiered", "energy"])
 @pytest.mark.parametrize("target", [0.15, 0.35, 0.65])
 def test_target_reduction_within_half_a_point_and_counts_are_exact(schedule, target, tiny_tokenizer):
     model = make_arch("llama", len(tiny_tokenizer), hidden=48, mlp=128, layers=4)

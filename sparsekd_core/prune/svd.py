@@ -16,13 +16,14 @@ model's device (exact SVD; at these sizes a randomized SVD would save little and
 
 Rank selection: ``energy`` τ keeps the smallest r with Σ_{i≤r} σ_i² ≥ τ·Σ σ_i² per matrix (of the whitened
 spectrum when whitened); ``target_reduction`` ρ assigns each matrix a cut s·w (w: its schedule weight, see
-``schedule_weights``) and solves s by bisection so that 1 − (MLP params after)/(dense MLP params) is within
-0.5 pp of ρ (exact parameter counts, biases included).
+``schedule_weights``; schedule ``energy``: one energy threshold 1 − s for all) and solves s by bisection so that
+1 − (MLP params after)/(dense MLP params) is within 0.5 pp of ρ (exact parameter counts, biases included).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -67,42 +68,43 @@ def _rank_for_cut(m: MlpMatrix, cut: float) -> int | None:
     out_f, in_f = m.shape
     if cut <= 0:
         return m.rank
-    rank = max(1, int((1 - cut) * out_f * in_f // (out_f + in_f)))
-    if m.rank is not None:
-        return min(rank, m.rank)
-    return rank if rank * (out_f + in_f) < out_f * in_f else None
+    return _cap(m, max(1, int((1 - cut) * out_f * in_f // (out_f + in_f))))
 
 
-def solve_ranks(matrices: list[MlpMatrix], weights: list[float], target: float, mlp_dense: int) -> list[int | None]:
-    """Ranks (None = dense) giving a total MLP reduction within 0.5 pp of ``target`` (relative to ``mlp_dense``)."""
-    other = 0  # MLP parameters outside the matrices (none today; keeps the accounting honest if that changes)
+def solve_ranks(matrices: list[MlpMatrix], rank_at: Callable[[int, float], int | None], target: float,
+                mlp_dense: int, priority: list[float] | None = None) -> list[int | None]:
+    """Ranks (None = dense) giving a total MLP reduction within 0.5 pp of ``target`` (relative to ``mlp_dense``).
+
+    ``rank_at(i, s)``: matrix i's rank at cut level s ∈ [0, 1] (non-increasing in s; s = 1 → rank 1).
+    ``priority``: which matrices take the last single-rank steps first (higher = first).
+    """
 
     def reduction(ranks: list[int | None]) -> float:
-        return 1 - (other + sum(_params_at(m, r) for m, r in zip(matrices, ranks))) / mlp_dense
+        return 1 - sum(_params_at(m, r) for m, r in zip(matrices, ranks)) / mlp_dense
 
     def ranks_at(scale: float) -> list[int | None]:
-        return [_rank_for_cut(m, scale * w) for m, w in zip(matrices, weights)]
+        return [rank_at(i, scale) for i in range(len(matrices))]
 
     current = reduction([m.rank for m in matrices])
     if current >= target - TOLERANCE:
         raise ConfigError(f"prune.target_reduction={target}: the model is already at an MLP reduction of "
                           f"{current:.4f}; give a larger target than the current one")
-    hi = 1.0 / min(weights)
+    lo, hi = 0.0, 1.0
     if reduction(ranks_at(hi)) < target - TOLERANCE:
         raise ConfigError(f"prune.target_reduction={target}: unreachable even at rank 1 everywhere "
                           f"(max {reduction(ranks_at(hi)):.4f}); allowed: a smaller target")
-    lo = 0.0
-    for _ in range(100):  # reduction(ranks_at(s)) is non-decreasing in s
+    for _ in range(60):  # reduction(ranks_at(s)) is non-decreasing in s
         mid = (lo + hi) / 2
         if reduction(ranks_at(mid)) < target:
             lo = mid
         else:
             hi = mid
     ranks, ranks_hi = ranks_at(lo), ranks_at(hi)
-    # Between the two bracketing scales some matrices step down; take those steps one at a time (most-cut tier
+    # Between the two bracketing levels some matrices step down; take those steps one at a time (highest priority
     # first) and keep the combination closest to the target.
+    priority = priority or [1.0] * len(matrices)
     best, best_err = list(ranks), abs(reduction(ranks) - target)
-    for i in sorted((i for i in range(len(ranks)) if ranks[i] != ranks_hi[i]), key=lambda i: -weights[i]):
+    for i in sorted((i for i in range(len(ranks)) if ranks[i] != ranks_hi[i]), key=lambda i: -priority[i]):
         ranks[i] = ranks_hi[i]
         err = abs(reduction(ranks) - target)
         if err < best_err:
@@ -111,6 +113,29 @@ def solve_ranks(matrices: list[MlpMatrix], weights: list[float], target: float, 
         raise ConfigError(f"prune.target_reduction={target}: closest achievable is {reduction(best):.4f} "
                           "(the matrices are too few/small for 0.5 pp steps)")
     return best
+
+
+def plan_ranks(matrices: list[MlpMatrix], cfg: PruneConfig, mlp_dense: int,
+               spectra: list[torch.Tensor] | None = None) -> list[int | None]:
+    """Ranks for ``cfg.target_reduction`` under the schedule. uniform/tiered: matrix i gives up a fraction
+    min(1, s·w_i) of its dense parameters; energy: every matrix keeps the rank holding a fraction 1 − s of its
+    spectral energy (``spectra``: σ per matrix, of the whitened spectrum when whitened)."""
+    if cfg.resolved_schedule == "energy":
+        if spectra is None:
+            raise ValueError("schedule 'energy' needs the spectra of all matrices")
+        return solve_ranks(matrices, lambda i, s: _cap(matrices[i], energy_rank(spectra[i], 1 - s)),
+                           cfg.target_reduction, mlp_dense)
+    weights = schedule_weights(matrices, cfg)
+    scale = 1 / min(weights)  # so that s = 1 cuts every matrix to rank 1
+    return solve_ranks(matrices, lambda i, s: _rank_for_cut(matrices[i], s * scale * weights[i]),
+                       cfg.target_reduction, mlp_dense, priority=weights)
+
+
+def _cap(m: MlpMatrix, rank: int) -> int | None:
+    """A proposed rank, limited to the current rank of a factored matrix; None where factoring would not pay."""
+    if m.rank is not None:
+        return min(rank, m.rank)
+    return rank if rank * sum(m.shape) < m.shape[0] * m.shape[1] else None
 
 
 def energy_rank(sigma: torch.Tensor, tau: float) -> int:
@@ -187,24 +212,22 @@ def prune_svd(model: nn.Module, cfg: PruneConfig, grams: dict[str, torch.Tensor]
         raise ConfigError("prune: no MLP projections found (expected names like model.layers.<i>.mlp.<proj>)")
     counts_before = count_params(model)
     mlp_dense = dense_mlp_params(model)
+    def whitener_of(m: MlpMatrix) -> torch.Tensor | None:
+        return whitening_factor(grams[m.name], cfg.damping) if whiten else None
+
     planned: list[int | None] | None = None
     if cfg.target_reduction is not None:
-        planned = solve_ranks(matrices, schedule_weights(matrices, cfg), cfg.target_reduction, mlp_dense)
+        # The energy schedule needs every spectrum before any rank is fixed (a second SVD per matrix later).
+        spectra = ([spectrum(m.module, whitener_of(m))[1] for m in matrices]
+                   if cfg.resolved_schedule == "energy" else None)
+        planned = plan_ranks(matrices, cfg, mlp_dense, spectra)
 
     rows = []
     for i, m in enumerate(matrices):
-        whitener = whitening_factor(grams[m.name], cfg.damping) if whiten else None
+        whitener = whitener_of(m)
         factors = spectrum(m.module, whitener)
         sigma = factors[1]
-        if planned is not None:
-            rank = planned[i]
-        else:
-            rank = energy_rank(sigma, cfg.energy)
-            limit = m.rank if m.rank is not None else None
-            if limit is not None:
-                rank = min(rank, limit)
-            elif rank * sum(m.shape) >= m.shape[0] * m.shape[1]:
-                rank = None  # factoring would not save parameters: keep dense
+        rank = planned[i] if planned is not None else _cap(m, energy_rank(sigma, cfg.energy))
         params_before = module_params(m.module)
         if rank is not None and rank != m.rank:
             set_module(model, m.name, truncated_layer(m.module, rank, whitener, factors))
