@@ -4,11 +4,12 @@ Two measurements on WikiText-2 test:
   * paper  — paper protocol (ctx 512, stride 256, every token of every window), first 8192 tokens;
   * issue  — non-overlapping 512-token windows (ctx = stride = 512), first 4096 tokens (issue 5's measurement).
 Calibration: 32×256 tokens of wikitext2:train. Variants: plain SVD uniform / tiered (the paper's method),
-whitened (activation-aware) SVD uniform / tiered (whitened tiered = the `sparsekd prune` default).
+whitened (activation-aware) SVD uniform / tiered / energy (whitened tiered = the `sparsekd prune` default).
 
-Run (≈ 15 min on 2 CPU cores; one heavy job at a time):
+Run (≈ 25 min on 2 CPU cores; one heavy job at a time):
     flock /tmp/sparsekd-heavy.lock python benchmarks/prune_pre_kd.py [--targets 0.15,0.35,0.65]
-        [--variants plain-uniform,plain-tiered,whitened-uniform,whitened-tiered] [--measurements paper,issue]
+        [--variants whitened-tiered,whitened-uniform,whitened-energy,plain-uniform,plain-tiered]
+        [--measurements paper,issue]
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def log(msg: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", default="0.15,0.35,0.65")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="whitened-tiered,whitened-uniform,whitened-energy,plain-uniform,plain-tiered")
     ap.add_argument("--measurements", default="paper,issue")
     ap.add_argument("--damping", type=float, default=None)
     args = ap.parse_args()
@@ -64,8 +65,8 @@ def main() -> None:
     rows = [{"variant": "dense", "target": 0.0, "mlp_reduction": 0.0, "prune_s": 0.0, **evaluate(dense),
              "total_params": count_params(dense)["total"]}]
     log(json.dumps(rows[-1]))
-    for variant in args.variants.split(","):
-        for target in (float(t) for t in args.targets.split(",")):
+    for target in (float(t) for t in args.targets.split(",")):
+        for variant in args.variants.split(","):
             model = copy.deepcopy(dense)
             extra = {} if args.damping is None else {"damping": args.damping}
             cfg = PruneConfig(target_reduction=target, **VARIANTS[variant], **extra)

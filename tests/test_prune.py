@@ -188,6 +188,12 @@ def test_save_load_identical_and_dense_export_equal(kind, tmp_path, tiny_tokeniz
     save_compressed(loaded.model.eval(), tiny_tokenizer, tmp_path / "pruned")  # overwrite in place
     again = load_model(ModelConfig(model=str(tmp_path / "pruned"), dtype="fp32", device="cpu"), log=lambda _: None)
     assert torch.equal(logits(again.model, ids), expected)
+    # A factored model saved the Hugging Face way (as a training loop might) loads the same, sharded or not.
+    again.model.save_pretrained(tmp_path / "hf-saved", max_shard_size="20KB")
+    tiny_tokenizer.save_pretrained(tmp_path / "hf-saved")
+    assert (tmp_path / "hf-saved" / "model.safetensors.index.json").is_file()
+    hf = load_model(ModelConfig(model=str(tmp_path / "hf-saved"), dtype="fp32", device="cpu"), log=lambda _: None)
+    assert torch.equal(logits(hf.model, ids), expected)
 
 
 def test_config_errors_are_one_line_and_actionable():

@@ -169,10 +169,14 @@ def load_compressed(path: str | Path, dtype: torch.dtype) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     apply_ranks(model, getattr(config, COMPRESSION_KEY).get("ranks", {}))
     model.tie_weights()
-    state = load_file(path / WEIGHTS_FILE)
+    # Our own writer makes one model.safetensors; a factored model saved with save_pretrained (e.g. after
+    # training) may be sharded with an index. Either loads.
+    index = path / (WEIGHTS_FILE + ".index.json")
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS_FILE]
+    state = {k: v for f in files for k, v in load_file(path / f).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # A tied weight is stored once under its group's first name; the others share that storage.
-    stored_once = {name for group in _shared_groups(model) if group[0] in state for name in group[1:]}
+    # A tied weight is stored once under one of its names; the others share that storage.
+    stored_once = {name for group in _shared_groups(model) if set(group) & state.keys() for name in group}
     missing = [name for name in missing if name not in stored_once]
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match its recorded structure "
