@@ -212,6 +212,7 @@ def prune_svd(model: nn.Module, cfg: PruneConfig, grams: dict[str, torch.Tensor]
         raise ConfigError("prune: no MLP projections found (expected names like model.layers.<i>.mlp.<proj>)")
     counts_before = count_params(model)
     mlp_dense = dense_mlp_params(model)
+
     def whitener_of(m: MlpMatrix) -> torch.Tensor | None:
         return whitening_factor(grams[m.name], cfg.damping) if whiten else None
 
@@ -224,14 +225,15 @@ def prune_svd(model: nn.Module, cfg: PruneConfig, grams: dict[str, torch.Tensor]
 
     rows = []
     for i, m in enumerate(matrices):
-        whitener = whitener_of(m)
-        factors = spectrum(m.module, whitener)
-        sigma = factors[1]
-        rank = planned[i] if planned is not None else _cap(m, energy_rank(sigma, cfg.energy))
-        params_before = module_params(m.module)
-        if rank is not None and rank != m.rank:
-            set_module(model, m.name, truncated_layer(m.module, rank, whitener, factors))
-        kept = 1.0 if rank is None else float((sigma[:rank] ** 2).sum() / (sigma ** 2).sum())
+        params_before, rank, kept = module_params(m.module), m.rank, 1.0
+        if planned is None or planned[i] != m.rank:  # a matrix the plan leaves as it is needs no SVD
+            whitener = whitener_of(m)
+            factors = spectrum(m.module, whitener)
+            sigma = factors[1]
+            rank = planned[i] if planned is not None else _cap(m, energy_rank(sigma, cfg.energy))
+            if rank is not None and rank != m.rank:
+                set_module(model, m.name, truncated_layer(m.module, rank, whitener, factors))
+                kept = float((sigma[:rank] ** 2).sum() / (sigma ** 2).sum())
         rows.append(LayerReport(m.name, m.layer, m.proj, m.shape, m.rank, rank, params_before,
                                 module_params(model.get_submodule(m.name)), kept))
         if progress is not None:
