@@ -130,6 +130,126 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------------------- prune
+
+PRUNE_FLAGS = {
+    "model": EVAL_FLAGS["model"],
+    "prune": {"method": "method", "target_reduction": "target_reduction", "energy": "energy",
+              "schedule": "schedule", "whiten": "whiten", "calibration": "calibration",
+              "calibration_samples": "calibration_samples", "calibration_seq_len": "calibration_seq_len",
+              "damping": "damping", "tier_edge_fraction": "tier_edge_fraction",
+              "tier_edge_weight": "tier_edge_weight", "tier_gate_weight": "tier_gate_weight"},
+}
+
+
+def _targets(text: str) -> list[float]:
+    """--target-reduction 0.15 or a list of successive rounds 0.15,0.22,0.29 (or 'paper' = the 8 paper rounds)."""
+    from sparsekd_core.config import PAPER_ROUND_TARGETS
+
+    if text == "paper":
+        return list(PAPER_ROUND_TARGETS)
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number in (0, 1), a comma-separated increasing list "
+                                         "of rounds (0.15,0.35) or 'paper'") from None
+
+
+def add_prune_parser(sub) -> None:
+    p = sub.add_parser("prune", help="structured SVD (low-rank) or WANDA pruning of the MLP projections")
+    _add_model_flags(p)
+    p.add_argument("--method", help="svd (structured low-rank, default) | wanda (unstructured)")
+    p.add_argument("--target-reduction", type=_targets, metavar="R",
+                   help="fraction of the dense model's MLP parameters removed (cumulative), e.g. 0.15; a list "
+                        "0.15,0.35 runs successive rounds; 'paper' = the paper's 8 rounds")
+    p.add_argument("--energy", type=float, metavar="TAU", help="svd: spectral energy kept per matrix, e.g. 0.97")
+    p.add_argument("--schedule", help="tiered (default) | uniform: how the reduction is spread over layers")
+    p.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation-aware (whitened) SVD; default on when calibration data is given")
+    p.add_argument("--calibration", help="calibration source (default wikitext2:train; 'none' = plain SVD)")
+    p.add_argument("--calibration-samples", type=int, help="calibration sequences (default 32)")
+    p.add_argument("--calibration-seq-len", type=int, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--damping", type=float, help="whitening damping, fraction of mean diag(XᵀX) (default 0.01)")
+    p.add_argument("--tier-edge-fraction", type=float, help="tiered: protected blocks at each end (default 0.1)")
+    p.add_argument("--tier-edge-weight", type=float, help="tiered: cut rate of edge blocks (default 0.5)")
+    p.add_argument("--tier-gate-weight", type=float, help="tiered: cut rate of gate projections (default 0.7)")
+    p.add_argument("--out", help="output directory: a compressed checkpoint that every stage loads")
+    p.add_argument("--dense-out", help="also write the merged dense checkpoint (stock transformers) here")
+    p.add_argument("--config", help="YAML file with sections model/prune (flags override it)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.set_defaults(func=cmd_prune)
+
+
+def _layer_table(layers: list[dict]) -> str:
+    lines = [f"{'matrix':<34} {'shape':>11} {'rank':>11} {'params':>19} {'energy':>7}"]
+    for row in layers:
+        rank = lambda r: "dense" if r is None else str(r)  # noqa: E731
+        lines.append(f"{row['name'].removeprefix('model.'):<34} {'x'.join(map(str, row['shape'])):>11} "
+                     f"{rank(row['rank_before']) + '→' + rank(row['rank_after']):>11} "
+                     f"{str(row['params_before']) + '→' + str(row['params_after']):>19} {row['energy']:>7.4f}")
+    return "\n".join(lines)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from sparsekd_core.config import PruneConfig
+    from sparsekd_core.models import load_model, weights_digest
+    from sparsekd_core.prune import count_params, find_mlp_matrices, prune_model, save_compressed, save_dense
+
+    sections = _sections(args, PRUNE_FLAGS)
+    if "model" not in sections["model"]:
+        raise ConfigError("model.model: required; give --model (e.g. --model smollm2-135m)")
+    if not args.out:
+        raise ConfigError("prune: --out DIR is required (where the pruned checkpoint is written)")
+    targets = sections["prune"].pop("target_reduction", None)
+    targets = targets if isinstance(targets, list) or targets is None else [targets]
+    if targets and any(b <= a for a, b in zip(targets, targets[1:])):
+        raise ConfigError(f"prune.target_reduction={targets}: successive rounds must increase")
+    model_cfg = build(ModelConfig, "model", sections["model"])
+    configs = [build(PruneConfig, "prune", {**sections["prune"], "target_reduction": t}) for t in targets or [None]]
+    out = Path(args.out).expanduser()
+    if out.resolve() == Path(model_cfg.model).expanduser().resolve():
+        raise ConfigError(f"prune: --out {args.out!r} is the input model; write the next round elsewhere")
+
+    loaded = load_model(model_cfg, log=log)
+    parent = f"{model_cfg.model} (weights {weights_digest(loaded.model)})"
+    reports = []
+    for cfg in configs:
+        with tqdm(total=len(find_mlp_matrices(loaded.model)), desc=f"prune {cfg.method}", unit="matrix",
+                  file=sys.stderr, disable=None) as bar:
+            reports.append(prune_model(loaded.model, loaded.tokenizer, cfg, parent=parent, log=log,
+                                       progress=bar.update))
+        parent = f"round {reports[-1].round} of this run"
+    t0 = time.perf_counter()
+    save_compressed(loaded.model, loaded.tokenizer, out)
+    if args.dense_out:
+        save_dense(loaded.model, loaded.tokenizer, Path(args.dense_out).expanduser())
+    save_seconds = time.perf_counter() - t0
+
+    result = reports[-1].summary()
+    if len(reports) > 1:  # several rounds in one call: totals span all of them
+        first = reports[0].summary()
+        for key in ("mlp_params_before", "total_params_before"):
+            result[key] = first[key]
+        result["seconds"] = sum(r.seconds for r in reports)
+        result["rounds"] = [{k: v for k, v in r.summary().items() if k != "layers"} for r in reports]
+    saved = count_params(loaded.model)
+    result.update(out=str(out), dense_out=args.dense_out, save_seconds=save_seconds,
+                  weights_bytes=(out / "model.safetensors").stat().st_size, saved_total_params=saved["total"],
+                  model=model_cfg.model, device=loaded.device.type, dtype=str(loaded.dtype).removeprefix("torch."))
+    unit = "nonzero " if reports[-1].unstructured else ""
+    human = (f"{_layer_table(result['layers'])}\n"
+             f"{reports[-1].method}: MLP {unit}params {result['mlp_params_before']:,} → {result['mlp_params_after']:,} "
+             f"(reduction {result['mlp_reduction']:.4f} of the dense MLP), total {result['total_params_before']:,} "
+             f"→ {result['total_params_after']:,}; {result['seconds']:.1f}s; saved {out}")
+    _emit(result, args.json, human)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------- profile
 
 
@@ -203,7 +323,7 @@ def _write_atomic(path, text: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------- main
 
-VERBS: list[Callable] = [add_eval_parser, add_profile_parser]
+VERBS: list[Callable] = [add_eval_parser, add_prune_parser, add_profile_parser]
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -245,3 +245,91 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"config: {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
     return loaded
+
+
+# ---------------------------------------------------------------------------------------------------------------- prune
+
+# The paper's iterative schedule as cumulative MLP-parameter reductions per round (R1 … R8). The paper states
+# R1 = 15%, R4 = 35%, R6 = 51%, R8 = 65%; R2, R3, R5 and R7 are interpolated between those.
+PAPER_ROUND_TARGETS: tuple[float, ...] = (0.15, 0.22, 0.29, 0.35, 0.43, 0.51, 0.58, 0.65)
+
+
+class PruneConfig(StageConfig):
+    """How to prune the MLP projections (attention is never touched). See sparsekd_core/prune/.
+
+    Exactly one of ``target_reduction`` (ρ: fraction of the dense model's MLP parameters to remove, solved across
+    all layers to within 0.5 pp; for WANDA the fraction of each MLP matrix set to zero) and ``energy`` (τ: each
+    matrix keeps the smallest rank holding this fraction of its spectral energy; SVD only).
+    """
+
+    method: Literal["svd", "wanda"] = Field("svd", description="svd: structured low-rank; wanda: unstructured.")
+    target_reduction: float | None = Field(
+        None, gt=0, lt=1, description="ρ in (0, 1): cumulative MLP-parameter reduction vs the dense model."
+    )
+    energy: float | None = Field(None, gt=0, le=1, description="τ in (0, 1]: spectral energy kept per matrix (svd).")
+    schedule: Literal["tiered", "uniform", "energy"] | None = Field(
+        None,
+        description="How ρ is spread over matrices (svd with target_reduction; default tiered). energy: one "
+        "spectral-energy threshold for all matrices, solved for ρ.",
+    )
+    whiten: bool | None = Field(
+        None, description="Activation-aware (whitened) SVD. Default: on when calibration data is given."
+    )
+    calibration: str | None = Field(
+        "wikitext2:train", description="Calibration source (named source or file); 'none' = no calibration."
+    )
+    calibration_samples: int = Field(32, gt=0, description="Calibration sequences.")
+    calibration_seq_len: int = Field(256, gt=1, description="Tokens per calibration sequence.")
+    damping: float = Field(
+        0.01, gt=0, lt=1, description="Whitening: λ = damping·mean(diag XᵀX) added to the diagonal before Cholesky."
+    )
+    tier_edge_fraction: float = Field(
+        0.1, ge=0, le=0.5, description="Tiered: fraction of blocks at each end (≥ 1 block) that are protected."
+    )
+    tier_edge_weight: float = Field(
+        0.5, gt=0, le=1, description="Tiered: relative cut rate of edge blocks (middle blocks = 1)."
+    )
+    tier_gate_weight: float = Field(
+        0.7, gt=0, le=1, description="Tiered: relative cut rate of gate projections (others = 1)."
+    )
+
+    @field_validator("calibration")
+    @classmethod
+    def _check_calibration(cls, v: str | None) -> str | None:
+        if v is None or v.strip().lower() == "none":
+            return None
+        if v.startswith("mix:"):
+            raise ValueError("a mixture is not a calibration source; give one named source or a file")
+        if v == "wikitext2:test":
+            raise ValueError("wikitext2:test is the evaluation set; calibrate on wikitext2:train or another source")
+        return check_data_spec(v)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "PruneConfig":
+        if (self.target_reduction is None) == (self.energy is None):
+            raise ValueError(
+                "give exactly one of target_reduction (e.g. 0.15) and energy (e.g. 0.97)"
+                + (", not both" if self.energy is not None else "")
+            )
+        if self.method == "wanda":
+            if self.energy is not None:
+                raise ValueError("energy applies to svd only; wanda takes target_reduction (fraction of zeros)")
+            if self.calibration is None:
+                raise ValueError("wanda scores weights by calibration activations; give a calibration source")
+            if self.schedule is not None or self.whiten:
+                raise ValueError("schedule and whiten apply to svd only")
+        if self.energy is not None and self.schedule is not None:
+            raise ValueError("schedule spreads target_reduction over layers; with energy every matrix keeps τ")
+        if self.whiten and self.calibration is None:
+            raise ValueError("whiten=true needs calibration data; set calibration or whiten=false")
+        return self
+
+    @property
+    def use_whitening(self) -> bool:
+        return self.method == "svd" and self.calibration is not None and self.whiten is not False
+
+    @property
+    def resolved_schedule(self) -> str | None:
+        if self.method != "svd" or self.target_reduction is None:
+            return None
+        return self.schedule or "tiered"

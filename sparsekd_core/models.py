@@ -173,8 +173,14 @@ def resolve_source(cfg: ModelConfig, log=print) -> tuple[str, bool]:
 
 
 def load_model(cfg: ModelConfig, log=print) -> LoadedModel:
-    """Load model + tokenizer as `cfg` says, in eval mode, on the resolved device and dtype."""
+    """Load model + tokenizer as `cfg` says, in eval mode, on the resolved device and dtype.
+
+    A sparsekd compressed checkpoint (``config.json`` holds ``sparsekd_compression``) loads with its low-rank MLP
+    layers (``prune/lowrank.py``); any other source goes through ``from_pretrained``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .prune.lowrank import is_compressed_dir, load_compressed
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -182,7 +188,10 @@ def load_model(cfg: ModelConfig, log=print) -> LoadedModel:
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, local_files_only=local_only)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        if is_compressed_dir(source):  # a sparsekd pruned checkpoint: low-rank layers need their own structure
+            model = load_compressed(source, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as err:
         raise ModelLoadError(f"could not load model {cfg.model!r}: {str(err).splitlines()[0]}") from None
     model.to(device).eval()
