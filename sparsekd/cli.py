@@ -130,9 +130,61 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------- cache
+
+CACHE_FLAGS = {
+    "model": EVAL_FLAGS["model"],
+    "cache": {"out": "out", "data": "data", "num_samples": "num_samples", "seq_len": "seq_len", "seed": "seed",
+              "top_k": "top_k", "batch_size": "batch_size", "chunk_size": "chunk_size"},
+}
+
+
+def add_cache_parser(sub) -> None:
+    p = sub.add_parser("cache", help="cache the model's top-k next-token distribution over a corpus (Zarr v3)")
+    _add_model_flags(p)
+    p.add_argument("--data", help="mixture (mix:paper-offline, default), named source or local file")
+    p.add_argument("--out", help="Zarr store: local directory or fsspec URL (s3://...)")
+    p.add_argument("--num-samples", type=int, help="sequences (required for a mixture)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 512)")
+    p.add_argument("--seed", type=int, help="corpus seed (default 0)")
+    p.add_argument("--top-k", type=int, help="ids kept per position (default 32)")
+    p.add_argument("--batch-size", type=int, help="sequences per forward pass (default 1; divides --chunk-size)")
+    p.add_argument("--chunk-size", type=int, help="sequences per Zarr chunk (default 16)")
+    p.add_argument("--config", help="YAML file with sections model/cache (flags override it)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.set_defaults(func=cmd_cache)
+
+
+def _progress(desc: str, unit: str):
+    from tqdm.auto import tqdm
+
+    return lambda total: tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from sparsekd_core.cache import run_cache
+    from sparsekd_core.config import CacheConfig
+    from sparsekd_core.models import load_model
+
+    sections = _sections(args, CACHE_FLAGS)
+    if "model" not in sections["model"]:
+        raise ConfigError("model.model: required; give --model (e.g. --model smollm2-135m)")
+    if "out" not in sections["cache"]:
+        raise ConfigError("cache.out: required; give --out DIR (where the Zarr store goes)")
+    model_cfg = build(ModelConfig, "model", sections["model"])
+    cache_cfg = build(CacheConfig, "cache", sections["cache"])
+    loaded = load_model(model_cfg, log=log)
+    res = run_cache(loaded, cache_cfg, log=log, progress_factory=_progress("cache", "seq"))
+    result = res.as_dict() | {"model": model_cfg.model, "data": cache_cfg.data}
+    _emit(result, args.json, f"cache {res.path}: {res.sequences} sequences, {res.tokens} tokens, top-{res.top_k}, "
+          f"{res.bytes_per_token:.1f} bytes/token, {res.tokens_per_s:.0f} tokens/s, "
+          f"{res.resumed_chunks} chunks resumed")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------- main
 
-VERBS: list[Callable] = [add_eval_parser]
+VERBS: list[Callable] = [add_eval_parser, add_cache_parser]
 
 
 def make_parser() -> argparse.ArgumentParser:
