@@ -27,24 +27,35 @@ def val_file(tmp_path):
     return str(path)
 
 
-@pytest.fixture
-def teacher_cache(tmp_path, tiny_llama, tiny_tokenizer):
-    vocab = tiny_llama.config.vocab_size
-    ids = torch.randint(0, vocab, (12, 16), generator=torch.Generator().manual_seed(0))
-    cfg = CacheConfig(out=str(tmp_path / "teacher.zarr"), data=str(tmp_path), top_k=8, chunk_size=4, seq_len=16)
-    fp = {"model": "tiny", "weights_digest": weights_digest(tiny_llama), "tokenizer_digest": tokenizer_digest(tiny_tokenizer),
-          "vocab_size": vocab, "data": "random", "data_digest": "x", "num_samples": 12, "seed": 0, "dtype": "float32"}
-    write_cache(tiny_llama, ids, cfg, fp, vocab)
+def make_cache(tmp_path, teacher, tokenizer, name: str, sequences: int) -> str:
+    """A cache of `teacher` over random token sequences (16 tokens each, top-8)."""
+    vocab = teacher.config.vocab_size
+    ids = torch.randint(0, vocab, (sequences, 16), generator=torch.Generator().manual_seed(0))
+    cfg = CacheConfig(out=str(tmp_path / name), data=str(tmp_path), top_k=8, chunk_size=4, seq_len=16)
+    fp = {"model": name, "weights_digest": weights_digest(teacher), "tokenizer_digest": tokenizer_digest(tokenizer),
+          "vocab_size": vocab, "data": "random", "data_digest": "x", "num_samples": sequences, "seed": 0,
+          "dtype": "float32"}
+    write_cache(teacher, ids, cfg, fp, vocab)
     return cfg.out
 
 
-def run(tmp_path, name, cache, val_file, model, tokenizer, **kw):
-    cfg = DistillConfig(cache=cache, out=str(tmp_path / name), val_data=val_file, val_tokens=64, val_ctx=32,
-                        **({"lr": 1e-3, "checkpoint_every": 2, "eval_every": 3, "patience": 10} | kw))
+@pytest.fixture
+def teacher_cache(tmp_path, tiny_llama, tiny_tokenizer):
+    return make_cache(tmp_path, tiny_llama, tiny_tokenizer, "teacher.zarr", 12)
+
+
+def distill_config(tmp_path, name, cache, val_file, **overrides) -> DistillConfig:
+    values = dict(cache=cache, out=str(tmp_path / name), val_data=val_file, val_tokens=64, val_ctx=32, lr=1e-3,
+                  checkpoint_every=2, eval_every=3, patience=10)
+    return DistillConfig(**(values | overrides))
+
+
+def run(tmp_path, name, cache, val_file, model, tokenizer, on_step=None, **overrides):
+    """Distill with small test settings; returns the result and the (step, kd, ce) of every step."""
     losses = []
-    res = distill(cfg, model, tokenizer, student_spec="tiny", log=lambda m: None,
-                  progress=lambda step, total, p: losses.append((step, p["kd"], p["ce"])),
-                  )
+    res = distill(distill_config(tmp_path, name, cache, val_file, **overrides), model, tokenizer, student_spec="tiny",
+                  log=lambda m: None, progress=lambda step, total, p: losses.append((step, p["kd"], p["ce"])),
+                  on_step=on_step)
     return res, losses
 
 
@@ -65,13 +76,8 @@ def test_kd_falls_for_a_student_that_differs(tmp_path, val_file, tiny_llama, tin
     teacher = copy.deepcopy(tiny_llama)
     with torch.no_grad():
         teacher.get_input_embeddings().weight.mul_(20.0)
-    vocab = teacher.config.vocab_size
-    ids = torch.randint(0, vocab, (8, 16), generator=torch.Generator().manual_seed(0))
-    cfg = CacheConfig(out=str(tmp_path / "sharp.zarr"), data=str(tmp_path), top_k=8, chunk_size=4, seq_len=16)
-    fp = {"model": "sharp", "weights_digest": weights_digest(teacher), "tokenizer_digest": tokenizer_digest(tiny_tokenizer),
-          "vocab_size": vocab, "data": "random", "data_digest": "x", "num_samples": 8, "seed": 0, "dtype": "float32"}
-    write_cache(teacher, ids, cfg, fp, vocab)
-    res, _ = run(tmp_path, "student", cfg.out, val_file, copy.deepcopy(tiny_llama), tiny_tokenizer, alpha=1.0,
+    cache = make_cache(tmp_path, teacher, tiny_tokenizer, "sharp.zarr", 8)
+    res, _ = run(tmp_path, "student", cache, val_file, copy.deepcopy(tiny_llama), tiny_tokenizer, alpha=1.0,
                  lr=1e-2, epochs=2, batch_size=2, eval_every=0)
     assert not res.self_referential
     assert res.kd_loss_first > 0.1
@@ -89,16 +95,13 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, teacher_cache, val_fi
         if step == 5:
             raise Killed
 
-    cfg = DistillConfig(cache=teacher_cache, out=str(tmp_path / "killed"), val_data=val_file, val_tokens=64,
-                        val_ctx=32, lr=1e-3, checkpoint_every=2, eval_every=3, patience=10, **kw)
+    cfg = distill_config(tmp_path, "killed", teacher_cache, val_file, **kw)
     first = []
     with pytest.raises(Killed):
         distill(cfg, copy.deepcopy(tiny_llama), tiny_tokenizer, "tiny", log=lambda m: None,
                 progress=lambda s, t, p: first.append((s, p["kd"], p["ce"])), on_step=kill_at_5)
     assert first == full[:5]  # same seed + same data = same loss curve
-    second = []
-    res = distill(cfg, copy.deepcopy(tiny_llama), tiny_tokenizer, "tiny", log=lambda m: None,
-                  progress=lambda s, t, p: second.append((s, p["kd"], p["ce"])))
+    res, second = run(tmp_path, "killed", teacher_cache, val_file, copy.deepcopy(tiny_llama), tiny_tokenizer, **kw)
     assert res.resumed_from_step == 4  # the last checkpoint before the kill
     assert second == full[4:]
 
