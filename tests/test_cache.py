@@ -113,3 +113,13 @@ def test_cli_cache_json(tmp_path, tiny_model_dir, capsys):
     assert second["resumed_chunks"] == -(-first["sequences"] // 2)
     assert main([a if a != "4" else "5" for a in argv]) == 2  # another k on the same store: one-line error
     assert "top_k" in capsys.readouterr().err
+
+
+def test_fsspec_url_store(tiny_llama, tmp_path):
+    """Any fsspec URL works (memory:// here; s3:// the same way with s3fs installed), resume included."""
+    vocab = tiny_llama.config.vocab_size
+    cfg = CacheConfig(out="memory://sparsekd-test/c.zarr", data=str(tmp_path), top_k=4, chunk_size=2, seq_len=12)
+    first = write_cache(tiny_llama, corpus(vocab, n=4), cfg, FP, vocab)
+    again = write_cache(tiny_llama, corpus(vocab, n=4), cfg, FP, vocab)
+    assert first.bytes > 0 and (first.computed_chunks, again.resumed_chunks) == (2, 2)
+    assert TeacherCache(cfg.out)[[3]]["topk_ids"].shape == (1, 12, 4)
