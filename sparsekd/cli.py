@@ -321,9 +321,146 @@ def _write_atomic(path, text: str) -> None:
     tmp.replace(path)
 
 
+# ---------------------------------------------------------------------------------------------------------------- cache
+
+CACHE_FLAGS = {
+    "model": EVAL_FLAGS["model"],
+    "cache": {"out": "out", "data": "data", "num_samples": "num_samples", "seq_len": "seq_len", "seed": "seed",
+              "top_k": "top_k", "batch_size": "batch_size", "chunk_size": "chunk_size"},
+}
+
+
+def add_cache_parser(sub) -> None:
+    p = sub.add_parser("cache", help="cache the model's top-k next-token distribution over a corpus (Zarr v3)")
+    _add_model_flags(p)
+    p.add_argument("--data", help="mixture (mix:paper-offline, default), named source or local file")
+    p.add_argument("--out", help="Zarr store: local directory or fsspec URL (s3://...)")
+    p.add_argument("--num-samples", type=int, help="sequences (required for a mixture)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 512)")
+    p.add_argument("--seed", type=int, help="corpus seed (default 0)")
+    p.add_argument("--top-k", type=int, help="ids kept per position (default 32)")
+    p.add_argument("--batch-size", type=int, help="sequences per forward pass (default 1; divides --chunk-size)")
+    p.add_argument("--chunk-size", type=int, help="sequences per Zarr chunk (default 16)")
+    p.add_argument("--config", help="YAML file with sections model/cache (flags override it)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.set_defaults(func=cmd_cache)
+
+
+def _progress(desc: str, unit: str):
+    from tqdm.auto import tqdm
+
+    return lambda total: tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from sparsekd_core.cache import run_cache
+    from sparsekd_core.config import CacheConfig
+    from sparsekd_core.models import load_model
+
+    sections = _sections(args, CACHE_FLAGS)
+    if "model" not in sections["model"]:
+        raise ConfigError("model.model: required; give --model (e.g. --model smollm2-135m)")
+    if "out" not in sections["cache"]:
+        raise ConfigError("cache.out: required; give --out DIR (where the Zarr store goes)")
+    model_cfg = build(ModelConfig, "model", sections["model"])
+    cache_cfg = build(CacheConfig, "cache", sections["cache"])
+    loaded = load_model(model_cfg, log=log)
+    res = run_cache(loaded, cache_cfg, log=log, progress_factory=_progress("cache", "seq"))
+    result = res.as_dict() | {"model": model_cfg.model, "data": cache_cfg.data}
+    _emit(result, args.json, f"cache {res.path}: {res.sequences} sequences, {res.tokens} tokens, top-{res.top_k}, "
+          f"{res.bytes_per_token:.1f} bytes/token, {res.tokens_per_s:.0f} tokens/s, "
+          f"{res.resumed_chunks} chunks resumed")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------- distill
+
+DISTILL_OPTIONS = {  # flag dest -> (type, help); the field of the same name in DistillConfig
+    "cache": (str, "teacher cache written by `sparsekd cache` (any model with the student's tokenizer)"),
+    "out": (str, "output directory (HF-loadable student, checkpoint/, distill.json)"),
+    "alpha": (float, "KD weight (default 0.5; 0 = CE-only control)"),
+    "temperature": (float, "KD temperature T (default 2.0)"),
+    "tail": (str, "topk (default) | bucket | paper: mass outside the cached top-k"),
+    "lr": (float, "peak learning rate (default 2e-5)"),
+    "min_lr_ratio": (float, "cosine decay floor as a fraction of lr (default 0.1)"),
+    "warmup_steps": (int, "linear warmup steps (default 5%% of the steps)"),
+    "weight_decay": (float, "AdamW weight decay (default 0)"),
+    "grad_clip": (float, "gradient-norm clip (default 1.0; 0 = off)"),
+    "batch_size": (int, "sequences per micro-step (default 1)"),
+    "grad_accum": (int, "micro-steps per optimizer step (default 1)"),
+    "epochs": (int, "passes over the cache (default 1)"),
+    "max_steps": (int, "stop after N optimizer steps"),
+    "seed": (int, "seed for data order and RNG (default 0)"),
+    "eval_every": (int, "validation every N steps (default 50; also at start and end)"),
+    "val_data": (str, "held-out validation text (default wikitext2:valid; never wikitext2:test)"),
+    "val_tokens": (int, "validation tokens (default 2048)"),
+    "val_ctx": (int, "validation window (default 256)"),
+    "patience": (int, "stopping rule: evaluations without a min-delta gain (default 3)"),
+    "min_delta": (float, "stopping rule: relative ppl gain that counts (default 0.002)"),
+    "checkpoint_every": (int, "resumable checkpoint every N steps (default 10)"),
+    "max_bad_steps": (int, "abort after N NaN/inf steps in a row (default 5)"),
+}
+DISTILL_FLAGS = {
+    "model": EVAL_FLAGS["model"],
+    "distill": {name: name for name in DISTILL_OPTIONS},
+}
+
+
+def add_distill_parser(sub) -> None:
+    p = sub.add_parser("distill", help="train a student on a teacher cache (offline self-referential KD)")
+    _add_model_flags(p, "--student")
+    for name, (kind, help_text) in DISTILL_OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
+    p.add_argument("--config", help="YAML file with sections model/distill (flags override it)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.set_defaults(func=cmd_distill)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from sparsekd_core.config import DistillConfig
+    from sparsekd_core.distill import distill
+    from sparsekd_core.models import load_model
+
+    sections = _sections(args, DISTILL_FLAGS)
+    if "model" not in sections["model"]:
+        raise ConfigError("model.model: required; give --student (e.g. --student smollm2-135m)")
+    for field in ("cache", "out"):
+        if field not in sections["distill"]:
+            raise ConfigError(f"distill.{field}: required; give --{field}")
+    if sections["model"].get("dtype", "auto") == "auto":
+        sections["model"]["dtype"] = "fp32"  # fp32 master weights; bf16 autocast on CUDA
+    model_cfg = build(ModelConfig, "model", sections["model"])
+    cfg = build(DistillConfig, "distill", sections["distill"])
+    loaded = load_model(model_cfg, log=log)
+    bar = None
+
+    def progress(step: int, total: int, postfix: dict) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, initial=step - 1, desc="distill", unit="step", file=sys.stderr, disable=None)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    try:
+        res = distill(cfg, loaded.model, loaded.tokenizer, student_spec=model_cfg.model, log=log, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    result = res.as_dict() | {"student": model_cfg.model, "cache": cfg.cache, "alpha": cfg.alpha,
+                              "temperature": cfg.temperature, "tail": cfg.tail}
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    _emit(result, args.json, f"distilled {res.steps} steps -> {res.out}: kd {fmt(res.kd_loss_first)} -> "
+          f"{fmt(res.kd_loss_last)}, ce {fmt(res.ce_loss_first)} -> {fmt(res.ce_loss_last)}, best val ppl "
+          f"{fmt(res.val_ppl_best)} (step {res.best_step}; start {fmt(res.val_ppl_start)}), {res.tokens_per_s:.0f} "
+          f"tokens/s, stop: {res.stop_reason}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------- main
 
-VERBS: list[Callable] = [add_eval_parser, add_prune_parser, add_profile_parser]
+VERBS: list[Callable] = [add_eval_parser, add_cache_parser, add_distill_parser, add_prune_parser, add_profile_parser]
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -336,6 +473,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from sparsekd_core.data import DataQualityError, DataUnavailableError
+    from sparsekd_core.distill import DistillError
     from sparsekd_core.models import ModelLoadError
 
     parser = make_parser()
@@ -345,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return EXIT_BAD_INPUT
         return args.func(args)
-    except (ConfigError, ModelLoadError, DataQualityError, DataUnavailableError) as err:
+    except (ConfigError, ModelLoadError, DataQualityError, DataUnavailableError, DistillError) as err:
         print(f"sparsekd: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

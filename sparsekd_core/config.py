@@ -333,3 +333,83 @@ class PruneConfig(StageConfig):
         if self.method != "svd" or self.target_reduction is None:
             return None
         return self.schedule or "tiered"
+
+# ---------------------------------------------------------------------------------------------------------------- cache + distill
+
+
+def _check_store_url(v: str) -> str:
+    v = v.strip()
+    if not v:
+        raise ValueError("is empty; give a local directory or a URL like s3://bucket/path.zarr")
+    return v
+
+
+class CacheConfig(StageConfig):
+    """Teacher cache: the model's top-k next-token distribution over a token corpus, in a Zarr v3 store."""
+
+    out: str = Field(description="Where the Zarr store goes: a local directory or an fsspec URL (s3://...).")
+    data: str = Field("mix:paper-offline", description="Mixture name, named source or local file (packed into sequences).")
+    num_samples: int | None = Field(None, gt=0, description="Sequences (required for a mixture; default: all a source gives).")
+    seq_len: int = Field(512, gt=1, description="Tokens per sequence.")
+    seed: int = Field(0, ge=0, description="Seed for the corpus build (document order).")
+    top_k: int = Field(32, gt=0, description="Token ids kept per position.")
+    batch_size: int = Field(1, gt=0, description="Sequences per forward pass (divides chunk_size).")
+    chunk_size: int = Field(16, gt=0, description="Sequences per Zarr chunk along N (a crash loses at most one).")
+
+    @field_validator("out")
+    @classmethod
+    def _check_out(cls, v: str) -> str:
+        return _check_store_url(v)
+
+    @field_validator("data")
+    @classmethod
+    def _check_data(cls, v: str) -> str:
+        if v == "wikitext2:test":
+            raise ValueError("wikitext2:test is the evaluation set and may not be cached for training")
+        return check_data_spec(v)
+
+    @model_validator(mode="after")
+    def _batch_divides_chunk(self) -> "CacheConfig":
+        if self.chunk_size % self.batch_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} does not divide chunk_size={self.chunk_size}; "
+                "allowed: a divisor (batches never cross a chunk, so a resumed run computes the same bytes)"
+            )
+        if self.data in NAMED_MIXTURES and self.num_samples is None:
+            raise ValueError(f"data={self.data!r} is a mixture: give num_samples (e.g. --num-samples 64)")
+        return self
+
+
+class DistillConfig(StageConfig):
+    """Offline self-referential KD: train a student on a teacher cache (see sparsekd_core/distill.py)."""
+
+    cache: str = Field(description="Teacher cache written by `sparsekd cache` (path or URL).")
+    out: str = Field(description="Output directory: the HF-loadable student, checkpoints, distill.json.")
+    alpha: float = Field(0.5, ge=0, le=1, description="KD weight; 0 = the CE-only control.")
+    temperature: float = Field(2.0, gt=0, description="KD temperature T (loss is scaled by T²).")
+    tail: Literal["topk", "bucket", "paper"] = Field("topk", description="Treatment of the mass outside the top-k.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at lr * min_lr_ratio.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps (default: 5% of the steps).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
+    batch_size: int = Field(1, gt=0, description="Sequences per micro-step.")
+    grad_accum: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    epochs: int = Field(1, gt=0, description="Passes over the cache.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    seed: int = Field(0, ge=0, description="Data order and torch RNG; same seed + same cache = same loss curve (CPU).")
+    eval_every: int = Field(50, ge=0, description="Validation perplexity every N steps (also at start and end; 0 = only those).")
+    val_data: str = Field("wikitext2:valid", description="Held-out validation text (never wikitext2:test).")
+    val_tokens: int = Field(2048, gt=1, description="Validation tokens (first N of val_data).")
+    val_ctx: int = Field(256, gt=1, description="Validation window (stride = window: each token scored once).")
+    patience: int = Field(3, gt=0, description="Stop when the last `patience` evaluations gain < min_delta over the best.")
+    min_delta: float = Field(0.002, ge=0, description="Relative validation-ppl gain that counts as an improvement.")
+    checkpoint_every: int = Field(10, gt=0, description="Save a resumable checkpoint every N steps.")
+    max_bad_steps: int = Field(5, gt=0, description="Abort after this many NaN/inf steps in a row.")
+
+    @field_validator("val_data")
+    @classmethod
+    def _never_test(cls, v: str) -> str:
+        if v.strip() == "wikitext2:test":
+            raise ValueError("wikitext2:test is the evaluation set; validate on a held-out split (wikitext2:valid)")
+        return check_data_spec(v)

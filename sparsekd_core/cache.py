@@ -1,0 +1,274 @@
+"""Teacher cache: a model's top-k next-token distribution over a token corpus, in a Zarr v3 store.
+
+Layout (one group; every array chunked along N by ``chunk_size`` sequences, Blosc-zstd compressed):
+
+    input_ids      [N, L]     int32    the corpus
+    topk_ids       [N, L, k]  uint16   (int32 when the vocabulary exceeds 65,536), by descending probability
+    topk_logprobs  [N, L, k]  float16  log p_i of the full-vocabulary softmax at T = 1
+    tail_logmass   [N, L]     float16  log(1 − Σ_topk p_i), computed exactly as a logsumexp over the other ids
+    chunk_done     [C]        uint8    1 once chunk c of every array above is written (our progress record)
+
+Position l holds the distribution that predicts token l+1 (the last position's predicts past the sequence).
+On SmolLM2-135M at k=32 this is ~92 bytes/token on disk (uint16 ids ~51, fp16 log-probs ~38 after byte-shuffle
+zstd); fp16 log-probs keep the KD term within ~0.01% of an fp32 cache (benchmarks/cache_kd_agreement.py), so no
+lossier encoding is used.
+
+The group attribute ``sparsekd_cache`` is the fingerprint: weights digest, tokenizer digest, data spec + content
+digest, k, seq_len, dtype, code version. Opening an existing store whose fingerprint differs is an error
+(``CacheMismatchError``), never a silent reuse. Resume: Zarr does not store all-fill chunks, so the store listing
+cannot say what is done; ``chunk_done`` is written after a chunk's data, so a kill -9 loses at most the chunk in
+flight, and a rerun recomputes exactly the chunks not marked done. Batches never cross a chunk and the computation
+is deterministic, so a resumed store holds the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import NAMED_MIXTURES, CacheConfig, ConfigError, MixtureComponent, MixtureConfig
+
+FORMAT = 1
+ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass")
+
+
+class CacheMismatchError(ConfigError):
+    """An existing store was written for another model, tokenizer, corpus or k."""
+
+
+class CacheIncompleteError(ConfigError):
+    """The store is missing chunks (its `sparsekd cache` run did not finish)."""
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """Digest of the vocabulary (token → id) and the special tokens: equal digests = interchangeable ids."""
+    h = hashlib.blake2b(digest_size=8)
+    for token, index in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        h.update(f"{index}\t{token}\n".encode("utf-8", "surrogatepass"))
+    h.update(repr(sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())).encode())
+    return h.hexdigest()
+
+
+def corpus_digest(input_ids: torch.Tensor) -> str:
+    return hashlib.blake2b(input_ids.to(torch.int64).contiguous().numpy().tobytes(), digest_size=8).hexdigest()
+
+
+def build_corpus(cfg: CacheConfig, tokenizer, log=print) -> torch.Tensor:
+    """The token corpus [N, L] int64: a named mixture, or one source/file packed the same way (validated docs,
+    seeded order, each document followed by EOS). With no num_samples a single source gives all full sequences."""
+    from .data import DataQualityError, build_mixture, load_documents, pack_sequences, validate_documents
+
+    if cfg.data in NAMED_MIXTURES:
+        mix = MixtureConfig.named(cfg.data, num_samples=cfg.num_samples, seq_len=cfg.seq_len, seed=cfg.seed)
+        return build_mixture(mix, tokenizer, log=log).input_ids
+    if cfg.num_samples is not None:
+        mix = MixtureConfig(components=[MixtureComponent(source=cfg.data, weight=1.0)],
+                            num_samples=cfg.num_samples, seq_len=cfg.seq_len, seed=cfg.seed)
+        return build_mixture(mix, tokenizer, log=log).input_ids
+    good, _ = validate_documents(cfg.data, load_documents(cfg.data), 0.05)
+    order = np.random.default_rng(cfg.seed).permutation(len(good))
+    rows = [ids for ids, _ in pack_sequences((good[j] for j in order), tokenizer, cfg.seq_len, 1 << 62)]
+    if not rows:
+        raise DataQualityError(f"data {cfg.data!r} gives no full sequence of {cfg.seq_len} tokens; lower seq_len")
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+@torch.inference_mode()
+def teacher_topk(model, input_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids, their log-probs and the tail log-mass for every position of a batch [B, L] (fp32 math)."""
+    logits = model(input_ids=input_ids, use_cache=False).logits.float()  # [B, L, V]
+    lse = logits.logsumexp(-1)
+    values, ids = logits.topk(k, dim=-1)
+    logprobs = values - lse[..., None]
+    # Exact tail: logsumexp over the ids outside the top-k (not log(1 - Σp), which cancels badly).
+    tail = logits.scatter_(-1, ids, float("-inf")).logsumexp(-1) - lse  # in place: no second [B, L, V]
+    return ids, logprobs, tail
+
+
+def _open_group(url: str, mode: str):
+    import zarr
+
+    return zarr.open_group(store=url, mode=mode, zarr_format=3)
+
+
+def _differences(have: dict, want: dict) -> list[str]:
+    return [f"{key}: store has {have.get(key)!r}, this run has {want.get(key)!r}"
+            for key in sorted(set(have) | set(want)) if have.get(key) != want.get(key)]
+
+
+@dataclass
+class CacheResult:
+    path: str
+    sequences: int
+    tokens: int
+    top_k: int
+    bytes: int
+    bytes_per_token: float
+    tokens_per_s: float
+    resumed_chunks: int
+    computed_chunks: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def store_bytes(url: str) -> int:
+    """Size of the store on disk (sum of its files), local path or fsspec URL."""
+    if "://" not in url or url.startswith("file://"):
+        root = Path(url.removeprefix("file://"))
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    import fsspec
+
+    fs, path = fsspec.url_to_fs(url)
+    return int(fs.du(path))
+
+
+def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: dict, vocab_size: int,
+                log=print, progress=None, on_chunk=None) -> CacheResult:
+    """Write (or finish) the cache of `model` over `input_ids` [N, L] at cfg.out.
+
+    ``fingerprint`` must describe model, tokenizer and data; an existing store with a different one raises
+    CacheMismatchError. ``progress(n_sequences)`` and ``on_chunk(chunk_index)`` (after a chunk is marked done)
+    are optional hooks.
+    """
+    from zarr.codecs import BloscCodec
+
+    n, seq_len = input_ids.shape
+    k, chunk = cfg.top_k, cfg.chunk_size
+    if k > vocab_size:
+        raise ConfigError(f"cache.top_k={k} is larger than the vocabulary ({vocab_size})")
+    fingerprint = dict(fingerprint, format=FORMAT, top_k=k, seq_len=int(seq_len), sequences=int(n),
+                       chunk_size=chunk, code_version=__version__, logprob_encoding="float16")
+    id_dtype = np.uint16 if vocab_size <= 65536 else np.int32
+    n_chunks = -(-n // chunk)
+
+    group = _open_group(cfg.out, "a")
+    existing = group.attrs.asdict().get("sparsekd_cache")
+    if existing is not None:
+        diff = _differences(existing, fingerprint)
+        if diff:
+            raise CacheMismatchError(
+                f"cache.out={cfg.out!r} holds a cache for something else ({'; '.join(diff)}); "
+                "give another --out or delete that store"
+            )
+    else:
+        shuffle = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+        plain = BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle")
+        specs = {
+            "input_ids": ((n, seq_len), np.int32, shuffle),
+            "topk_ids": ((n, seq_len, k), id_dtype, plain),
+            "topk_logprobs": ((n, seq_len, k), np.float16, shuffle),
+            "tail_logmass": ((n, seq_len), np.float16, shuffle),
+        }
+        for name, (shape, dtype, codec) in specs.items():
+            group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:], compressors=codec,
+                               fill_value=0, overwrite=True)
+        group.create_array("chunk_done", shape=(n_chunks,), dtype=np.uint8, chunks=(1,), fill_value=0, overwrite=True)
+        group.attrs["sparsekd_cache"] = fingerprint  # written last: a store with attrs has all its arrays
+
+    done = group["chunk_done"][:]
+    todo = [c for c in range(n_chunks) if not done[c]]
+    resumed = n_chunks - len(todo)
+    if resumed:
+        log(f"cache: resuming, {resumed} of {n_chunks} chunks already done")
+        if progress is not None:
+            progress(min(n, resumed * chunk))
+    device = next(model.parameters()).device
+    computed_tokens = 0
+    t0 = time.perf_counter()
+    for c in todo:
+        lo, hi = c * chunk, min(n, (c + 1) * chunk)
+        parts = []
+        for b in range(lo, hi, cfg.batch_size):
+            x = input_ids[b : min(hi, b + cfg.batch_size)].to(device)
+            parts.append([t.cpu() for t in teacher_topk(model, x, k)])
+            computed_tokens += x.numel()
+            if progress is not None:
+                progress(x.shape[0])
+        ids, logprobs, tail = (torch.cat(p) for p in zip(*parts))
+        group["input_ids"][lo:hi] = input_ids[lo:hi].numpy().astype(np.int32)
+        group["topk_ids"][lo:hi] = ids.numpy().astype(id_dtype)
+        group["topk_logprobs"][lo:hi] = logprobs.numpy().astype(np.float16)
+        group["tail_logmass"][lo:hi] = tail.clamp_min(-60000.0).numpy().astype(np.float16)
+        group["chunk_done"][c] = 1  # only now is chunk c trusted by a rerun
+        if on_chunk is not None:
+            on_chunk(c)
+    seconds = time.perf_counter() - t0
+    size = store_bytes(cfg.out)
+    tokens = int(n * seq_len)
+    return CacheResult(path=cfg.out, sequences=int(n), tokens=tokens, top_k=k, bytes=size,
+                       bytes_per_token=size / tokens, tokens_per_s=computed_tokens / seconds if seconds > 0 else 0.0,
+                       resumed_chunks=resumed, computed_chunks=len(todo), seconds=seconds)
+
+
+def cache_fingerprint(loaded, cfg: CacheConfig, input_ids: torch.Tensor) -> dict:
+    from .models import weights_digest
+
+    return {
+        "model": loaded.spec,
+        "weights_digest": weights_digest(loaded.model),
+        "tokenizer_digest": tokenizer_digest(loaded.tokenizer),
+        "vocab_size": int(loaded.model.config.vocab_size),
+        "data": cfg.data,
+        "data_digest": corpus_digest(input_ids),
+        "num_samples": cfg.num_samples,
+        "seed": cfg.seed,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+    }
+
+
+class TeacherCache:
+    """A finished cache opened for reading: ``cache[indices]`` → dict of torch tensors for those sequences."""
+
+    def __init__(self, url: str):
+        if "://" not in url and not Path(url).expanduser().exists():
+            raise ConfigError(f"cache {url!r} does not exist; write it with `sparsekd cache --out {url} ...`")
+        group = _open_group(url, "r")
+        info = group.attrs.asdict().get("sparsekd_cache")
+        if info is None:
+            raise ConfigError(f"cache {url!r} is not a sparsekd cache (no 'sparsekd_cache' attributes)")
+        done = group["chunk_done"][:]
+        if not done.all():
+            raise CacheIncompleteError(
+                f"cache {url!r} is incomplete ({int(done.sum())} of {done.size} chunks); rerun the same "
+                "`sparsekd cache` command to finish it"
+            )
+        self.url, self.group, self.fingerprint = url, group, info
+        self.num_sequences, self.seq_len = group["input_ids"].shape
+        self.top_k = int(info["top_k"])
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def __getitem__(self, indices) -> dict[str, torch.Tensor]:
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = {}
+        for name in ARRAYS:
+            arr = self.group[name].get_orthogonal_selection((rows,))
+            out[name] = torch.from_numpy(arr.astype(np.int64) if arr.dtype in (np.uint16, np.int32) else arr)
+        return out
+
+
+def run_cache(loaded, cfg: CacheConfig, log=print, progress_factory=None) -> CacheResult:
+    """Build the corpus, fingerprint it with the model, and write/finish the store (the `sparsekd cache` verb)."""
+    input_ids = build_corpus(cfg, loaded.tokenizer, log=log)
+    max_pos = getattr(loaded.model.config, "max_position_embeddings", None)
+    if max_pos is not None and cfg.seq_len > max_pos:
+        raise ConfigError(f"cache.seq_len={cfg.seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+    fingerprint = cache_fingerprint(loaded, cfg, input_ids)
+    log(f"cache: {input_ids.shape[0]} sequences x {input_ids.shape[1]} tokens, top-{cfg.top_k} -> {cfg.out}")
+    bar = progress_factory(input_ids.shape[0]) if progress_factory else None
+    try:
+        return write_cache(loaded.model, input_ids, cfg, fingerprint, int(loaded.model.config.vocab_size),
+                           log=log, progress=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+

@@ -1,0 +1,324 @@
+"""Offline self-referential distillation: train a student on a teacher cache (nanoGPT-style loop, top to bottom).
+
+loss = α·T²·KL(teacher_T ‖ student_T) over the cached top-k + (1−α)·CE (sparsekd_core/kd_loss.py for the math).
+The teacher is never run: its top-k distribution comes from the Zarr cache, so the teacher may be the student's own
+dense self (self-referential KD), a KD-improved model (teacher swap: any cache written with the same tokenizer), or
+nobody at all (α = 0, the CE-only control: same corpus, same steps).
+
+Output directory ``out``:
+    checkpoint/   model.safetensors, optimizer.pt, state.pt (step, data position, RNG, history): resume point
+    best/         HF directory of the best-validation model so far (while training)
+    config.json, model.safetensors, tokenizer files   the final student = the best-validation model (HF-loadable)
+    distill.json  the run's figures (the `sparsekd distill` JSON)
+Every directory is written under a temporary name and renamed into place; a kill never leaves a half checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cache import TeacherCache, tokenizer_digest
+from .config import ConfigError, DistillConfig, EvalConfig
+from .kd_loss import KDLoss
+
+
+class DistillError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed NaN/inf); the message names the step."""
+
+
+# ---------------------------------------------------------------------------------------------------------------- files
+
+
+def _replace_dir(build, final: Path) -> None:
+    """Build a directory under a temporary name, then swap it in for `final` (never a half-written `final`)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
+    from safetensors.torch import save_model
+
+    def build(tmp: Path) -> None:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(state, tmp / "state.pt")
+
+    _replace_dir(build, path)
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    from safetensors.torch import load_model
+
+    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return torch.load(path / "state.pt", weights_only=True)
+
+
+def save_hf(path: Path, model, tokenizer) -> None:
+    from .prune.lowrank import compression_record, save_compressed
+
+    if compression_record(model) is not None:  # a pruned student stays a compressed (factored) checkpoint
+        save_compressed(model, tokenizer, path)
+        return
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    _replace_dir(build, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------- pieces
+
+
+def get_lr(step: int, total: int, cfg: DistillConfig, warmup: int) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr·min_lr_ratio at the last step."""
+    if step < warmup:
+        return cfg.lr * (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - min_lr)
+
+
+def batch_indices(micro_index: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Sequences of global micro-batch `micro_index`: a seeded permutation per epoch, cut into batches."""
+    per_epoch = n // batch_size
+    epoch, j = divmod(micro_index, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[j * batch_size : (j + 1) * batch_size].tolist()
+
+
+def should_stop(history: list[tuple[int, float]], patience: int, min_delta: float) -> str | None:
+    """The paper's rule: stop when none of the last `patience` evaluations improved on the best before them by
+    more than `min_delta` (relative): 'degraded' when all were worse (a clear minimum, then worse), else 'saturated'."""
+    if len(history) <= patience:
+        return None
+    before = min(p for _, p in history[:-patience])
+    recent = [p for _, p in history[-patience:]]
+    if min(recent) > before * (1.0 - min_delta):
+        return "degraded" if all(p > before for p in recent) else "saturated"
+    return None
+
+
+def run_key(cfg: DistillConfig, cache: TeacherCache, student_spec: str) -> str:
+    """What a checkpoint must match to be resumed: the config (less `out`), the cache and the student."""
+    keep = cfg.model_dump(exclude={"out"})
+    blob = json.dumps([keep, cache.fingerprint, student_spec], sort_keys=True, default=str)
+    return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
+
+
+@dataclass
+class DistillResult:
+    steps: int
+    kd_loss_first: float | None
+    kd_loss_last: float | None
+    ce_loss_first: float | None
+    ce_loss_last: float | None
+    val_ppl_best: float | None
+    tokens_per_s: float
+    resumed_from_step: int
+    val_ppl_start: float | None
+    best_step: int | None
+    stop_reason: str
+    bad_steps: int
+    val_history: list
+    self_referential: bool
+    out: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ---------------------------------------------------------------------------------------------------------------- loop
+
+
+def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=print, progress=None,
+            on_step=None) -> DistillResult:
+    """Train `model` (an HF causal LM, fp32 weights) on the cache `cfg.cache`; write `cfg.out`; return the figures.
+
+    ``progress(step, total, postfix: dict)``: optional progress hook. ``on_step(step)``: called after each
+    optimizer step (tests use it to simulate a kill).
+    """
+    from .data import load_text
+    from .eval import perplexity, tokenize_text
+    from .models import weights_digest
+
+    out = Path(cfg.out).expanduser()
+    ckpt_dir, best_dir = out / "checkpoint", out / "best"
+    cache = TeacherCache(cfg.cache)
+    if cache.fingerprint.get("tokenizer_digest") != tokenizer_digest(tokenizer):
+        raise ConfigError(
+            f"distill.cache={cfg.cache!r} was written with another tokenizer than the student's "
+            f"(cache model {cache.fingerprint.get('model')!r}); a teacher cache must share the student's tokenizer"
+        )
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if vocab < int(cache.fingerprint["vocab_size"]):
+        raise ConfigError(f"distill: the student's vocabulary ({vocab}) is smaller than the cache's "
+                          f"({cache.fingerprint['vocab_size']})")
+    key = run_key(cfg, cache, student_spec)
+    done_file = out / "distill.json"
+    if done_file.is_file():
+        finished = json.loads(done_file.read_text())
+        if finished.get("run_key") == key:
+            log(f"distill: {out} already holds this finished run; nothing to do")
+            return DistillResult(**{k: finished[k] for k in DistillResult.__dataclass_fields__})
+        raise ConfigError(f"distill.out={cfg.out!r} holds a different finished run; give another --out")
+
+    n = len(cache)
+    micro_per_epoch = n // cfg.batch_size
+    steps_per_epoch = micro_per_epoch // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"distill: the cache has {n} sequences, fewer than one step needs "
+                          f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum})")
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    loss_fn = KDLoss(alpha=cfg.alpha, temperature=cfg.temperature, tail=cfg.tail)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    val_ids = tokenize_text(tokenizer, load_text(cfg.val_data), cfg.val_tokens)
+    val_cfg = EvalConfig(ctx=cfg.val_ctx, stride=cfg.val_ctx, protocol="standard", batch_size=1)
+    self_referential = weights_digest(model) == cache.fingerprint.get("weights_digest")
+
+    # Everything the loop carries from step to step; it is the checkpoint (with model and optimizer).
+    state = dict(step=0, micro_index=0, best_ppl=None, best_step=None, history=[], kd_first=None, ce_first=None,
+                 kd_last=None, ce_last=None, bad_in_row=0, bad_total=0, tokens=0, train_seconds=0.0,
+                 torch_rng=None, run_key=key)
+    resumed_from = 0
+    if (ckpt_dir / "state.pt").is_file():
+        saved = load_checkpoint(ckpt_dir, model, optimizer)
+        if saved.get("run_key") != key:
+            raise ConfigError(f"distill.out={cfg.out!r} holds a checkpoint of a different run (config, cache or "
+                              "student differ); give another --out or delete it")
+        state.update(saved)
+        state["history"] = [tuple(h) for h in state["history"]]
+        torch.set_rng_state(state["torch_rng"])
+        resumed_from = state["step"]
+        log(f"distill: resuming from step {resumed_from} ({ckpt_dir})")
+    else:
+        torch.manual_seed(cfg.seed)
+
+    def evaluate() -> float:
+        model.eval()
+        with autocast:
+            ppl = perplexity(model, val_ids, val_cfg).ppl
+        model.train()
+        return ppl
+
+    stop_reason = "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "epochs"
+    model.train()
+    while True:
+        step = state["step"]
+        lr = get_lr(step, total, cfg, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Validate at the start, every eval_every steps and at the end; keep the best model; maybe stop.
+        if step == 0 or step == total or (cfg.eval_every and step % cfg.eval_every == 0):
+            if not any(s == step for s, _ in state["history"]):
+                ppl = evaluate()
+                state["history"].append((step, ppl))
+                log(f"distill: step {step}: validation ppl {ppl:.3f}")
+                if state["best_ppl"] is None or ppl < state["best_ppl"]:
+                    state["best_ppl"], state["best_step"] = ppl, step
+                    save_hf(best_dir, model, tokenizer)
+                reason = should_stop(state["history"], cfg.patience, cfg.min_delta)
+                if reason is not None and step < total:
+                    stop_reason = reason
+                    log(f"distill: stopping at step {step}: validation ppl {reason}")
+                    break
+        if step >= total:
+            break
+
+        # One optimizer step = grad_accum micro-steps; the loss is averaged over them.
+        t0 = time.perf_counter()
+        kd_sum = ce_sum = 0.0
+        finite = True
+        for _ in range(cfg.grad_accum):
+            batch = cache[batch_indices(state["micro_index"], n, cfg.batch_size, cfg.seed)]
+            state["micro_index"] += 1
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast:
+                logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+            out_loss = loss_fn(logits, batch["input_ids"], batch["topk_ids"], batch["topk_logprobs"],
+                               batch["tail_logmass"])
+            if not torch.isfinite(out_loss.loss):
+                finite = False  # keep consuming this step's data so the data position stays step-aligned
+                continue
+            (out_loss.loss / cfg.grad_accum).backward()
+            kd_sum += out_loss.kd.item() / cfg.grad_accum
+            ce_sum += out_loss.ce.item() / cfg.grad_accum
+            state["tokens"] += batch["input_ids"].numel()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if finite and torch.isfinite(norm):
+            optimizer.step()
+            state["bad_in_row"] = 0
+            if state["kd_first"] is None:
+                state["kd_first"], state["ce_first"] = kd_sum, ce_sum
+            state["kd_last"], state["ce_last"] = kd_sum, ce_sum
+        else:  # NaN/inf guard: skip the update, count it, give up after max_bad_steps in a row
+            state["bad_in_row"] += 1
+            state["bad_total"] += 1
+            log(f"distill: step {step + 1}: non-finite loss or gradient, update skipped")
+            if state["bad_in_row"] >= cfg.max_bad_steps:
+                raise DistillError(
+                    f"distill: the loss or gradient was NaN/inf at {state['bad_in_row']} steps in a row "
+                    f"(steps {step + 2 - state['bad_in_row']}..{step + 1}); lower --lr, check the student and "
+                    "the cache, or resume from the last checkpoint"
+                )
+        optimizer.zero_grad(set_to_none=True)
+        state["train_seconds"] += time.perf_counter() - t0
+        state["step"] = step + 1
+
+        if progress is not None:
+            progress(state["step"], total, {"loss": cfg.alpha * kd_sum + (1 - cfg.alpha) * ce_sum, "kd": kd_sum,
+                                            "ce": ce_sum, "tok/s": state["tokens"] / max(state["train_seconds"], 1e-9)})
+        if state["step"] % cfg.checkpoint_every == 0 and state["step"] < total:
+            state["torch_rng"] = torch.get_rng_state()
+            save_checkpoint(ckpt_dir, model, optimizer, state)
+        if on_step is not None:
+            on_step(state["step"])
+
+    # The final student is the best-validation model: its files go to `out`, the work directories away.
+    for item in best_dir.iterdir():
+        os.replace(item, out / item.name)
+    shutil.rmtree(best_dir, ignore_errors=True)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    result = DistillResult(
+        steps=state["step"], kd_loss_first=state["kd_first"], kd_loss_last=state["kd_last"],
+        ce_loss_first=state["ce_first"], ce_loss_last=state["ce_last"], val_ppl_best=state["best_ppl"],
+        tokens_per_s=state["tokens"] / state["train_seconds"] if state["train_seconds"] > 0 else 0.0,
+        resumed_from_step=resumed_from, val_ppl_start=state["history"][0][1] if state["history"] else None,
+        best_step=state["best_step"], stop_reason=stop_reason, bad_steps=state["bad_total"],
+        val_history=[list(h) for h in state["history"]], self_referential=self_referential, out=str(out),
+    )
+    _write_json(done_file, result.as_dict() | {"run_key": key, "config": cfg.model_dump(),
+                                               "teacher": cache.fingerprint})
+    return result
