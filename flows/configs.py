@@ -1,0 +1,223 @@
+"""Flow configurations: one pydantic model per flow, loaded from YAML (`sparsekd run FLOW --config F`) and used
+as the deployment's parameter form. Stage sections (`distill`, `prune`, `eval`) are validated here against the
+stage configs of sparsekd_core, so a bad value fails before any work starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sparsekd_core.config import (
+    CacheConfig,
+    DistillConfig,
+    EvalConfig,
+    ModelConfig,
+    PruneConfig,
+    check_data_spec,
+    check_model_spec,
+    format_validation_error,
+)
+
+# The paper's 8-round schedule: R1 15%, R4 35%, R6 51%, R8 65% MLP-parameter reduction (§V-B); the rounds in
+# between are interpolated (the paper gives only these four).
+PAPER_TARGETS = [0.15, 0.22, 0.29, 0.35, 0.43, 0.51, 0.58, 0.65]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CorpusSpec(_Section):
+    """The KD corpus the teacher is cached on (a mixture, named source or file)."""
+
+    data: str = Field("mix:paper-offline", description="Mixture name (mix:paper, mix:paper-offline), source or file.")
+    num_samples: int = Field(64, gt=0, description="Sequences in the corpus.")
+    seq_len: int = Field(256, gt=1, description="Tokens per sequence.")
+    seed: int = Field(0, ge=0, description="Corpus build seed.")
+    top_k: int = Field(32, gt=0, description="Teacher top-k cached per position.")
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: str) -> str:
+        return check_data_spec(v)
+
+
+class EvalSet(_Section):
+    name: str = Field(description="Short name used in tables and metric keys.")
+    data: str = Field(description="Named source or file.")
+    max_tokens: int | None = Field(None, gt=0, description="First N tokens only.")
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: str) -> str:
+        if v == "mix:paper" or v.startswith("mix:"):
+            raise ValueError("an eval set is one source, not a mixture")
+        return check_data_spec(v)
+
+
+def _default_eval_sets() -> list[EvalSet]:
+    # In-domain (WikiText-2 test, never trained on) and out-of-domain held-out C4 (disjoint from the KD corpus).
+    return [EvalSet(name="wikitext2", data="wikitext2:test", max_tokens=8192),
+            EvalSet(name="c4_heldout", data="c4:heldout", max_tokens=8192)]
+
+
+def _check_stage(cls, section: str, values: dict[str, Any], **fill: Any) -> dict[str, Any]:
+    try:
+        cls(**{**fill, **values})
+    except ValidationError as err:
+        raise ValueError(format_validation_error(section, err)) from None
+    return values
+
+
+class FlowConfig(_Section):
+    """Settings every flow shares."""
+
+    model: str = Field("smollm2-135m", description="Dense model: alias, hub id, local directory or .gguf file.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    workdir: str = Field("runs", description="Storage root for caches, checkpoints, reports (path or mounted share).")
+    tracking_uri: str | None = Field(None, description="MLflow URI; default $MLFLOW_TRACKING_URI or sqlite in workdir.")
+    experiment: str | None = Field(None, description="MLflow experiment name (default: sparsekd-<flow>).")
+    seed: int = Field(42, ge=0, description="Distillation seed.")
+    corpus: CorpusSpec = Field(default_factory=CorpusSpec)
+    distill: dict[str, Any] = Field(default_factory=dict, description="DistillConfig fields (not cache/out/seed).")
+    eval: dict[str, Any] = Field(default_factory=dict, description="EvalConfig fields: ctx, stride, protocol, batch_size.")
+    eval_sets: list[EvalSet] = Field(default_factory=_default_eval_sets, min_length=1)
+    log_models: bool = Field(False, description="Also log model checkpoints to MLflow (large).")
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return check_model_spec(v)
+
+    @field_validator("distill")
+    @classmethod
+    def _distill(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in ("cache", "out", "seed"):
+            if key in v:
+                raise ValueError(f"distill.{key} is set by the flow; remove it (use the flow's `seed` for seeds)")
+        return _check_stage(DistillConfig, "distill", v, cache="cache", out="out")
+
+    @field_validator("eval")
+    @classmethod
+    def _eval(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_stage(EvalConfig, "eval", v)
+
+    def model_config_for(self, spec: str) -> ModelConfig:
+        return ModelConfig(model=spec, dtype=self.dtype, device=self.device)
+
+    def eval_config(self) -> EvalConfig:
+        return EvalConfig(**self.eval)
+
+
+class DenseKDConfig(FlowConfig):
+    """Dense+KD: distill the unpruned model on its own cache, beside its CE-only twin (same corpus/steps/seed)."""
+
+    ce_control: bool = Field(True, description="Also run the CE-only control arm (alpha = 0).")
+
+
+class PruningFlowConfig(FlowConfig):
+    prune: dict[str, Any] = Field(default_factory=dict, description="PruneConfig fields (not target_reduction).")
+
+    @field_validator("prune")
+    @classmethod
+    def _prune(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "target_reduction" in v or "energy" in v:
+            raise ValueError("prune.target_reduction/energy are set by the flow (targets / sparsities)")
+        return _check_stage(PruneConfig, "prune", v, target_reduction=0.5)
+
+
+class IterativeConfig(PruningFlowConfig):
+    """Rounds of prune → eval (pre-KD) → distill → eval (post-KD) → re-cache the recovered model."""
+
+    targets: list[float] = Field(default_factory=lambda: list(PAPER_TARGETS),
+                                 description="Cumulative MLP-parameter reduction after each round.")
+    keep_original_teacher: bool = Field(False, description="Distill every round from the dense model's cache.")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < t < 1 for t in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"targets={v}: need an increasing list of reductions in (0, 1)")
+        return v
+
+
+class CascadeConfig(PruningFlowConfig):
+    """Dense → Dense+KD (and its CE-only twin) → Pruned+KD from the Dense+KD teacher, + the teacher swap."""
+
+    target: float = Field(0.15, gt=0, lt=1, description="MLP-parameter reduction of the pruned student.")
+    ce_control: bool = Field(True, description="Run the CE-only twin of Dense+KD.")
+    teacher_swap: bool = Field(True, description="Also distill the pruned student from the original teacher.")
+
+
+class TeacherSwapConfig(PruningFlowConfig):
+    """One pruned student, distilled from the original teacher and from the KD-improved (Dense+KD) teacher."""
+
+    target: float = Field(0.65, gt=0, lt=1, description="MLP-parameter reduction of the pruned student.")
+
+
+class WandaConfig(FlowConfig):
+    """WANDA (unstructured) pruning at given sparsities + the same KD."""
+
+    sparsities: list[float] = Field(default_factory=lambda: [0.5], description="Fraction of each MLP matrix zeroed.")
+    prune: dict[str, Any] = Field(default_factory=dict, description="PruneConfig fields for WANDA (calibration...).")
+
+    @field_validator("sparsities")
+    @classmethod
+    def _sparsities(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < s < 1 for s in v):
+            raise ValueError(f"sparsities={v}: each must be in (0, 1)")
+        return v
+
+    @field_validator("prune")
+    @classmethod
+    def _prune(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_stage(PruneConfig, "prune", v, method="wanda", target_reduction=0.5)
+
+
+class MultiSeedConfig(_Section):
+    """Any other flow over several seeds; reports mean ± std per metric."""
+
+    flow: Literal["dense-kd", "iterative", "cascade", "teacher-swap", "wanda"] = Field("iterative")
+    seeds: list[int] = Field(default_factory=lambda: [42, 123, 456], min_length=1)
+    config: dict[str, Any] = Field(default_factory=dict, description="The inner flow's config (its `seed` is set per run).")
+
+    @model_validator(mode="after")
+    def _inner(self) -> "MultiSeedConfig":
+        cls = FLOW_CONFIGS[self.flow]
+        try:
+            cls(**{**self.config, "seed": self.seeds[0]})
+        except ValidationError as err:
+            raise ValueError(format_validation_error(f"config({self.flow})", err)) from None
+        return self
+
+
+class PaperConfig(IterativeConfig):
+    """The whole programme at one scale: dense-kd, iterative, cascade, teacher-swap, wanda; then one report."""
+
+    cascade_target: float = Field(0.15, gt=0, lt=1)
+    swap_target: float = Field(0.65, gt=0, lt=1)
+    sparsities: list[float] = Field(default_factory=lambda: [0.5])
+
+
+FLOW_CONFIGS: dict[str, type[BaseModel]] = {
+    "dense-kd": DenseKDConfig,
+    "iterative": IterativeConfig,
+    "cascade": CascadeConfig,
+    "teacher-swap": TeacherSwapConfig,
+    "wanda": WandaConfig,
+    "multi-seed": MultiSeedConfig,
+    "paper": PaperConfig,
+}
+
+
+def cache_config_fields(corpus: CorpusSpec) -> dict[str, Any]:
+    """CacheConfig fields for a corpus (the flow sets `out`)."""
+    fields = corpus.model_dump()
+    fields["data"] = corpus.data
+    return fields
+
+
+__all__ = ["FLOW_CONFIGS", "PAPER_TARGETS", "CacheConfig", "cache_config_fields"]

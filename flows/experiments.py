@@ -1,0 +1,395 @@
+"""The paper's experiments as Prefect flows: composition of tasks only (the work is in tasks/ and sparsekd_core).
+
+dense-kd, iterative, cascade, teacher-swap, wanda, multi-seed, paper. Each flow takes its pydantic config
+(flows/configs.py), opens a parent MLflow run with a nested run per arm/round/seed, evaluates every model it
+makes on every eval set of its config, and writes a Markdown report with plots into
+``<workdir>/reports/<flow>-<run>/``. Its return value is a small summary (report path, metrics, what ran).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from sparsekd_core import report as rep
+from tasks.stages import cache_teacher, dense_ref, distill, evaluate, prune
+from tasks.tracking import Tracker, default_tracking_uri
+
+from .configs import (
+    CascadeConfig,
+    DenseKDConfig,
+    FlowConfig,
+    IterativeConfig,
+    MultiSeedConfig,
+    PaperConfig,
+    TeacherSwapConfig,
+    WandaConfig,
+    FLOW_CONFIGS,
+)
+
+
+@dataclass
+class Run:
+    """One flow run's context: where things go, the MLflow parent run, and what every stage did."""
+
+    cfg: FlowConfig
+    flow_name: str
+    tracker: Tracker
+    tracking: dict
+    parent_id: str
+    workdir: str
+    stages: list[dict] = field(default_factory=list)
+    curves: dict[str, list] = field(default_factory=dict)
+
+    # -- stages, recorded -----------------------------------------------------------------------------------------
+    def _record(self, manifest: dict, label: str) -> dict:
+        self.stages.append({"stage": manifest["stage"], "label": label, "cached": manifest["cached"],
+                            "seconds": manifest["seconds"], "key": manifest["key"]})
+        return manifest
+
+    def arm(self, name: str, **tags: Any) -> str:
+        return self.tracker.start_run(name, parent_run_id=self.parent_id,
+                                      tags={"flow": self.flow_name, "model": self.cfg.model, "seed": self.cfg.seed,
+                                            "arm": name, **tags})
+
+    def common(self) -> dict:
+        return dict(workdir=self.workdir, dtype=self.cfg.dtype, device=self.cfg.device, tracking=self.tracking)
+
+    def evaluate(self, model: dict, run_id: str, label: str, prefix: str = "", step: int | None = None) -> dict:
+        m = evaluate(model, [es.model_dump() for es in self.cfg.eval_sets], self.cfg.eval_config().model_dump(),
+                     run_id=run_id, metric_prefix=prefix, step=step, **self.common())
+        self._record(m, f"eval {label}")
+        return {name: r["ppl"] for name, r in m["result"].items()}
+
+    def cache(self, teacher: dict, run_id: str | None, label: str) -> dict:
+        fields = self.cfg.corpus.model_dump()
+        return self._record(cache_teacher(teacher, fields, run_id=run_id, **self.common()), f"cache {label}")
+
+    def distill(self, student: dict, cache: dict, run_id: str, label: str, **overrides: Any) -> dict:
+        m = distill(student, cache, {**self.cfg.distill, **overrides}, self.cfg.seed, run_id=run_id, **self.common())
+        self._record(m, f"distill {label}")
+        curve = m["result"].get("val_history")
+        if isinstance(curve, list):
+            self.curves[label] = [(int(p[0]), float(p[1])) for p in curve]
+        return m
+
+    def prune(self, model: dict, run_id: str, label: str, step: int | None = None, **fields: Any) -> dict:
+        prune_fields = {**getattr(self.cfg, "prune", {}), **fields}
+        return self._record(prune(model, prune_fields, run_id=run_id, step=step, **self.common()), f"prune {label}")
+
+    def end(self, run_id: str) -> None:
+        self.tracker.end_run(run_id)
+
+    # -- report ---------------------------------------------------------------------------------------------------
+    def report_dir(self) -> Path:
+        d = Path(self.workdir).expanduser().resolve() / "reports" / f"{self.flow_name}-{self.parent_id[:8]}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def finish(self, sections: list[str], metrics: dict[str, float], plots: list[Path] = ()) -> dict:
+        d = self.report_dir()
+        if self.curves:
+            rep.plot_recovery(self.curves, d / "recovery.png")
+            plots = [*plots, d / "recovery.png"]
+        ran = sum(not s["cached"] for s in self.stages)
+        header = (f"# {self.flow_name}: {self.cfg.model} (seed {self.cfg.seed})\n\n"
+                  f"Perplexity: {self.cfg.eval_config().protocol} protocol, ctx {self.cfg.eval_config().ctx}, "
+                  f"stride {self.cfg.eval_config().stride}; eval sets: "
+                  + ", ".join(f"`{es.name}` = {es.data}" + (f" (first {es.max_tokens} tokens)" if es.max_tokens else "")
+                              for es in self.cfg.eval_sets)
+                  + f". KD corpus: {self.cfg.corpus.data}, {self.cfg.corpus.num_samples}×{self.cfg.corpus.seq_len} "
+                  f"tokens, top-{self.cfg.corpus.top_k}.\n\n")
+        stages = rep.table(["stage", "cached", "seconds"], [[s["label"], s["cached"], s["seconds"]] for s in self.stages])
+        text = header + "\n".join(sections) + "\n## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n\n" for p in plots) \
+            + f"## Stages ({ran} ran, {len(self.stages) - ran} reused from cache)\n\n" + stages
+        tmp = d / ".report.md.tmp"
+        tmp.write_text(text)
+        tmp.replace(d / "report.md")
+        (d / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (d / "config.json").write_text(self.cfg.model_dump_json(indent=1))
+        self.tracker.log_metrics(self.parent_id, metrics)
+        self.tracker.log_artifact(self.parent_id, d, "report")
+        self.tracker.end_run(self.parent_id)
+        return {"flow": self.flow_name, "report": str(d / "report.md"), "metrics": metrics, "stages": self.stages,
+                "mlflow_run_id": self.parent_id, "tracking_uri": self.tracking["uri"]}
+
+
+def start(cfg: FlowConfig, flow_name: str, parent_run_id: str | None = None) -> Run:
+    workdir = str(Path(cfg.workdir).expanduser().resolve())
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    uri = cfg.tracking_uri or default_tracking_uri(workdir)
+    tracking = {"uri": uri, "experiment": cfg.experiment or f"sparsekd-{flow_name}",
+                "artifact_root": str(Path(workdir) / "mlartifacts")}
+    tracker = Tracker(tracking["uri"], tracking["experiment"], tracking["artifact_root"])
+    tags = {"flow": flow_name, "model": cfg.model, "seed": cfg.seed}
+    try:
+        from prefect.runtime import flow_run
+
+        tags["prefect_flow_run_id"] = flow_run.id
+        if getattr(flow_run, "ui_url", None):
+            tags["prefect_flow_run_url"] = flow_run.ui_url
+    except Exception:  # noqa: BLE001 - not inside a Prefect run
+        pass
+    parent = tracker.start_run(f"{flow_name}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}",
+                               parent_run_id=parent_run_id, tags=tags, params=cfg.model_dump())
+    return Run(cfg, flow_name, tracker, tracking, parent, workdir)
+
+
+def _flat(prefix: str, ppl: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}_{name}": v for name, v in ppl.items()}
+
+
+def _set_names(cfg: FlowConfig) -> list[str]:
+    return [es.name for es in cfg.eval_sets]
+
+
+# ---------------------------------------------------------------------------------------------------------------- flows
+
+
+def _dense_kd_arms(run: Run, ce_control: bool) -> dict:
+    """Dense eval, dense cache, Dense+KD and (optionally) its CE-only twin: shared by several flows."""
+    dense = dense_ref(run.cfg.model)
+    rid = run.arm("dense")
+    dense_ppl = run.evaluate(dense, rid, "dense")
+    run.end(rid)
+    dense_cache = run.cache(dense, None, "dense")
+    rid = run.arm("dense+kd")
+    kd = run.distill(dense, dense_cache, rid, "dense+kd")
+    kd_ppl = run.evaluate(kd["model"], rid, "dense+kd")
+    run.end(rid)
+    out = {"dense": dense, "dense_ppl": dense_ppl, "dense_cache": dense_cache, "kd": kd, "kd_ppl": kd_ppl}
+    if ce_control:
+        rid = run.arm("ce-only")
+        ce = run.distill(dense, dense_cache, rid, "ce-only", alpha=0.0)
+        out.update(ce=ce, ce_ppl=run.evaluate(ce["model"], rid, "ce-only"))
+        run.end(rid)
+    return out
+
+
+def _dense_kd_section(cfg: FlowConfig, arms: dict) -> tuple[str, dict]:
+    names = _set_names(cfg)
+    rows = [["Dense", *[arms["dense_ppl"][n] for n in names], *["—"] * len(names)],
+            ["Dense+KD", *[arms["kd_ppl"][n] for n in names], *[rep.vs(arms["kd_ppl"][n], arms["dense_ppl"][n]) for n in names]]]
+    if "ce_ppl" in arms:
+        rows.append(["CE-only (α=0)", *[arms["ce_ppl"][n] for n in names],
+                     *[rep.vs(arms["ce_ppl"][n], arms["dense_ppl"][n]) for n in names]])
+    kd_res = arms["kd"]["result"]
+    text = ("## Dense+KD vs its CE-only twin\n\nSame corpus, steps and seed; α=0 separates KD from domain "
+            "adaptation.\n\n" + rep.table(["model", *[f"PPL {n}" for n in names], *[f"vs dense {n}" for n in names]], rows)
+            + f"\nKD term first → last: {rep._fmt(kd_res.get('kd_loss_first'), 4)} → {rep._fmt(kd_res.get('kd_loss_last'), 4)}; "
+            f"steps: {kd_res.get('steps')}.\n")
+    metrics = {**_flat("ppl_dense", arms["dense_ppl"]), **_flat("ppl_dense_kd", arms["kd_ppl"])}
+    if "ce_ppl" in arms:
+        metrics.update(_flat("ppl_ce_only", arms["ce_ppl"]))
+    return text, metrics
+
+
+@flow(name="dense-kd")
+def dense_kd_flow(config: DenseKDConfig, parent_run_id: str | None = None) -> dict:
+    run = start(config, "dense-kd", parent_run_id)
+    arms = _dense_kd_arms(run, config.ce_control)
+    text, metrics = _dense_kd_section(config, arms)
+    return run.finish([text], metrics)
+
+
+@flow(name="iterative")
+def iterative_flow(config: IterativeConfig, parent_run_id: str | None = None) -> dict:
+    run = start(config, "iterative", parent_run_id)
+    names = _set_names(config)
+    dense = dense_ref(config.model)
+    rid = run.arm("dense")
+    dense_ppl = run.evaluate(dense, rid, "dense")
+    run.end(rid)
+    teacher_cache = run.cache(dense, None, "dense")
+    current, rounds = dense, []
+    for r, target in enumerate(config.targets, 1):
+        rid = run.arm(f"round-{r}", round=r, target=target)
+        p = run.prune(current, rid, f"R{r}", step=r, target_reduction=target)
+        pre = run.evaluate(p["model"], rid, f"R{r} pre-KD", prefix="pre_kd_", step=r)
+        d = run.distill(p["model"], teacher_cache, rid, f"R{r}")
+        post = run.evaluate(d["model"], rid, f"R{r} post-KD", prefix="post_kd_", step=r)
+        run.tracker.log_metrics(run.parent_id, {**_flat("pre_kd_ppl", pre), **_flat("post_kd_ppl", post)}, step=r)
+        run.end(rid)
+        rounds.append({"round": r, "target": target, "mlp_reduction": p["result"].get("mlp_reduction", target),
+                       "pre": pre, "post": post})
+        current = d["model"]
+        if not config.keep_original_teacher and r < len(config.targets):
+            teacher_cache = run.cache(current, None, f"R{r} post-KD")
+    headers = ["round", "MLP reduction", *[f"pre-KD {n}" for n in names], *[f"post-KD {n}" for n in names],
+               *[f"post vs dense {n}" for n in names]]
+    rows = [[f"R{x['round']}", f"{100 * x['mlp_reduction']:.1f}%", *[x["pre"][n] for n in names],
+             *[x["post"][n] for n in names], *[rep.vs(x["post"][n], dense_ppl[n]) for n in names]] for x in rounds]
+    teacher = "the dense model's cache every round" if config.keep_original_teacher else \
+        "the previous round's recovered model (re-cached each round, as the paper does)"
+    text = (f"## Iterative pruning (Table III)\n\nDense: " + ", ".join(f"{n} {dense_ppl[n]:.2f}" for n in names)
+            + f". Teacher: {teacher}.\n\n" + rep.table(headers, rows))
+    plots = []
+    for n in names:
+        path = run.report_dir() / f"ppl_vs_reduction_{n}.png"
+        rep.plot_ppl_vs_reduction(rounds, n, dense_ppl[n], path)
+        plots.append(path)
+    metrics = _flat("ppl_dense", dense_ppl)
+    for x in rounds:
+        metrics.update(_flat(f"R{x['round']}_pre_kd", x["pre"]))
+        metrics.update(_flat(f"R{x['round']}_post_kd", x["post"]))
+    return run.finish([text], metrics, plots)
+
+
+def _swap_rows(names, student_pre, from_dense, from_kd, dense_ppl):
+    return [["pruned, pre-KD", *[student_pre[n] for n in names], *[rep.vs(student_pre[n], dense_ppl[n]) for n in names]],
+            ["KD from original (dense) teacher", *[from_dense[n] for n in names],
+             *[rep.vs(from_dense[n], dense_ppl[n]) for n in names]],
+            ["KD from KD-improved (Dense+KD) teacher", *[from_kd[n] for n in names],
+             *[rep.vs(from_kd[n], dense_ppl[n]) for n in names]]]
+
+
+@flow(name="cascade")
+def cascade_flow(config: CascadeConfig, parent_run_id: str | None = None) -> dict:
+    """Dense → Dense+KD (+ CE-only twin) → prune the Dense+KD model → Pruned+KD from the Dense+KD cache;
+    teacher swap: the same pruned student distilled from the original dense cache."""
+    run = start(config, "cascade", parent_run_id)
+    names = _set_names(config)
+    arms = _dense_kd_arms(run, config.ce_control)
+    text, metrics = _dense_kd_section(config, arms)
+    kd_cache = run.cache(arms["kd"]["model"], None, "dense+kd")
+    rid = run.arm("pruned", target=config.target)
+    p = run.prune(arms["kd"]["model"], rid, "dense+kd", target_reduction=config.target)
+    pre = run.evaluate(p["model"], rid, "pruned pre-KD")
+    run.end(rid)
+    rid = run.arm("pruned+kd (teacher dense+kd)")
+    pkd = run.evaluate(run.distill(p["model"], kd_cache, rid, "pruned+kd")["model"], rid, "pruned+kd")
+    run.end(rid)
+    metrics.update({**_flat("ppl_pruned_pre_kd", pre), **_flat("ppl_pruned_kd", pkd)})
+    sections = [text]
+    red = p["result"].get("mlp_reduction", config.target)
+    rows = [["Dense", *[arms["dense_ppl"][n] for n in names]], ["Dense+KD", *[arms["kd_ppl"][n] for n in names]],
+            [f"Pruned ({100 * red:.1f}% MLP), pre-KD", *[pre[n] for n in names]],
+            ["Pruned+KD (teacher Dense+KD)", *[pkd[n] for n in names]]]
+    if config.teacher_swap:
+        rid = run.arm("pruned+kd (teacher dense)")
+        swap = run.evaluate(run.distill(p["model"], arms["dense_cache"], rid, "pruned+kd teacher dense")["model"],
+                            rid, "pruned+kd teacher dense")
+        run.end(rid)
+        rows.append(["Pruned+KD (teacher Dense)", *[swap[n] for n in names]])
+        metrics.update(_flat("ppl_pruned_kd_teacher_dense", swap))
+        sections.append("## Teacher swap (Table IV)\n\n" + rep.table(
+            ["student", *[f"PPL {n}" for n in names], *[f"vs dense {n}" for n in names]],
+            _swap_rows(names, pre, swap, pkd, arms["dense_ppl"])))
+    sections.insert(1, "## Cascade: Dense → Dense+KD → Pruned+KD\n\n" + rep.table(["model", *[f"PPL {n}" for n in names]], rows))
+    return run.finish(sections, metrics)
+
+
+@flow(name="teacher-swap")
+def teacher_swap_flow(config: TeacherSwapConfig, parent_run_id: str | None = None) -> dict:
+    run = start(config, "teacher-swap", parent_run_id)
+    names = _set_names(config)
+    arms = _dense_kd_arms(run, ce_control=False)
+    kd_cache = run.cache(arms["kd"]["model"], None, "dense+kd")
+    rid = run.arm("pruned", target=config.target)
+    p = run.prune(arms["dense"], rid, "dense", target_reduction=config.target)
+    pre = run.evaluate(p["model"], rid, "pruned pre-KD")
+    run.end(rid)
+    out = {}
+    for label, cache in (("teacher dense", arms["dense_cache"]), ("teacher dense+kd", kd_cache)):
+        rid = run.arm(f"pruned+kd ({label})")
+        out[label] = run.evaluate(run.distill(p["model"], cache, rid, f"pruned+kd {label}")["model"], rid, label)
+        run.end(rid)
+    text = (f"## Teacher swap (Table IV): one student pruned to {100 * p['result'].get('mlp_reduction', config.target):.1f}% "
+            "MLP reduction\n\n" + rep.table(["student", *[f"PPL {n}" for n in names], *[f"vs dense {n}" for n in names]],
+                                             _swap_rows(names, pre, out["teacher dense"], out["teacher dense+kd"],
+                                                        arms["dense_ppl"])))
+    metrics = {**_flat("ppl_dense", arms["dense_ppl"]), **_flat("ppl_pruned_pre_kd", pre),
+               **_flat("ppl_kd_teacher_dense", out["teacher dense"]),
+               **_flat("ppl_kd_teacher_dense_kd", out["teacher dense+kd"])}
+    return run.finish([text], metrics)
+
+
+@flow(name="wanda")
+def wanda_flow(config: WandaConfig, parent_run_id: str | None = None) -> dict:
+    run = start(config, "wanda", parent_run_id)
+    names = _set_names(config)
+    dense = dense_ref(config.model)
+    rid = run.arm("dense")
+    dense_ppl = run.evaluate(dense, rid, "dense")
+    run.end(rid)
+    dense_cache = run.cache(dense, None, "dense")
+    rows, metrics = [], _flat("ppl_dense", dense_ppl)
+    for s in config.sparsities:
+        rid = run.arm(f"wanda-{s}", sparsity=s)
+        p = run.prune(dense, rid, f"wanda {s}", method="wanda", target_reduction=s)
+        pre = run.evaluate(p["model"], rid, f"wanda {s} pre-KD", prefix="pre_kd_")
+        post = run.evaluate(run.distill(p["model"], dense_cache, rid, f"wanda {s}")["model"], rid,
+                            f"wanda {s} post-KD", prefix="post_kd_")
+        run.end(rid)
+        rows.append([f"{100 * s:.0f}%", *[pre[n] for n in names], *[post[n] for n in names],
+                     *[rep.vs(post[n], dense_ppl[n]) for n in names]])
+        metrics.update({**_flat(f"wanda{s}_pre_kd", pre), **_flat(f"wanda{s}_post_kd", post)})
+    text = ("## WANDA + KD (Table V)\n\nUnstructured: zeros are stored densely, so no speed or size gain without "
+            "sparse kernels.\n\n" + rep.table(["sparsity", *[f"pre-KD {n}" for n in names],
+                                               *[f"post-KD {n}" for n in names], *[f"post vs dense {n}" for n in names]], rows))
+    return run.finish([text], metrics)
+
+
+FLOWS = {"dense-kd": dense_kd_flow, "iterative": iterative_flow, "cascade": cascade_flow,
+         "teacher-swap": teacher_swap_flow, "wanda": wanda_flow}
+
+
+@flow(name="multi-seed")
+def multi_seed_flow(config: MultiSeedConfig) -> dict:
+    """The inner flow once per seed (as subflows, one after another here; one deployment run per seed on a
+    work pool), then mean ± std of every metric."""
+    cls = FLOW_CONFIGS[config.flow]
+    base = cls(**{**config.config, "seed": config.seeds[0]})
+    run = start(base, "multi-seed")
+    per_seed = {}
+    for seed in config.seeds:
+        # Nested runs must live in the parent's experiment to show under it in MLflow.
+        inner = cls(**{**config.config, "seed": seed, "experiment": run.tracking["experiment"]})
+        per_seed[seed] = FLOWS[config.flow](inner, parent_run_id=run.parent_id)
+        run.stages += [{**s, "label": f"seed {seed}: {s['label']}"} for s in per_seed[seed]["stages"]]
+    keys = sorted(set().union(*(r["metrics"] for r in per_seed.values())))
+    rows, metrics = [], {}
+    for k in keys:
+        values = [per_seed[s]["metrics"].get(k) for s in config.seeds]
+        mean, std = rep.mean_std(values)
+        metrics[f"{k}_mean"], metrics[f"{k}_std"] = mean, std
+        rows.append([k, *values, f"{mean:.2f} ± {std:.2f}"])
+    text = (f"## {config.flow} over seeds {config.seeds} (mean ± std)\n\n"
+            + rep.table(["metric", *[f"seed {s}" for s in config.seeds], "mean ± std"], rows)
+            + "\nPer-seed reports: " + ", ".join(f"[{s}]({per_seed[s]['report']})" for s in config.seeds) + "\n")
+    return run.finish([text], metrics)
+
+
+@flow(name="paper")
+def paper_flow(config: PaperConfig) -> dict:
+    """Everything at one scale; shared stages (dense eval, caches, Dense+KD) are computed once and reused."""
+    common = config.model_dump(exclude={"targets", "keep_original_teacher", "cascade_target", "swap_target",
+                                        "sparsities", "prune"})
+    run = start(config, "paper")
+    common["experiment"] = run.tracking["experiment"]  # nested runs live in the parent's experiment
+    parts = {
+        "dense-kd": dense_kd_flow(DenseKDConfig(**common), parent_run_id=run.parent_id),
+        "iterative": iterative_flow(IterativeConfig(**common, prune=config.prune, targets=config.targets,
+                                                    keep_original_teacher=config.keep_original_teacher),
+                                    parent_run_id=run.parent_id),
+        "cascade": cascade_flow(CascadeConfig(**common, prune=config.prune, target=config.cascade_target),
+                                parent_run_id=run.parent_id),
+        "teacher-swap": teacher_swap_flow(TeacherSwapConfig(**common, prune=config.prune, target=config.swap_target),
+                                          parent_run_id=run.parent_id),
+        "wanda": wanda_flow(WandaConfig(**common, sparsities=config.sparsities), parent_run_id=run.parent_id),
+    }
+    metrics, sections = {}, []
+    for name, res in parts.items():
+        metrics.update({f"{name}.{k}": v for k, v in res["metrics"].items()})
+        body = Path(res["report"]).read_text().split("\n## Plots")[0].split("\n", 2)[-1]
+        sections.append(f"# {name}\n\n{body}\n(full report: {res['report']})\n")
+        run.stages += [{**s, "label": f"{name}: {s['label']}"} for s in res["stages"]]
+    return run.finish(sections, metrics)
+
+
+ALL_FLOWS = {**FLOWS, "multi-seed": multi_seed_flow, "paper": paper_flow}

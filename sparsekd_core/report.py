@@ -1,0 +1,84 @@
+"""Markdown tables and PNG plots of experiment results (the paper's Tables III–V and its figures).
+
+A leaf: plain data in, text/PNG out. Rows are dicts; every perplexity printed here was measured by
+``sparsekd_core.eval`` — nothing is estimated or filled in. Missing values print as "—".
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}" if abs(value) < 1e5 else f"{value:.3g}"
+    return str(value)
+
+
+def table(headers: list[str], rows: Iterable[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def vs(value: float | None, reference: float | None) -> str:
+    """Relative change in percent, e.g. '-12.3%' (negative = better perplexity)."""
+    if value is None or reference is None or reference == 0:
+        return "—"
+    return f"{100.0 * (value - reference) / reference:+.1f}%"
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    clean = [v for v in values if v is not None and math.isfinite(v)]
+    if not clean:
+        return float("nan"), float("nan")
+    return statistics.fmean(clean), (statistics.stdev(clean) if len(clean) > 1 else 0.0)
+
+
+def plot_ppl_vs_reduction(rounds: list[dict], eval_name: str, dense_ppl: float | None, path: str | Path) -> None:
+    """Pre-KD and post-KD perplexity vs MLP reduction, log scale, dense as a horizontal line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [100 * r["mlp_reduction"] for r in rounds]
+    ax.plot(xs, [r["pre"].get(eval_name) for r in rounds], "o--", label="pre-KD")
+    ax.plot(xs, [r["post"].get(eval_name) for r in rounds], "o-", label="post-KD")
+    if dense_ppl is not None:
+        ax.axhline(dense_ppl, color="grey", lw=0.8, label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("MLP parameter reduction (%)")
+    ax.set_ylabel(f"perplexity ({eval_name})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_recovery(curves: dict[str, list[tuple[int, float]]], path: str | Path) -> None:
+    """Validation perplexity over KD steps, one line per arm/round."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel("validation perplexity")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,214 @@
+"""Prefect tasks, one per stage: thin wrappers that call sparsekd_core, persist, log to MLflow.
+
+Each task returns a small JSON-able manifest (``tasks.store``): where its output is, its fingerprint (``key``),
+its result metrics and whether it was ``cached``. Models travel between tasks as a ``ModelRef`` dict
+``{"spec": <what load_model takes>, "fingerprint": <key of the stage that made it, or the dense spec>}``.
+Caching is by content (``tasks.store.run_stage``), not by Prefect's run-scoped cache: a rerun of a finished flow
+recomputes nothing, a rerun after a crash redoes only what is missing (resumable stages resume in place).
+Transient errors (I/O, connection) are retried with exponential backoff; configuration errors never are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from sparsekd_core.config import ConfigError
+
+from .store import run_stage
+from .tracking import Tracker
+
+ModelRef = dict[str, str]
+
+
+def dense_ref(spec: str) -> ModelRef:
+    return {"spec": spec, "fingerprint": f"model:{spec}"}
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry only errors that may pass by themselves (I/O, network); never bad input or a diverged run."""
+    from sparsekd_core.data import DataQualityError, DataUnavailableError
+    from sparsekd_core.models import ModelLoadError
+
+    try:
+        state.result()
+    except (ConfigError, DataQualityError, DataUnavailableError, ModelLoadError, ValueError, FloatingPointError):
+        return False
+    except (OSError, ConnectionError, TimeoutError):
+        return True
+    except Exception:  # noqa: BLE001 - anything else: not known to be transient
+        return False
+    return False
+
+
+STAGE_TASK = dict(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5),
+                  retry_condition_fn=_transient, persist_result=False)
+
+
+def _logger():
+    try:
+        return get_run_logger().info
+    except Exception:  # noqa: BLE001 - outside a run (direct call in a test)
+        return print
+
+
+def _load(ref: ModelRef, dtype: str, device: str):
+    from sparsekd_core.config import ModelConfig
+    from sparsekd_core.models import load_model
+
+    return load_model(ModelConfig(model=ref["spec"], dtype=dtype, device=device), log=_logger())
+
+
+def _track(tracking: dict | None, run_id: str | None, metrics: dict[str, Any], step: int | None = None,
+           artifacts: list[str] = ()) -> None:
+    if not tracking or not run_id:
+        return
+    tracker = Tracker(tracking["uri"], tracking["experiment"], tracking.get("artifact_root"))
+    tracker.log_metrics(run_id, metrics, step=step)
+    for path in artifacts:
+        if Path(path).exists():
+            tracker.log_artifact(run_id, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------- eval
+
+
+@task(name="evaluate", **STAGE_TASK)
+def evaluate(model: ModelRef, eval_sets: list[dict], eval_cfg: dict, workdir: str, dtype: str = "auto",
+             device: str = "auto", tracking: dict | None = None, run_id: str | None = None,
+             metric_prefix: str = "", step: int | None = None) -> dict:
+    """Perplexity of one model on every eval set; result {set name: {ppl, nll, tokens, ...}}."""
+    from sparsekd_core.config import EvalConfig
+    from sparsekd_core.data import load_text
+    from sparsekd_core.eval import perplexity, tokenize_text
+
+    def produce(directory: Path) -> dict:
+        loaded = _load(model, dtype, device)
+        cfg = EvalConfig(**eval_cfg)
+        out = {}
+        for es in eval_sets:
+            ids = tokenize_text(loaded.tokenizer, load_text(es["data"]), es.get("max_tokens"))
+            out[es["name"]] = {**perplexity(loaded.model, ids, cfg).as_dict(), "data": es["data"]}
+            _logger()(f"eval {es['name']}: ppl {out[es['name']]['ppl']:.3f}")
+        (directory / "metrics.json").write_text(json.dumps(out, indent=1))
+        return out
+
+    manifest = run_stage(workdir, "eval", {"sets": eval_sets, "eval": eval_cfg, "dtype": dtype},
+                         {"model": model["fingerprint"]}, produce, log=_logger())
+    _track(tracking, run_id, {f"{metric_prefix}ppl_{name}": r["ppl"] for name, r in manifest["result"].items()}, step)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------- cache
+
+
+@task(name="cache-teacher", **STAGE_TASK)
+def cache_teacher(teacher: ModelRef, cache_fields: dict, workdir: str, dtype: str = "auto", device: str = "auto",
+                  tracking: dict | None = None, run_id: str | None = None) -> dict:
+    """The teacher's top-k distribution over the KD corpus, as a Zarr store (resumes a crashed run in place)."""
+    from sparsekd_core.cache import run_cache
+    from sparsekd_core.config import CacheConfig
+
+    def produce(directory: Path) -> dict:
+        cfg = CacheConfig(**cache_fields, out=str(directory / "teacher.zarr"))
+        return run_cache(_load(teacher, dtype, device), cfg, log=_logger()).as_dict()
+
+    manifest = run_stage(workdir, "cache", {"cache": cache_fields, "dtype": dtype}, {"teacher": teacher["fingerprint"]},
+                         produce, log=_logger())
+    _track(tracking, run_id, {f"cache_{k}": v for k, v in manifest["result"].items()
+                              if k in ("bytes_per_token", "tokens_per_s", "seconds", "tokens")})
+    return {**manifest, "cache_path": str(Path(manifest["path"]) / "teacher.zarr")}
+
+
+# ---------------------------------------------------------------------------------------------------------------- prune
+
+
+@task(name="prune", **STAGE_TASK)
+def prune(model: ModelRef, prune_fields: dict, workdir: str, dtype: str = "auto", device: str = "auto",
+          tracking: dict | None = None, run_id: str | None = None, step: int | None = None) -> dict:
+    """One pruning round of `model` (SVD or WANDA); the compressed checkpoint is in <stage dir>/model."""
+    from sparsekd_core.config import PruneConfig
+    from sparsekd_core.prune import prune_model, save_compressed
+
+    def produce(directory: Path) -> dict:
+        loaded = _load(model, dtype, device)
+        report = prune_model(loaded.model, loaded.tokenizer, PruneConfig(**prune_fields), parent=model["spec"],
+                             log=_logger())
+        save_compressed(loaded.model, loaded.tokenizer, directory / "model")
+        summary = report.summary()
+        (directory / "layers.json").write_text(json.dumps(summary.get("layers", []), indent=1))
+        return {k: v for k, v in summary.items() if k != "layers"}
+
+    manifest = run_stage(workdir, "prune", {"prune": prune_fields, "dtype": dtype}, {"model": model["fingerprint"]},
+                         produce, log=_logger())
+    _track(tracking, run_id, {k: manifest["result"][k] for k in ("mlp_reduction", "mlp_params_after",
+                              "total_params_after", "seconds") if k in manifest["result"]}, step,
+           artifacts=[str(Path(manifest["path"]) / "layers.json")])
+    manifest["model"] = {"spec": str(Path(manifest["path"]) / "model"), "fingerprint": manifest["key"]}
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------- distill
+
+
+@task(name="distill", **STAGE_TASK)
+def distill(student: ModelRef, cache: dict, distill_fields: dict, seed: int, workdir: str, dtype: str = "auto",
+            device: str = "auto", tracking: dict | None = None, run_id: str | None = None) -> dict:
+    """Train `student` on a teacher cache (KD, or CE-only with alpha=0); resumes from its last checkpoint."""
+    from sparsekd_core.config import DistillConfig
+    from sparsekd_core.distill import distill as run_distill
+
+    def produce(directory: Path) -> dict:
+        cfg = DistillConfig(**distill_fields, seed=seed, cache=cache["cache_path"], out=str(directory / "student"))
+        loaded = _load(student, dtype, device)
+        result = run_distill(cfg, loaded.model, loaded.tokenizer, student_spec=student["spec"], log=_logger())
+        return {**result.as_dict(), "student": str(directory / "student")}
+
+    manifest = run_stage(workdir, "distill", {"distill": distill_fields, "seed": seed, "dtype": dtype},
+                         {"student": student["fingerprint"], "teacher_cache": cache["key"]}, produce, log=_logger())
+    result = manifest["result"]
+    if tracking and run_id:
+        tracker = Tracker(tracking["uri"], tracking["experiment"], tracking.get("artifact_root"))
+        tracker.log_metrics(run_id, {k: v for k, v in result.items() if isinstance(v, (int, float))})
+        tracker.log_curve(run_id, "val_ppl", [(p[0], p[1]) for p in result.get("val_history", [])])
+    manifest["model"] = {"spec": result["student"], "fingerprint": manifest["key"]}
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------- profile
+
+
+@task(name="profile", **STAGE_TASK)
+def profile(models: list[ModelRef], profile_fields: dict, workdir: str, dtype: str = "auto", device: str = "auto",
+            tracking: dict | None = None, run_id: str | None = None) -> dict:
+    """TTFT/TPOT/memory/breakdown of several models side by side; profile.json, profile.md, speedup.png."""
+    from sparsekd_core.config import ProfileConfig
+    from sparsekd_core.profile import add_speedups, markdown_table, profile_model, speedup_plot
+
+    def produce(directory: Path) -> dict:
+        cfg = ProfileConfig(**profile_fields)
+        results = []
+        for ref in models:
+            results += profile_model(ref["spec"], _load(ref, dtype, device).model, cfg)
+        add_speedups(results)
+        (directory / "profile.json").write_text(json.dumps({"results": results}, indent=1))
+        (directory / "profile.md").write_text(markdown_table(results))
+        speedup_plot(results, directory / "speedup.png")
+        return {"results": results}
+
+    # Timings are measurements of this machine: keyed by the models and settings, reused like other stages.
+    manifest = run_stage(workdir, "profile", {"profile": profile_fields, "dtype": dtype, "device": device},
+                         {"models": ",".join(m["fingerprint"] for m in models)}, produce, log=_logger())
+    if tracking and run_id:
+        tracker = Tracker(tracking["uri"], tracking["experiment"], tracking.get("artifact_root"))
+        for r in manifest["result"]["results"]:
+            tag = f"{Path(r['model']).name}_b{r['batch_size']}_s{r['seq_len']}"
+            tracker.log_metrics(run_id, {f"{tag}_{k}": r[k] for k in ("ttft_ms", "tpot_ms", "speedup", "amdahl_bound")})
+        for name in ("profile.json", "profile.md", "speedup.png"):
+            tracker.log_artifact(run_id, Path(manifest["path"]) / name)
+    return manifest

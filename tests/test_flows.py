@@ -1,0 +1,147 @@
+"""The experiment flows on a tiny model and corpus, under one session-wide Prefect test server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_model, make_tokenizer
+from sparsekd.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flows")
+    tok = make_tokenizer()
+    model = make_model("llama", len(tok))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    docs = [" ".join(words[(i * 7 + j * 3) % len(words)] + str((i + j) % 17) for j in range(40)) for i in range(60)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (root / "eval.txt").write_text("\n\n".join(docs[:10]))
+    return root
+
+
+def flow_values(root, workdir, **extra):
+    values = {
+        "model": str(root / "model"),
+        "workdir": str(workdir),
+        "corpus": {"data": str(root / "corpus.jsonl"), "num_samples": 8, "seq_len": 32, "top_k": 8},
+        "distill": {"max_steps": 4, "batch_size": 2, "eval_every": 2, "checkpoint_every": 2, "lr": 1e-3,
+                    "val_tokens": 256, "val_ctx": 64},
+        "eval": {"ctx": 32, "stride": 16},
+        "eval_sets": [{"name": "text", "data": str(root / "eval.txt"), "max_tokens": 200}],
+    }
+    values.update(extra)
+    return values
+
+
+PRUNE = {"calibration_samples": 2, "calibration_seq_len": 32}
+
+
+def run_flow(name, values):
+    from flows.configs import FLOW_CONFIGS
+    from flows.experiments import ALL_FLOWS
+
+    return ALL_FLOWS[name](FLOW_CONFIGS[name](**values))
+
+
+def mlflow_runs(summary):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(summary["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return client, parent, children
+
+
+def test_cascade_completes_tracks_and_reuses_cache(prefect_server, tiny_setup, tmp_path):
+    values = flow_values(tiny_setup, tmp_path / "w", target=0.3, prune=PRUNE)
+    first = run_flow("cascade", values)
+    labels = [s["label"] for s in first["stages"]]
+    assert "distill dense+kd" in labels and "distill ce-only" in labels and "distill pruned+kd" in labels
+    assert "distill pruned+kd teacher dense" in labels and not any(s["cached"] for s in first["stages"])
+    for key in ("ppl_dense_text", "ppl_dense_kd_text", "ppl_ce_only_text", "ppl_pruned_pre_kd_text",
+                "ppl_pruned_kd_text", "ppl_pruned_kd_teacher_dense_text"):
+        assert first["metrics"][key] > 1
+    report = open(first["report"]).read()
+    assert "Teacher swap" in report and "CE-only" in report and "recovery.png" in report
+
+    client, parent, children = mlflow_runs(first)
+    assert parent.data.metrics["ppl_pruned_kd_text"] == pytest.approx(first["metrics"]["ppl_pruned_kd_text"])
+    assert parent.data.params["corpus.num_samples"] == "8"
+    assert parent.data.tags["flow"] == "cascade" and parent.data.tags.get("prefect_flow_run_id")
+    arms = {r.data.tags["arm"]: r for r in children}
+    assert {"dense", "dense+kd", "ce-only", "pruned", "pruned+kd (teacher dense+kd)", "pruned+kd (teacher dense)"} <= set(arms)
+    assert "ppl_text" in arms["dense+kd"].data.metrics and "kd_loss_first" in arms["dense+kd"].data.metrics
+    assert "mlp_reduction" in arms["pruned"].data.metrics
+    assert len(client.get_metric_history(arms["dense+kd"].info.run_id, "val_ppl")) >= 2
+    artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+    assert "report/report.md" in artifacts
+
+    second = run_flow("cascade", values)  # nothing is recomputed
+    assert all(s["cached"] for s in second["stages"]), [s for s in second["stages"] if not s["cached"]]
+    assert second["metrics"] == first["metrics"]
+
+
+def test_killed_flow_resumes_with_the_same_metrics(prefect_server, tiny_setup, tmp_path, monkeypatch):
+    import sparsekd_core.prune as prune_pkg
+
+    values = flow_values(tiny_setup, tmp_path / "a", prune=PRUNE, targets=[0.2, 0.4])
+    reference = run_flow("iterative", values)
+
+    crash_values = {**values, "workdir": str(tmp_path / "b")}
+    real = prune_pkg.prune_model
+    calls = {"n": 0}
+
+    def crash_in_round_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash in round 2")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prune_pkg, "prune_model", crash_in_round_2)
+    with pytest.raises(Exception, match="simulated crash"):
+        run_flow("iterative", crash_values)
+    monkeypatch.setattr(prune_pkg, "prune_model", real)
+    resumed = run_flow("iterative", crash_values)
+    cached = {s["label"]: s["cached"] for s in resumed["stages"]}
+    assert cached["prune R1"] and cached["distill R1"] and not cached["prune R2"]
+    for key, value in reference["metrics"].items():
+        assert resumed["metrics"][key] == pytest.approx(value, rel=1e-5), key
+    report = open(resumed["report"]).read()
+    assert "R2" in report and "ppl_vs_reduction_text.png" in report
+
+
+def test_wanda_and_multi_seed(prefect_server, tiny_setup, tmp_path):
+    w = run_flow("wanda", flow_values(tiny_setup, tmp_path / "w", sparsities=[0.5], prune=PRUNE))
+    assert w["metrics"]["wanda0.5_post_kd_text"] > 1 and "Table V" in open(w["report"]).read()
+    m = run_flow("multi-seed", {"flow": "dense-kd", "seeds": [1, 2],
+                                "config": flow_values(tiny_setup, tmp_path / "m")})
+    assert "ppl_dense_kd_text_mean" in m["metrics"] and m["metrics"]["ppl_dense_text_std"] == 0.0
+    _, _, children = mlflow_runs(m)
+    assert len(children) == 2  # one nested flow run per seed
+
+
+def test_bad_flow_config_fails_before_any_work(tiny_setup, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: {tiny_setup / 'model'}\nworkdir: {tmp_path / 'never'}\ndistill: {{lr: -1}}\ntargets: [0.5, 0.2]\n")
+    capsys.readouterr()
+    assert main(["run", "iterative", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "distill.lr=-1" in err and "targets" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "never").exists()
+    assert main(["run", "no-such-flow"]) == 2
