@@ -4,6 +4,7 @@
 
 Bare forward = the model's forward (logits included) over the same sequences in the same batches, nothing else.
 Cache = sparsekd_core.cache.write_cache (forward + top-k + tail + fp16/uint16 conversion + compressed Zarr writes).
+On a shared machine other jobs distort single runs; compare the best of each (printed last).
 The two are run alternately (bare, cache, bare, cache) and the best of each is compared.
 """
 
