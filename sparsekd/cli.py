@@ -163,7 +163,8 @@ def add_prune_parser(sub) -> None:
                    help="fraction of the dense model's MLP parameters removed (cumulative), e.g. 0.15; a list "
                         "0.15,0.35 runs successive rounds; 'paper' = the paper's 8 rounds")
     p.add_argument("--energy", type=float, metavar="TAU", help="svd: spectral energy kept per matrix, e.g. 0.97")
-    p.add_argument("--schedule", help="tiered (default) | uniform: how the reduction is spread over layers")
+    p.add_argument("--schedule", help="tiered (default) | uniform | energy (one energy threshold for all): how "
+                                      "the reduction is spread over matrices")
     p.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=None,
                    help="activation-aware (whitened) SVD; default on when calibration data is given")
     p.add_argument("--calibration", help="calibration source (default wikitext2:train; 'none' = plain SVD)")
