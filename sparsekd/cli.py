@@ -492,7 +492,12 @@ def add_demo_parser(sub) -> None:
 
 
 def _run_flow(flow_name: str, values: dict, as_json: bool) -> int:
+    import os
+
     from pydantic import ValidationError
+
+    # The temporary local server otherwise tries to send telemetry (and logs an error when offline).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     from flows.configs import FLOW_CONFIGS
     from sparsekd_core.config import format_validation_error
