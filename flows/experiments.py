@@ -73,6 +73,7 @@ class Run:
     def distill(self, student: dict, cache: dict, run_id: str, label: str, **overrides: Any) -> dict:
         m = distill(student, cache, {**self.cfg.distill, **overrides}, self.cfg.seed, run_id=run_id, **self.common())
         self._record(m, f"distill {label}")
+        self._log_model(m, run_id)
         curve = m["result"].get("val_history")
         if isinstance(curve, list):
             self.curves[label] = [(int(p[0]), float(p[1])) for p in curve]
@@ -80,7 +81,14 @@ class Run:
 
     def prune(self, model: dict, run_id: str, label: str, step: int | None = None, **fields: Any) -> dict:
         prune_fields = {**getattr(self.cfg, "prune", {}), **fields}
-        return self._record(prune(model, prune_fields, run_id=run_id, step=step, **self.common()), f"prune {label}")
+        m = self._record(prune(model, prune_fields, run_id=run_id, step=step, **self.common()), f"prune {label}")
+        self._log_model(m, run_id)
+        return m
+
+    def _log_model(self, manifest: dict, run_id: str) -> None:
+        """With `log_models: true`, the checkpoint goes to MLflow as artifacts (off by default: hundreds of MB)."""
+        if self.cfg.log_models and run_id:
+            self.tracker.log_artifact(run_id, manifest["model"]["spec"], "model")
 
     def end(self, run_id: str) -> None:
         self.tracker.end_run(run_id)

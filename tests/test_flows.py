@@ -127,8 +127,11 @@ def test_killed_flow_resumes_with_the_same_metrics(prefect_server, tiny_setup, t
 
 
 def test_wanda_and_multi_seed(prefect_server, tiny_setup, tmp_path):
-    w = run_flow("wanda", flow_values(tiny_setup, tmp_path / "w", sparsities=[0.5], prune=PRUNE))
+    w = run_flow("wanda", flow_values(tiny_setup, tmp_path / "w", sparsities=[0.5], prune=PRUNE, log_models=True))
     assert w["metrics"]["wanda0.5_post_kd_text"] > 1 and "Table V" in open(w["report"]).read()
+    client, _, children = mlflow_runs(w)
+    arm = next(r for r in children if r.data.tags["arm"] == "wanda-0.5")
+    assert any(a.path == "model/config.json" for a in client.list_artifacts(arm.info.run_id, "model"))
     m = run_flow("multi-seed", {"flow": "dense-kd", "seeds": [1, 2],
                                 "config": flow_values(tiny_setup, tmp_path / "m")})
     assert "ppl_dense_kd_text_mean" in m["metrics"] and m["metrics"]["ppl_dense_text_std"] == 0.0
