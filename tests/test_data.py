@@ -142,8 +142,8 @@ def test_offline_named_sources_and_file_formats(tmp_path):
     assert len(c4_train) == 900 and len(c4_heldout) == 100 and not set(c4_train) & set(c4_heldout)
     stdlib = load_documents("python:stdlib")
     assert len(stdlib) > 100
-    pq = pytest.importorskip("pyarrow.parquet")  # pyarrow is in the lock; the skip only guards a broken install
-    import pyarrow as pa
+    import pyarrow as pa  # pinned in requirements.lock
+    import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["first document text here", "second document text here"]}), tmp_path / "d.parquet")
     assert load_documents(str(tmp_path / "d.parquet")) == ["first document text here", "second document text here"]
