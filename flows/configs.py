@@ -5,6 +5,7 @@ stage configs of sparsekd_core, so a bad value fails before any work starts.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -57,6 +58,9 @@ class EvalSet(_Section):
         return check_data_spec(v)
 
 
+STORAGE_ROOT_ENV = "SPARSEKD_STORAGE_ROOT"
+
+
 def _default_eval_sets() -> list[EvalSet]:
     # In-domain (WikiText-2 test, never trained on) and out-of-domain held-out C4 (disjoint from the KD corpus).
     return [EvalSet(name="wikitext2", data="wikitext2:test", max_tokens=8192),
@@ -77,7 +81,9 @@ class FlowConfig(_Section):
     model: str = Field("smollm2-135m", description="Dense model: alias, hub id, local directory or .gguf file.")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
-    workdir: str = Field("runs", description="Storage root for caches, checkpoints, reports (path or mounted share).")
+    workdir: str = Field(default_factory=lambda: os.environ.get(STORAGE_ROOT_ENV) or "runs",
+                         description="Storage root for caches, checkpoints, reports: a path every worker sees "
+                                     "(a shared volume). Default: $SPARSEKD_STORAGE_ROOT, else ./runs.")
     tracking_uri: str | None = Field(None, description="MLflow URI; default $MLFLOW_TRACKING_URI or sqlite in workdir.")
     experiment: str | None = Field(None, description="MLflow experiment name (default: sparsekd-<flow>).")
     seed: int = Field(42, ge=0, description="Distillation seed.")
@@ -183,6 +189,14 @@ class MultiSeedConfig(_Section):
     flow: Literal["dense-kd", "iterative", "cascade", "teacher-swap", "wanda"] = Field("iterative")
     seeds: list[int] = Field(default_factory=lambda: [42, 123, 456], min_length=1)
     config: dict[str, Any] = Field(default_factory=dict, description="The inner flow's config (its `seed` is set per run).")
+    fan_out: Literal["subflows", "deployments"] = Field(
+        "subflows", description="subflows: seeds run one after another in this flow run; deployments: one run of "
+                                "the inner flow's deployment per seed, on the work pool, so several GPU workers "
+                                "share the seeds.")
+    deployment: str = Field("gpu", description="With fan_out=deployments: the inner flow's deployment name "
+                                                 "(runs go to '<flow>/<deployment>').")
+    wait_timeout_s: float = Field(7 * 24 * 3600, gt=0, description="With fan_out=deployments: give up waiting "
+                                                                     "for the seeds' runs after this long.")
 
     @model_validator(mode="after")
     def _inner(self) -> "MultiSeedConfig":

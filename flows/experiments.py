@@ -121,6 +121,8 @@ class Run:
         (d / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (d / "config.json").write_text(self.cfg.model_dump_json(indent=1))
         self.tracker.log_metrics(self.parent_id, metrics)
+        self.tracker.set_tags(self.parent_id, {"sparsekd.report": d / "report.md", "sparsekd.stages_ran": ran,
+                                               "sparsekd.stages_cached": len(self.stages) - ran})
         self.tracker.log_artifact(self.parent_id, d, "report")
         self.tracker.end_run(self.parent_id)
         return {"flow": self.flow_name, "report": str(d / "report.md"), "metrics": metrics, "stages": self.stages,
@@ -131,8 +133,11 @@ def start(cfg: FlowConfig, flow_name: str, parent_run_id: str | None = None) -> 
     workdir = str(Path(cfg.workdir).expanduser().resolve())
     Path(workdir).mkdir(parents=True, exist_ok=True)
     uri = cfg.tracking_uri or default_tracking_uri(workdir)
+    # A local store keeps artifacts beside it in the workdir; a tracking server decides where they go
+    # (`mlflow server --artifacts-destination ...`, proxied to every client).
+    remote = uri.split(":", 1)[0] in ("http", "https", "databricks")
     tracking = {"uri": uri, "experiment": cfg.experiment or f"sparsekd-{flow_name}",
-                "artifact_root": str(Path(workdir) / "mlartifacts")}
+                "artifact_root": None if remote else str(Path(workdir) / "mlartifacts")}
     tracker = Tracker(tracking["uri"], tracking["experiment"], tracking["artifact_root"])
     tags = {"flow": flow_name, "model": cfg.model, "seed": cfg.seed}
     try:
@@ -349,17 +354,21 @@ FLOWS = {"dense-kd": dense_kd_flow, "iterative": iterative_flow, "cascade": casc
 
 @flow(name="multi-seed")
 def multi_seed_flow(config: MultiSeedConfig) -> dict:
-    """The inner flow once per seed (as subflows, one after another here; one deployment run per seed on a
-    work pool), then mean ± std of every metric."""
+    """The inner flow once per seed, then mean ± std of every metric. ``fan_out: subflows`` runs the seeds one
+    after another inside this run; ``fan_out: deployments`` submits one run of the inner flow's deployment per
+    seed to the work pool (so several GPU workers share them), waits, and reads their metrics from MLflow."""
     cls = FLOW_CONFIGS[config.flow]
     base = cls(**{**config.config, "seed": config.seeds[0]})
     run = start(base, "multi-seed")
-    per_seed = {}
+    # Nested runs must live in the parent's experiment to show under it in MLflow.
+    inner = {seed: cls(**{**config.config, "seed": seed, "experiment": run.tracking["experiment"]})
+             for seed in config.seeds}
+    if config.fan_out == "deployments":
+        per_seed = _seeds_on_pool(run, config, inner)
+    else:
+        per_seed = {seed: FLOWS[config.flow](inner[seed], parent_run_id=run.parent_id) for seed in config.seeds}
     for seed in config.seeds:
-        # Nested runs must live in the parent's experiment to show under it in MLflow.
-        inner = cls(**{**config.config, "seed": seed, "experiment": run.tracking["experiment"]})
-        per_seed[seed] = FLOWS[config.flow](inner, parent_run_id=run.parent_id)
-        run.stages += [{**s, "label": f"seed {seed}: {s['label']}"} for s in per_seed[seed]["stages"]]
+        run.stages += [{**s, "label": f"seed {seed}: {s['label']}"} for s in per_seed[seed].get("stages", [])]
     keys = sorted(set().union(*(r["metrics"] for r in per_seed.values())))
     rows, metrics = [], {}
     for k in keys:
@@ -367,10 +376,72 @@ def multi_seed_flow(config: MultiSeedConfig) -> dict:
         mean, std = rep.mean_std(values)
         metrics[f"{k}_mean"], metrics[f"{k}_std"] = mean, std
         rows.append([k, *values, f"{mean:.2f} ± {std:.2f}"])
-    text = (f"## {config.flow} over seeds {config.seeds} (mean ± std)\n\n"
+    where = ("one deployment run per seed on the work pool: "
+             + ", ".join(f"seed {s} = flow run {per_seed[s]['flow_run_id']}" for s in config.seeds)
+             if config.fan_out == "deployments" else "subflows of this run")
+    text = (f"## {config.flow} over seeds {config.seeds} (mean ± std)\n\nSeeds ran as {where}.\n\n"
             + rep.table(["metric", *[f"seed {s}" for s in config.seeds], "mean ± std"], rows)
             + "\nPer-seed reports: " + ", ".join(f"[{s}]({per_seed[s]['report']})" for s in config.seeds) + "\n")
     return run.finish([text], metrics)
+
+
+def _seeds_on_pool(run: Run, config: MultiSeedConfig, inner: dict[int, FlowConfig]) -> dict[int, dict]:
+    """Submit one deployment run per seed (as the UI's Run button does), wait for all, collect from MLflow.
+
+    The idempotency key ties each seed's run to this flow run, so a retried or resumed multi-seed run does not
+    submit its seeds twice."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.runtime import flow_run as this_run
+
+    name = f"{config.flow}/{config.deployment}"
+    submitted = {}
+    for seed, cfg in inner.items():
+        fr = run_deployment(name, parameters={"config": cfg.model_dump(mode="json"), "parent_run_id": run.parent_id},
+                            timeout=0, flow_run_name=f"{config.flow}-seed{seed}",
+                            idempotency_key=f"{this_run.id}-seed{seed}", tags=["multi-seed", f"seed-{seed}"])
+        submitted[seed] = fr.id
+        _log(f"seed {seed}: submitted {name} as flow run {fr.id}")
+    deadline = time.monotonic() + config.wait_timeout_s
+    final: dict[int, Any] = {}
+    with get_client(sync_client=True) as client:
+        while len(final) < len(submitted):
+            for seed, fid in submitted.items():
+                if seed not in final:
+                    state = client.read_flow_run(fid).state
+                    if state is not None and state.is_final():
+                        final[seed] = state
+                        _log(f"seed {seed}: flow run {fid} {state.type.value}")
+            if len(final) < len(submitted):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"multi-seed: seeds {sorted(set(submitted) - set(final))} still running after "
+                                       f"{config.wait_timeout_s:.0f} s; their runs keep going on the pool")
+                time.sleep(5)
+    failed = {s: st.type.value for s, st in final.items() if not st.is_completed()}
+    if failed:
+        raise RuntimeError(f"multi-seed: the runs of seeds {failed} did not complete (see their flow runs: "
+                           + ", ".join(str(submitted[s]) for s in failed) + ")")
+    children = run.tracker.child_runs(run.parent_id)
+    out = {}
+    for seed in inner:
+        found = [c for c in children if c.data.tags.get("seed") == str(seed)
+                 and c.data.tags.get("prefect_flow_run_id") == str(submitted[seed])]
+        if not found:
+            raise RuntimeError(f"multi-seed: no MLflow run of seed {seed} (flow run {submitted[seed]}) under "
+                               f"{run.parent_id}: does the worker log to the same tracking URI ({run.tracking['uri']})?")
+        c = found[0]
+        out[seed] = {"metrics": dict(c.data.metrics), "report": c.data.tags.get("sparsekd.report", "?"),
+                     "flow_run_id": str(submitted[seed])}
+    return out
+
+
+def _log(msg: str) -> None:
+    try:
+        from prefect import get_run_logger
+
+        get_run_logger().info(msg)
+    except Exception:  # noqa: BLE001 - outside a run
+        print(msg)
 
 
 @flow(name="paper")

@@ -11,6 +11,8 @@ Transient errors (I/O, connection) are retried with exponential backoff; configu
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,55 @@ def _transient(task, task_run, state) -> bool:
 
 STAGE_TASK = dict(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5),
                   retry_condition_fn=_transient, persist_result=False)
+
+
+GPU_SLOT_ENV = "SPARSEKD_GPU_SLOT"
+
+
+@contextmanager
+def gpu_slot():
+    """Hold this worker's accelerator while a heavy stage computes (not while it is served from the store).
+
+    ``$SPARSEKD_GPU_SLOT`` names a Prefect global concurrency limit of 1 per GPU (e.g. ``gpu-host1-0``); every flow
+    run on that worker (the seeds of a multi-seed fan-out, a scheduled rerun beside a UI run) then queues for it,
+    so one GPU runs one heavy stage at a time. The limit is created on first use. Unset: no limit (a laptop, tests).
+    """
+    name = os.environ.get(GPU_SLOT_ENV, "").strip()
+    if not name:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    ensure_concurrency_limit(name, 1)
+    _logger()(f"waiting for GPU slot {name!r}")
+    with concurrency(name, occupy=1, strict=True):
+        yield
+
+
+def ensure_concurrency_limit(name: str, limit: int) -> bool:
+    """Create the global concurrency limit ``name`` if it does not exist; True if it was created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return False
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+        except ObjectAlreadyExists:  # another worker made it first
+            return False
+        return True
+
+
+def _heavy(produce):
+    def wrapped(directory: Path):
+        with gpu_slot():
+            return produce(directory)
+    return wrapped
 
 
 def _logger():
@@ -99,7 +150,7 @@ def evaluate(model: ModelRef, eval_sets: list[dict], eval_cfg: dict, workdir: st
         return out
 
     manifest = run_stage(workdir, "eval", {"sets": eval_sets, "eval": eval_cfg, "dtype": dtype},
-                         {"model": model["fingerprint"]}, produce, log=_logger())
+                         {"model": model["fingerprint"]}, _heavy(produce), log=_logger())
     _track(tracking, run_id, {f"{metric_prefix}ppl_{name}": r["ppl"] for name, r in manifest["result"].items()}, step)
     return manifest
 
@@ -119,7 +170,7 @@ def cache_teacher(teacher: ModelRef, cache_fields: dict, workdir: str, dtype: st
         return run_cache(_load(teacher, dtype, device), cfg, log=_logger()).as_dict()
 
     manifest = run_stage(workdir, "cache", {"cache": cache_fields, "dtype": dtype}, {"teacher": teacher["fingerprint"]},
-                         produce, log=_logger())
+                         _heavy(produce), log=_logger())
     _track(tracking, run_id, {f"cache_{k}": v for k, v in manifest["result"].items()
                               if k in ("bytes_per_token", "tokens_per_s", "seconds", "tokens")})
     return {**manifest, "cache_path": str(Path(manifest["path"]) / "teacher.zarr")}
@@ -145,7 +196,7 @@ def prune(model: ModelRef, prune_fields: dict, workdir: str, dtype: str = "auto"
         return {k: v for k, v in summary.items() if k != "layers"}
 
     manifest = run_stage(workdir, "prune", {"prune": prune_fields, "dtype": dtype}, {"model": model["fingerprint"]},
-                         produce, log=_logger())
+                         _heavy(produce), log=_logger())
     _track(tracking, run_id, {k: manifest["result"][k] for k in ("mlp_reduction", "mlp_params_after",
                               "total_params_after", "seconds") if k in manifest["result"]}, step,
            artifacts=[str(Path(manifest["path"]) / "layers.json")])
@@ -170,7 +221,7 @@ def distill(student: ModelRef, cache: dict, distill_fields: dict, seed: int, wor
         return {**result.as_dict(), "student": str(directory / "student")}
 
     manifest = run_stage(workdir, "distill", {"distill": distill_fields, "seed": seed, "dtype": dtype},
-                         {"student": student["fingerprint"], "teacher_cache": cache["key"]}, produce, log=_logger())
+                         {"student": student["fingerprint"], "teacher_cache": cache["key"]}, _heavy(produce), log=_logger())
     result = manifest["result"]
     if tracking and run_id:
         tracker = Tracker(tracking["uri"], tracking["experiment"], tracking.get("artifact_root"))
@@ -203,7 +254,7 @@ def profile(models: list[ModelRef], profile_fields: dict, workdir: str, dtype: s
 
     # Timings are measurements of this machine: keyed by the models and settings, reused like other stages.
     manifest = run_stage(workdir, "profile", {"profile": profile_fields, "dtype": dtype, "device": device},
-                         {"models": ",".join(m["fingerprint"] for m in models)}, produce, log=_logger())
+                         {"models": ",".join(m["fingerprint"] for m in models)}, _heavy(produce), log=_logger())
     if tracking and run_id:
         tracker = Tracker(tracking["uri"], tracking["experiment"], tracking.get("artifact_root"))
         for r in manifest["result"]["results"]:

@@ -10,10 +10,12 @@ A consumer's key includes its producer's key, so a change anywhere upstream chan
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,6 +96,34 @@ def run_stage(
         log(f"{stage}: cached ({directory})")
         return {**found, "cached": True}
     directory.mkdir(parents=True, exist_ok=True)
+    with _stage_lock(directory, log):
+        # Another process (a parallel seed, a second worker on the same storage) may have finished it meanwhile.
+        found = load_manifest(directory)
+        if found is not None:
+            log(f"{stage}: cached ({directory}, made by another run while this one waited)")
+            return {**found, "cached": True}
+        return _produce(stage, key, directory, config, inputs, produce)
+
+
+@contextmanager
+def _stage_lock(directory: Path, log: Callable[[str], None]):
+    """Exclusive lock on one stage directory across processes (flock), so two runs that need
+    the same stage at once compute it once; released when the process dies, so a crash leaves no stale lock.
+    The lock file sits beside the directory (``<key>.lock``) so the stage's own files stay exactly its output."""
+    with open(directory.with_name(directory.name + ".lock"), "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another run computing {directory}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _produce(stage: str, key: str, directory: Path, config: dict[str, Any], inputs: dict[str, str],
+             produce: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = produce(directory)
     manifest = {

@@ -105,6 +105,13 @@ class Tracker:
             else:
                 self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def child_runs(self, parent_run_id: str) -> list:
+        """Runs nested directly under ``parent_run_id`` in this experiment (with their metrics and tags)."""
+        with _LOCK:
+            return self.client.search_runs([self.experiment_id],
+                                           filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                           max_results=1000)
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         with _LOCK:
             self.client.set_terminated(run_id, status=status)

@@ -38,3 +38,30 @@ def test_crash_before_manifest_is_rerun(tmp_path):
     done = run_stage(tmp_path, "cache", {}, {}, lambda d: seen.append(sorted(p.name for p in d.iterdir())) or {},
                      log=lambda m: None)
     assert not done["cached"] and seen == [["partial.bin"]]  # same directory: a resumable stage finds its progress
+
+
+def _produce_slowly(directory):
+    import os
+    import time
+
+    with open(directory.parent.parent / "calls.log", "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(1.0)
+    (directory / "out.bin").write_bytes(b"y" * 5)
+    return {"pid": os.getpid()}
+
+
+def _run_in_child(root):
+    return run_stage(root, "cache", {"k": 1}, {"teacher": "t"}, _produce_slowly, log=lambda m: None)
+
+
+def test_parallel_runs_of_one_stage_compute_it_once(tmp_path):
+    """Two processes that need the same stage at once (parallel seeds on one storage root): one computes it,
+    the other waits and reuses it."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(2) as pool:
+        manifests = pool.map(_run_in_child, [tmp_path, tmp_path])
+    assert (tmp_path / "calls.log").read_text().count("\n") == 1
+    assert sorted(m["cached"] for m in manifests) == [False, True]
+    assert manifests[0]["result"] == manifests[1]["result"]

@@ -1,0 +1,62 @@
+"""deployments/prefect.yaml, checked without a server: every deployment names a real flow, its parameters
+validate against that flow's pydantic config, and the pools, schedules and limits are what the README says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _deployments():
+    return yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())["deployments"]
+
+
+def _flow(entrypoint: str):
+    import flows.experiments as experiments
+
+    path, name = entrypoint.split(":")
+    assert path == "flows/experiments.py"
+    return getattr(experiments, name)
+
+
+def test_every_flow_has_a_gpu_and_a_docker_deployment():
+    from flows.experiments import ALL_FLOWS
+
+    deps = _deployments()
+    for kind, pool in (("gpu", "sparsekd-gpu"), ("docker", "sparsekd-docker")):
+        names = sorted(_flow(d["entrypoint"]).name for d in deps if d["name"] == kind)
+        assert names == sorted(ALL_FLOWS), kind
+        assert {d["work_pool"]["name"] for d in deps if d["name"] == kind} == {pool}
+
+
+def test_parameters_validate_against_the_flow_configs():
+    from flows.configs import FLOW_CONFIGS
+
+    for d in _deployments():
+        flow = _flow(d["entrypoint"])
+        config = FLOW_CONFIGS[flow.name](**d["parameters"]["config"])
+        if flow.name == "multi-seed":
+            # The pool deployment fans the seeds out to the inner flow's deployment of the same kind.
+            assert config.fan_out == "deployments" and config.deployment == d["name"]
+
+
+def test_weekly_rerun_ships_paused_and_programmes_run_one_at_a_time():
+    deps = _deployments()
+    scheduled = [d for d in deps if d.get("schedules")]
+    assert {_flow(d["entrypoint"]).name for d in scheduled} == {"multi-seed"}
+    for d in scheduled:
+        assert [s["active"] for s in d["schedules"]] == [False] and d["schedules"][0]["cron"]
+    limited = {(_flow(d["entrypoint"]).name, d["concurrency_limit"]) for d in deps if d.get("concurrency_limit")}
+    assert limited == {("multi-seed", 1), ("paper", 1)}
+
+
+def test_setup_refuses_without_a_server(monkeypatch, capsys):
+    from deployments import setup
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: None}):
+        assert setup.main([]) == 2
+    assert "no Prefect server" in capsys.readouterr().err

@@ -1,0 +1,308 @@
+"""End to end on real servers: a Prefect server, an MLflow server and a process worker, all on localhost.
+
+What a user does, in order: start the servers, apply the deployments (`python -m deployments.setup`), start a
+worker on the pool, press Run in the Prefect UI (the same POST /deployments/{id}/create_flow_run the UI sends),
+and find the results in MLflow. Then a schedule on the multi-seed deployment fires and its seeds fan out as one
+deployment run each on the same pool. Headless Chromium loads both UIs and saves screenshots as test artifacts
+(``test-artifacts/e2e/``, not in git). Everything runs on a tiny random model and corpus.
+
+Marked ``e2e``: it runs in the default test command (CI), ~2-4 minutes on 2 cores; `-m "not e2e"` leaves it out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from conftest import make_model, make_tokenizer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore")]
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(os.environ.get("SPARSEKD_TEST_ARTIFACTS", ROOT / "test-artifacts" / "e2e"))
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited {proc.returncode}:\n{_tail(log)}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not up after {timeout} s:\n{_tail(log)}")
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
+
+
+class Stack:
+    """The processes of one local stack; stop() ends each process group, worker first."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self.prefect_port, self.mlflow_port = _free_port(), _free_port()
+        self.api = f"http://127.0.0.1:{self.prefect_port}/api"
+        self.mlflow = f"http://127.0.0.1:{self.mlflow_port}"
+        self.storage = base / "storage"
+        self.env = {**os.environ,
+                    "PREFECT_HOME": str(base / "prefect-home"),
+                    "PREFECT_API_URL": self.api,
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{base / 'prefect.db'}",
+                    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+                    "PREFECT_WORKER_QUERY_SECONDS": "2",
+                    "PREFECT_LOGGING_LEVEL": "INFO",
+                    "MLFLOW_TRACKING_URI": self.mlflow,
+                    "SPARSEKD_STORAGE_ROOT": str(self.storage),
+                    "SPARSEKD_GPU_SLOT": "gpu-e2e-0",
+                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = self.base / f"{name}.log"
+        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=self.base, env=self.env, stdout=open(log, "w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = (proc, log)
+        return proc
+
+    def log(self, name: str) -> str:
+        return _tail(self.procs[name][1])
+
+    def stop(self) -> None:
+        for name in ("worker", "mlflow", "prefect"):
+            if name in self.procs:
+                proc, _ = self.procs[name]
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    s = Stack(base)
+    try:
+        prefect = s.start("prefect", ["prefect", "server", "start", "--host", "127.0.0.1",
+                                      "--port", str(s.prefect_port)])
+        mlflow = s.start("mlflow", ["mlflow", "server", "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
+                                    "--artifacts-destination", str(base / "mlartifacts"), "--host", "127.0.0.1",
+                                    "--port", str(s.mlflow_port), "--workers", "1"])
+        _wait_http(f"{s.api}/health", prefect, base / "prefect.log")
+        _wait_http(f"{s.mlflow}/health", mlflow, base / "mlflow.log")
+        setup = subprocess.run([sys.executable, "-m", "deployments.setup", "--gpu-slots", "gpu-e2e-0"], cwd=ROOT,
+                               env=s.env, capture_output=True, text=True, timeout=300)
+        assert setup.returncode == 0, setup.stdout + setup.stderr
+        s.setup_output = setup.stdout
+        s.start("worker", ["prefect", "worker", "start", "--pool", "sparsekd-gpu", "--type", "process",
+                           "--name", "e2e-worker"])
+        yield s
+    finally:
+        s.stop()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        for name in ("prefect", "mlflow", "worker"):
+            if (base / f"{name}.log").exists():
+                shutil.copy(base / f"{name}.log", ARTIFACTS / f"{name}.log")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e-data")
+    tok = make_tokenizer()
+    model = make_model("llama", len(tok))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    docs = [" ".join(words[(i * 5 + j * 3) % len(words)] + str((i + j) % 13) for j in range(40)) for i in range(60)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (root / "eval.txt").write_text("\n\n".join(docs[:10]))
+    # No `workdir`, no `tracking_uri`: the worker's $SPARSEKD_STORAGE_ROOT and $MLFLOW_TRACKING_URI decide.
+    return {"model": str(root / "model"),
+            "corpus": {"data": str(root / "corpus.jsonl"), "num_samples": 8, "seq_len": 32, "top_k": 8},
+            "distill": {"max_steps": 4, "batch_size": 2, "eval_every": 2, "checkpoint_every": 2, "lr": 1e-3,
+                        "val_tokens": 256, "val_ctx": 64},
+            "eval": {"ctx": 32, "stride": 16},
+            "eval_sets": [{"name": "text", "data": str(root / "eval.txt"), "max_tokens": 200}]}
+
+
+def _client(stack: Stack):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class _Ctx:
+        def __enter__(self):
+            self.settings = temporary_settings({PREFECT_API_URL: stack.api})
+            self.settings.__enter__()
+            self.client = get_client(sync_client=True)
+            return self.client.__enter__()
+
+        def __exit__(self, *exc):
+            self.client.__exit__(*exc)
+            self.settings.__exit__(*exc)
+
+    return _Ctx()
+
+
+def _wait_flow_run(stack: Stack, flow_run_id: str, timeout: float = 900) -> dict:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fr = httpx.get(f"{stack.api}/flow_runs/{flow_run_id}", timeout=10).json()
+        if fr.get("state_type") in FINAL:
+            return fr
+        assert stack.procs["worker"][0].poll() is None, f"worker died:\n{stack.log('worker')}"
+        time.sleep(2)
+    raise TimeoutError(f"flow run {flow_run_id} not finished after {timeout} s:\n{stack.log('worker')}")
+
+
+def _mlflow_runs_of(stack: Stack, experiment: str, flow_run_id: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(stack.mlflow)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} on the server"
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.prefect_flow_run_id = '{flow_run_id}'")
+    parents = [r for r in runs if r.data.tags.get("mlflow.parentRunId") is None or r.data.tags.get("flow") == "multi-seed"]
+    return client, exp, runs, parents
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def _browse(url: str, screenshot: Path) -> str:
+    """Load ``url`` in headless Chromium (scripts run), save a screenshot, return the rendered DOM."""
+    exe = _chromium()
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's `chromium`)")
+        pytest.skip("chromium not installed here (apt-get install chromium); CI installs it and runs this check")
+    flags = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--disable-background-networking", "--no-first-run", "--hide-scrollbars", "--window-size=1400,1000",
+             "--virtual-time-budget=20000", f"--user-data-dir={screenshot.parent / '.chromium'}"]
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([*flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    (screenshot.with_suffix(".html")).write_text(dom)
+    return dom
+
+
+# ------------------------------------------------------------------------------------------------------------ tests
+
+
+def test_ui_run_button_to_worker_to_mlflow(stack, tiny):
+    import httpx
+
+    assert "dense-kd/gpu" in stack.setup_output and "multi-seed/gpu" in stack.setup_output
+    dep = httpx.get(f"{stack.api}/deployments/name/dense-kd/gpu", timeout=10).json()
+    # What the UI's Run button sends (custom parameters from the form).
+    resp = httpx.post(f"{stack.api}/deployments/{dep['id']}/create_flow_run",
+                      json={"parameters": {"config": {**tiny, "ce_control": True}}, "state": {"type": "SCHEDULED"}},
+                      timeout=30)
+    assert resp.status_code == 201, resp.text
+    flow_run = resp.json()
+    fr = _wait_flow_run(stack, flow_run["id"])
+    assert fr["state_type"] == "COMPLETED", f"{fr['state_type']}: {fr['state']['message']}\n{stack.log('worker')}"
+    assert fr["work_pool_name"] == "sparsekd-gpu"
+
+    # Results are in the MLflow *server* (its artifact store), nested under one parent run.
+    client, exp, runs, parents = _mlflow_runs_of(stack, "sparsekd-dense-kd", flow_run["id"])
+    assert len(parents) == 1
+    parent = parents[0]
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.data.tags["arm"] for c in children} == {"dense", "dense+kd", "ce-only"}
+    for key in ("ppl_dense_text", "ppl_dense_kd_text", "ppl_ce_only_text"):
+        assert parent.data.metrics[key] > 1, key
+    kd = next(c for c in children if c.data.tags["arm"] == "dense+kd")
+    assert [m.step for m in client.get_metric_history(kd.info.run_id, "val_ppl")]  # the recovery curve
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/report.md" in names and "report/config.json" in names
+    served = list((stack.base / "mlartifacts").rglob("report.md"))
+    assert served, "the report did not reach the MLflow server's artifact store"
+    assert "Dense+KD vs its CE-only twin" in served[0].read_text()
+    assert parent.data.tags["prefect_flow_run_id"] == flow_run["id"]
+    # The stages wrote under the worker's storage root, and held the worker's GPU slot.
+    assert list(stack.storage.glob("distill/*/manifest.json"))
+    gcl = httpx.get(f"{stack.api}/v2/concurrency_limits/gpu-e2e-0", timeout=10).json()
+    assert gcl["limit"] == 1 and gcl["active_slots"] == 0
+
+    # The two UIs, rendered by a real browser: the run's name is on both pages.
+    mlflow_dom = _browse(f"{stack.mlflow}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}",
+                         ARTIFACTS / "mlflow-run.png")
+    assert parent.info.run_name in mlflow_dom, "MLflow UI page does not show the run"
+    prefect_dom = _browse(f"http://127.0.0.1:{stack.prefect_port}/runs/flow-run/{flow_run['id']}",
+                          ARTIFACTS / "prefect-flow-run.png")
+    assert flow_run["name"] in prefect_dom, "Prefect UI page does not show the flow run"
+
+
+def test_scheduled_multi_seed_fans_out_on_the_pool(stack, tiny):
+    import httpx
+    from prefect.client.schemas.schedules import IntervalSchedule
+
+    dep = httpx.get(f"{stack.api}/deployments/name/multi-seed/gpu", timeout=10).json()
+    assert [s["active"] for s in dep["schedules"]] == [False]  # the weekly rerun ships paused
+    params = {"config": {"flow": "dense-kd", "seeds": [7, 8], "fan_out": "deployments", "deployment": "gpu",
+                         "config": {**tiny, "ce_control": False}}}
+    start = datetime.now(timezone.utc) + timedelta(seconds=5)
+    with _client(stack) as client:
+        client.create_deployment_schedules(dep["id"], [(IntervalSchedule(interval=timedelta(hours=1),
+                                                                         anchor_date=start), True)],
+                                           parameters=params)
+    # The server's scheduler makes the run; the worker picks it up when it is due.
+    deadline, flow_run = time.monotonic() + 120, None
+    while flow_run is None and time.monotonic() < deadline:
+        found = httpx.post(f"{stack.api}/flow_runs/filter", timeout=10, json={
+            "deployments": {"id": {"any_": [dep["id"]]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 5}).json()
+        flow_run = found[0] if found else None
+        time.sleep(2)
+    assert flow_run is not None, f"the scheduler made no run:\n{stack.log('prefect')[-2000:]}"
+    assert flow_run["auto_scheduled"] and "auto-scheduled" in flow_run["tags"]
+    fr = _wait_flow_run(stack, flow_run["id"])
+    assert fr["state_type"] == "COMPLETED", f"{fr['state_type']}: {fr['state']['message']}\n{stack.log('worker')}"
+
+    # One dense-kd deployment run per seed, on the same pool, each Completed.
+    inner = httpx.get(f"{stack.api}/deployments/name/dense-kd/gpu", timeout=10).json()
+    seeds = httpx.post(f"{stack.api}/flow_runs/filter", timeout=10, json={
+        "deployments": {"id": {"any_": [inner["id"]]}}, "flow_runs": {"tags": {"all_": ["multi-seed"]}}}).json()
+    assert sorted(r["name"] for r in seeds) == ["dense-kd-seed7", "dense-kd-seed8"]
+    assert {r["state_type"] for r in seeds} == {"COMPLETED"}
+    assert {r["work_pool_name"] for r in seeds} == {"sparsekd-gpu"}
+
+    # MLflow: the multi-seed parent with mean ± std, the seeds' runs nested under it.
+    client, exp, runs, parents = _mlflow_runs_of(stack, "sparsekd-multi-seed", flow_run["id"])
+    parent = parents[0]
+    assert parent.data.metrics["ppl_dense_kd_text_mean"] > 1
+    assert parent.data.metrics["ppl_dense_kd_text_std"] >= 0
+    nested = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["seed"] for r in nested) == ["7", "8"]
+    report = client.download_artifacts(parent.info.run_id, "report/report.md", str(stack.base))
+    assert "one deployment run per seed on the work pool" in Path(report).read_text()
