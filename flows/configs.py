@@ -93,6 +93,16 @@ class FlowConfig(_Section):
     eval_sets: list[EvalSet] = Field(default_factory=_default_eval_sets, min_length=1)
     log_models: bool = Field(False, description="Also log model checkpoints to MLflow (large).")
 
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0] if "://" in v else ""
+        if scheme and scheme != "file":
+            raise ValueError(f"workdir={v!r}: the storage root must be a filesystem path that every worker sees "
+                             f"(NFS, a shared volume, or the bucket mounted with e.g. mountpoint-s3 / gcsfuse); "
+                             f"{scheme}:// URLs are not supported yet")
+        return v[len("file://"):] if scheme == "file" else v
+
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:

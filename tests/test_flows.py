@@ -148,3 +148,15 @@ def test_bad_flow_config_fails_before_any_work(tiny_setup, tmp_path, capsys):
     assert "distill.lr=-1" in err and "targets" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "never").exists()
     assert main(["run", "no-such-flow"]) == 2
+
+
+def test_storage_root_defaults_to_env_and_refuses_urls(monkeypatch, tiny_setup):
+    from flows.configs import CascadeConfig
+
+    monkeypatch.setenv("SPARSEKD_STORAGE_ROOT", "/mnt/shared/sparsekd")
+    assert CascadeConfig(model=str(tiny_setup / "model")).workdir == "/mnt/shared/sparsekd"
+    assert CascadeConfig(model=str(tiny_setup / "model"), workdir="file:///x/y").workdir == "/x/y"
+    monkeypatch.delenv("SPARSEKD_STORAGE_ROOT")
+    assert CascadeConfig(model=str(tiny_setup / "model")).workdir == "runs"
+    with pytest.raises(ValueError, match="s3:// URLs are not supported"):
+        CascadeConfig(model=str(tiny_setup / "model"), workdir="s3://bucket/sparsekd")
