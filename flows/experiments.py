@@ -164,13 +164,18 @@ def _set_names(cfg: FlowConfig) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------- flows
 
 
-def _dense_kd_arms(run: Run, ce_control: bool) -> dict:
-    """Dense eval, dense cache, Dense+KD and (optionally) its CE-only twin: shared by several flows."""
+def _dense_and_cache(run: Run) -> tuple[dict, dict, dict]:
+    """The dense model's reference, its perplexities (an MLflow arm of its own) and its teacher cache."""
     dense = dense_ref(run.cfg.model)
     rid = run.arm("dense")
     dense_ppl = run.evaluate(dense, rid, "dense")
     run.end(rid)
-    dense_cache = run.cache(dense, None, "dense")
+    return dense, dense_ppl, run.cache(dense, None, "dense")
+
+
+def _dense_kd_arms(run: Run, ce_control: bool) -> dict:
+    """Dense eval, dense cache, Dense+KD and (optionally) its CE-only twin: shared by several flows."""
+    dense, dense_ppl, dense_cache = _dense_and_cache(run)
     rid = run.arm("dense+kd")
     kd = run.distill(dense, dense_cache, rid, "dense+kd")
     kd_ppl = run.evaluate(kd["model"], rid, "dense+kd")
@@ -214,11 +219,7 @@ def dense_kd_flow(config: DenseKDConfig, parent_run_id: str | None = None) -> di
 def iterative_flow(config: IterativeConfig, parent_run_id: str | None = None) -> dict:
     run = start(config, "iterative", parent_run_id)
     names = _set_names(config)
-    dense = dense_ref(config.model)
-    rid = run.arm("dense")
-    dense_ppl = run.evaluate(dense, rid, "dense")
-    run.end(rid)
-    teacher_cache = run.cache(dense, None, "dense")
+    dense, dense_ppl, teacher_cache = _dense_and_cache(run)
     current, rounds = dense, []
     for r, target in enumerate(config.targets, 1):
         rid = run.arm(f"round-{r}", round=r, target=target)
@@ -326,11 +327,7 @@ def teacher_swap_flow(config: TeacherSwapConfig, parent_run_id: str | None = Non
 def wanda_flow(config: WandaConfig, parent_run_id: str | None = None) -> dict:
     run = start(config, "wanda", parent_run_id)
     names = _set_names(config)
-    dense = dense_ref(config.model)
-    rid = run.arm("dense")
-    dense_ppl = run.evaluate(dense, rid, "dense")
-    run.end(rid)
-    dense_cache = run.cache(dense, None, "dense")
+    dense, dense_ppl, dense_cache = _dense_and_cache(run)
     rows, metrics = [], _flat("ppl_dense", dense_ppl)
     for s in config.sparsities:
         rid = run.arm(f"wanda-{s}", sparsity=s)

@@ -82,3 +82,18 @@ def tiny_model_dir(tmp_path, tiny_llama, tiny_tokenizer):
     tiny_llama.save_pretrained(out)
     tiny_tokenizer.save_pretrained(out)
     return out
+
+
+def make_flow_project(root):
+    """A tiny saved model, a KD corpus (jsonl) and an eval text in ``root``: what the flow tests run on."""
+    import json
+
+    tok = make_tokenizer()
+    model = make_model("llama", len(tok))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    docs = [" ".join(words[(i * 7 + j * 3) % len(words)] + str((i + j) % 17) for j in range(40)) for i in range(60)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (root / "eval.txt").write_text("\n\n".join(docs[:10]))
+    return root

@@ -11,7 +11,6 @@ Marked ``e2e``: it runs in the default test command (CI), ~2-4 minutes on 2 core
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_model, make_tokenizer
+from conftest import make_flow_project
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore")]
 
@@ -134,15 +133,7 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e-data")
-    tok = make_tokenizer()
-    model = make_model("llama", len(tok))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    docs = [" ".join(words[(i * 5 + j * 3) % len(words)] + str((i + j) % 13) for j in range(40)) for i in range(60)]
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    (root / "eval.txt").write_text("\n\n".join(docs[:10]))
+    root = make_flow_project(tmp_path_factory.mktemp("e2e-data"))
     # No `workdir`, no `tracking_uri`: the worker's $SPARSEKD_STORAGE_ROOT and $MLFLOW_TRACKING_URI decide.
     return {"model": str(root / "model"),
             "corpus": {"data": str(root / "corpus.jsonl"), "num_samples": 8, "seq_len": 32, "top_k": 8},

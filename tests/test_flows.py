@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from conftest import make_model, make_tokenizer
+from conftest import make_flow_project
 from sparsekd.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -22,16 +20,7 @@ def prefect_server():
 
 @pytest.fixture(scope="session")
 def tiny_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flows")
-    tok = make_tokenizer()
-    model = make_model("llama", len(tok))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    docs = [" ".join(words[(i * 7 + j * 3) % len(words)] + str((i + j) % 17) for j in range(40)) for i in range(60)]
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    (root / "eval.txt").write_text("\n\n".join(docs[:10]))
-    return root
+    return make_flow_project(tmp_path_factory.mktemp("flows"))
 
 
 def flow_values(root, workdir, **extra):
