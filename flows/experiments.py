@@ -356,6 +356,8 @@ def multi_seed_flow(config: MultiSeedConfig) -> dict:
     seed to the work pool (so several GPU workers share them), waits, and reads their metrics from MLflow."""
     cls = FLOW_CONFIGS[config.flow]
     base = cls(**{**config.config, "seed": config.seeds[0]})
+    if config.fan_out == "deployments":
+        _check_deployment(f"{config.flow}/{config.deployment}")
     run = start(base, "multi-seed")
     # Nested runs must live in the parent's experiment to show under it in MLflow.
     inner = {seed: cls(**{**config.config, "seed": seed, "experiment": run.tracking["experiment"]})
@@ -380,6 +382,21 @@ def multi_seed_flow(config: MultiSeedConfig) -> dict:
             + rep.table(["metric", *[f"seed {s}" for s in config.seeds], "mean ± std"], rows)
             + "\nPer-seed reports: " + ", ".join(f"[{s}]({per_seed[s]['report']})" for s in config.seeds) + "\n")
     return run.finish([text], metrics)
+
+
+def _check_deployment(name: str) -> None:
+    """Fail before any work when the seeds' deployment is not on the server (e.g. under `sparsekd run`'s
+    temporary local server, which has no deployments and no workers)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise ValueError(f"multi-seed: fan_out=deployments needs the deployment {name!r} on the Prefect server "
+                             f"at {client.api_url}; apply them with `python -m deployments.setup` and start a worker, "
+                             f"or use fan_out: subflows") from None
 
 
 def _seeds_on_pool(run: Run, config: MultiSeedConfig, inner: dict[int, FlowConfig]) -> dict[int, dict]:

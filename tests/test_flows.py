@@ -149,3 +149,12 @@ def test_storage_root_defaults_to_env_and_refuses_urls(monkeypatch, tiny_setup):
     assert CascadeConfig(model=str(tiny_setup / "model")).workdir == "runs"
     with pytest.raises(ValueError, match="s3:// URLs are not supported"):
         CascadeConfig(model=str(tiny_setup / "model"), workdir="s3://bucket/sparsekd")
+
+
+def test_multi_seed_fan_out_needs_the_deployment(prefect_server, tiny_setup, tmp_path):
+    """Under a server without deployments (here the test harness), the fan-out fails before any work."""
+    values = {"flow": "dense-kd", "seeds": [1, 2], "fan_out": "deployments",
+              "config": flow_values(tiny_setup, tmp_path / "w", ce_control=False)}
+    with pytest.raises(ValueError, match="needs the deployment 'dense-kd/gpu'"):
+        run_flow("multi-seed", values)
+    assert not (tmp_path / "w").exists()
