@@ -144,8 +144,9 @@ def start(cfg: FlowConfig, flow_name: str, parent_run_id: str | None = None) -> 
         from prefect.runtime import flow_run
 
         tags["prefect_flow_run_id"] = flow_run.id
-        if getattr(flow_run, "ui_url", None):
-            tags["prefect_flow_run_url"] = flow_run.ui_url
+        url = getattr(flow_run, "ui_url", None)
+        if isinstance(url, str) and url.startswith("http"):  # "None/flow-runs/..." without a UI URL setting
+            tags["prefect_flow_run_url"] = url
     except Exception:  # noqa: BLE001 - not inside a Prefect run
         pass
     parent = tracker.start_run(f"{flow_name}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}",

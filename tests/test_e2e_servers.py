@@ -241,6 +241,7 @@ def test_ui_run_button_to_worker_to_mlflow(stack, tiny):
     assert served, "the report did not reach the MLflow server's artifact store"
     assert "Dense+KD vs its CE-only twin" in served[0].read_text()
     assert parent.data.tags["prefect_flow_run_id"] == flow_run["id"]
+    assert parent.data.tags["prefect_flow_run_url"].startswith(f"http://127.0.0.1:{stack.prefect_port}/")
     # The stages wrote under the worker's storage root, and held the worker's GPU slot.
     assert list(stack.storage.glob("distill/*/manifest.json"))
     gcl = httpx.get(f"{stack.api}/v2/concurrency_limits/gpu-e2e-0", timeout=10).json()
