@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow
 
 from sparsekd_core import report as rep
-from tasks.stages import cache_teacher, dense_ref, distill, evaluate, prune
+from tasks.stages import cache_teacher, dense_ref, distill, evaluate, prune, run_log
 from tasks.tracking import Tracker, default_tracking_uri
 
 from .configs import (
@@ -416,7 +416,7 @@ def _seeds_on_pool(run: Run, config: MultiSeedConfig, inner: dict[int, FlowConfi
                             timeout=0, flow_run_name=f"{config.flow}-seed{seed}",
                             idempotency_key=f"{this_run.id}-seed{seed}", tags=["multi-seed", f"seed-{seed}"])
         submitted[seed] = fr.id
-        _log(f"seed {seed}: submitted {name} as flow run {fr.id}")
+        run_log()(f"seed {seed}: submitted {name} as flow run {fr.id}")
     deadline = time.monotonic() + config.wait_timeout_s
     final: dict[int, Any] = {}
     with get_client(sync_client=True) as client:
@@ -426,7 +426,7 @@ def _seeds_on_pool(run: Run, config: MultiSeedConfig, inner: dict[int, FlowConfi
                     state = client.read_flow_run(fid).state
                     if state is not None and state.is_final():
                         final[seed] = state
-                        _log(f"seed {seed}: flow run {fid} {state.type.value}")
+                        run_log()(f"seed {seed}: flow run {fid} {state.type.value}")
             if len(final) < len(submitted):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"multi-seed: seeds {sorted(set(submitted) - set(final))} still running after "
@@ -448,15 +448,6 @@ def _seeds_on_pool(run: Run, config: MultiSeedConfig, inner: dict[int, FlowConfi
         out[seed] = {"metrics": dict(c.data.metrics), "report": c.data.tags.get("sparsekd.report", "?"),
                      "flow_run_id": str(submitted[seed])}
     return out
-
-
-def _log(msg: str) -> None:
-    try:
-        from prefect import get_run_logger
-
-        get_run_logger().info(msg)
-    except Exception:  # noqa: BLE001 - outside a run
-        print(msg)
 
 
 @flow(name="paper")

@@ -70,7 +70,7 @@ def gpu_slot():
     from prefect.concurrency.sync import concurrency
 
     ensure_concurrency_limit(name, 1)
-    _logger()(f"waiting for GPU slot {name!r}")
+    run_log()(f"waiting for GPU slot {name!r}")
     with concurrency(name, occupy=1, strict=True):
         yield
 
@@ -94,14 +94,17 @@ def ensure_concurrency_limit(name: str, limit: int) -> bool:
         return True
 
 
-def _heavy(produce):
-    def wrapped(directory: Path):
+def _run_heavy_stage(workdir: str, stage: str, config: dict, inputs: dict, produce) -> dict:
+    """``run_stage`` for a heavy stage: served from the store when it can be, else computed holding the GPU slot."""
+    def guarded(directory: Path) -> dict:
         with gpu_slot():
             return produce(directory)
-    return wrapped
+
+    return run_stage(workdir, stage, config, inputs, guarded, log=run_log())
 
 
-def _logger():
+def run_log():
+    """The Prefect run logger's ``info`` inside a flow/task run, else ``print``."""
     try:
         return get_run_logger().info
     except Exception:  # noqa: BLE001 - outside a run (direct call in a test)
@@ -112,7 +115,7 @@ def _load(ref: ModelRef, dtype: str, device: str):
     from sparsekd_core.config import ModelConfig
     from sparsekd_core.models import load_model
 
-    return load_model(ModelConfig(model=ref["spec"], dtype=dtype, device=device), log=_logger())
+    return load_model(ModelConfig(model=ref["spec"], dtype=dtype, device=device), log=run_log())
 
 
 def _track(tracking: dict | None, run_id: str | None, metrics: dict[str, Any], step: int | None = None,
@@ -145,12 +148,12 @@ def evaluate(model: ModelRef, eval_sets: list[dict], eval_cfg: dict, workdir: st
         for es in eval_sets:
             ids = tokenize_text(loaded.tokenizer, load_text(es["data"]), es.get("max_tokens"))
             out[es["name"]] = {**perplexity(loaded.model, ids, cfg).as_dict(), "data": es["data"]}
-            _logger()(f"eval {es['name']}: ppl {out[es['name']]['ppl']:.3f}")
+            run_log()(f"eval {es['name']}: ppl {out[es['name']]['ppl']:.3f}")
         (directory / "metrics.json").write_text(json.dumps(out, indent=1))
         return out
 
-    manifest = run_stage(workdir, "eval", {"sets": eval_sets, "eval": eval_cfg, "dtype": dtype},
-                         {"model": model["fingerprint"]}, _heavy(produce), log=_logger())
+    manifest = _run_heavy_stage(workdir, "eval", {"sets": eval_sets, "eval": eval_cfg, "dtype": dtype},
+                                {"model": model["fingerprint"]}, produce)
     _track(tracking, run_id, {f"{metric_prefix}ppl_{name}": r["ppl"] for name, r in manifest["result"].items()}, step)
     return manifest
 
@@ -167,10 +170,10 @@ def cache_teacher(teacher: ModelRef, cache_fields: dict, workdir: str, dtype: st
 
     def produce(directory: Path) -> dict:
         cfg = CacheConfig(**cache_fields, out=str(directory / "teacher.zarr"))
-        return run_cache(_load(teacher, dtype, device), cfg, log=_logger()).as_dict()
+        return run_cache(_load(teacher, dtype, device), cfg, log=run_log()).as_dict()
 
-    manifest = run_stage(workdir, "cache", {"cache": cache_fields, "dtype": dtype}, {"teacher": teacher["fingerprint"]},
-                         _heavy(produce), log=_logger())
+    manifest = _run_heavy_stage(workdir, "cache", {"cache": cache_fields, "dtype": dtype},
+                                {"teacher": teacher["fingerprint"]}, produce)
     _track(tracking, run_id, {f"cache_{k}": v for k, v in manifest["result"].items()
                               if k in ("bytes_per_token", "tokens_per_s", "seconds", "tokens")})
     return {**manifest, "cache_path": str(Path(manifest["path"]) / "teacher.zarr")}
@@ -189,14 +192,14 @@ def prune(model: ModelRef, prune_fields: dict, workdir: str, dtype: str = "auto"
     def produce(directory: Path) -> dict:
         loaded = _load(model, dtype, device)
         report = prune_model(loaded.model, loaded.tokenizer, PruneConfig(**prune_fields), parent=model["spec"],
-                             log=_logger())
+                             log=run_log())
         save_compressed(loaded.model, loaded.tokenizer, directory / "model")
         summary = report.summary()
         (directory / "layers.json").write_text(json.dumps(summary.get("layers", []), indent=1))
         return {k: v for k, v in summary.items() if k != "layers"}
 
-    manifest = run_stage(workdir, "prune", {"prune": prune_fields, "dtype": dtype}, {"model": model["fingerprint"]},
-                         _heavy(produce), log=_logger())
+    manifest = _run_heavy_stage(workdir, "prune", {"prune": prune_fields, "dtype": dtype},
+                                {"model": model["fingerprint"]}, produce)
     _track(tracking, run_id, {k: manifest["result"][k] for k in ("mlp_reduction", "mlp_params_after",
                               "total_params_after", "seconds") if k in manifest["result"]}, step,
            artifacts=[str(Path(manifest["path"]) / "layers.json")])
@@ -217,11 +220,11 @@ def distill(student: ModelRef, cache: dict, distill_fields: dict, seed: int, wor
     def produce(directory: Path) -> dict:
         cfg = DistillConfig(**distill_fields, seed=seed, cache=cache["cache_path"], out=str(directory / "student"))
         loaded = _load(student, dtype, device)
-        result = run_distill(cfg, loaded.model, loaded.tokenizer, student_spec=student["spec"], log=_logger())
+        result = run_distill(cfg, loaded.model, loaded.tokenizer, student_spec=student["spec"], log=run_log())
         return {**result.as_dict(), "student": str(directory / "student")}
 
-    manifest = run_stage(workdir, "distill", {"distill": distill_fields, "seed": seed, "dtype": dtype},
-                         {"student": student["fingerprint"], "teacher_cache": cache["key"]}, _heavy(produce), log=_logger())
+    manifest = _run_heavy_stage(workdir, "distill", {"distill": distill_fields, "seed": seed, "dtype": dtype},
+                                {"student": student["fingerprint"], "teacher_cache": cache["key"]}, produce)
     result = manifest["result"]
     if tracking and run_id:
         tracker = Tracker(tracking["uri"], tracking["experiment"], tracking.get("artifact_root"))
@@ -253,8 +256,8 @@ def profile(models: list[ModelRef], profile_fields: dict, workdir: str, dtype: s
         return {"results": results}
 
     # Timings are measurements of this machine: keyed by the models and settings, reused like other stages.
-    manifest = run_stage(workdir, "profile", {"profile": profile_fields, "dtype": dtype, "device": device},
-                         {"models": ",".join(m["fingerprint"] for m in models)}, _heavy(produce), log=_logger())
+    manifest = _run_heavy_stage(workdir, "profile", {"profile": profile_fields, "dtype": dtype, "device": device},
+                                {"models": ",".join(m["fingerprint"] for m in models)}, produce)
     if tracking and run_id:
         tracker = Tracker(tracking["uri"], tracking["experiment"], tracking.get("artifact_root"))
         for r in manifest["result"]["results"]:
