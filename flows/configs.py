@@ -6,6 +6,7 @@ stage configs of sparsekd_core, so a bad value fails before any work starts.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,6 +38,8 @@ class CorpusSpec(_Section):
     num_samples: int = Field(64, gt=0, description="Sequences in the corpus.")
     seq_len: int = Field(256, gt=1, description="Tokens per sequence.")
     seed: int = Field(0, ge=0, description="Corpus build seed.")
+    max_sequences_per_document: int = Field(
+        1, gt=0, description="A document gives at most this many sequences (default 1: a sample is a document).")
     top_k: int = Field(32, gt=0, description="Teacher top-k cached per position.")
 
     @field_validator("data")
@@ -45,10 +48,21 @@ class CorpusSpec(_Section):
         return check_data_spec(v)
 
 
+EVAL_SET_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+
+
 class EvalSet(_Section):
-    name: str = Field(description="Short name used in tables and metric keys.")
+    name: str = Field(description="Short name used in tables, file names and metric keys: a letter, then letters, "
+                                  "digits or underscores (e.g. wikitext2, c4_heldout).")
     data: str = Field(description="Named source or file.")
     max_tokens: int | None = Field(None, gt=0, description="First N tokens only.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not EVAL_SET_NAME.match(v):
+            raise ValueError("must be an identifier: a letter, then up to 63 letters, digits or underscores")
+        return v
 
     @field_validator("data")
     @classmethod
@@ -107,6 +121,15 @@ class FlowConfig(_Section):
     @classmethod
     def _model(cls, v: str) -> str:
         return check_model_spec(v)
+
+    @field_validator("eval_sets")
+    @classmethod
+    def _unique_eval_sets(cls, v: list[EvalSet]) -> list[EvalSet]:
+        names = [es.name for es in v]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"eval set names must be unique; repeated: {', '.join(repeated)}")
+        return v
 
     @field_validator("distill")
     @classmethod
@@ -221,9 +244,38 @@ class MultiSeedConfig(_Section):
 class PaperConfig(IterativeConfig):
     """The whole programme at one scale: dense-kd, iterative, cascade, teacher-swap, wanda; then one report."""
 
-    cascade_target: float = Field(0.15, gt=0, lt=1)
-    swap_target: float = Field(0.65, gt=0, lt=1)
-    sparsities: list[float] = Field(default_factory=lambda: [0.5])
+    cascade_target: float = Field(0.15, gt=0, lt=1, description="MLP-parameter reduction of the cascade's student.")
+    swap_target: float = Field(0.65, gt=0, lt=1, description="MLP-parameter reduction of the teacher-swap student.")
+    sparsities: list[float] = Field(default_factory=lambda: [0.5], description="WANDA sparsities.")
+
+    @model_validator(mode="after")
+    def _every_part(self) -> "PaperConfig":
+        """Every sub-flow's config is built (and so validated) now, before any of them runs."""
+        paper_parts(self)
+        return self
+
+
+def paper_parts(config: PaperConfig, experiment: str | None = None) -> dict[str, FlowConfig]:
+    """The sub-flow configs of a paper run, in run order; a bad value raises ValueError naming the part."""
+    common = config.model_dump(exclude={"targets", "keep_original_teacher", "cascade_target", "swap_target",
+                                        "sparsities", "prune"})
+    if experiment is not None:
+        common["experiment"] = experiment  # nested runs live in the parent's experiment
+    builders = {
+        "dense-kd": lambda: DenseKDConfig(**common),
+        "iterative": lambda: IterativeConfig(**common, prune=config.prune, targets=config.targets,
+                                             keep_original_teacher=config.keep_original_teacher),
+        "cascade": lambda: CascadeConfig(**common, prune=config.prune, target=config.cascade_target),
+        "teacher-swap": lambda: TeacherSwapConfig(**common, prune=config.prune, target=config.swap_target),
+        "wanda": lambda: WandaConfig(**common, sparsities=config.sparsities),
+    }
+    parts = {}
+    for name, build in builders.items():
+        try:
+            parts[name] = build()
+        except ValidationError as err:
+            raise ValueError(format_validation_error(name, err)) from None
+    return parts
 
 
 FLOW_CONFIGS: dict[str, type[BaseModel]] = {

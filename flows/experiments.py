@@ -8,7 +8,6 @@ makes on every eval set of its config, and writes a Markdown report with plots i
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +16,12 @@ from typing import Any
 from prefect import flow
 
 from sparsekd_core import report as rep
-from tasks.stages import cache_teacher, dense_ref, distill, evaluate, prune, run_log
+from sparsekd_core.files import write_json_atomic, write_text_atomic
+from tasks.stages import MODEL_COUNTS, cache_teacher, dense_ref, distill, eval_results, evaluate, prune, run_log
 from tasks.tracking import Tracker, default_tracking_uri
 
 from .configs import (
+    FLOW_CONFIGS,
     CascadeConfig,
     DenseKDConfig,
     FlowConfig,
@@ -29,7 +30,7 @@ from .configs import (
     PaperConfig,
     TeacherSwapConfig,
     WandaConfig,
-    FLOW_CONFIGS,
+    paper_parts,
 )
 
 
@@ -43,8 +44,25 @@ class Run:
     tracking: dict
     parent_id: str
     workdir: str
+    disjoint: dict = field(default_factory=dict)  # what check_disjoint compared (for the report)
     stages: list[dict] = field(default_factory=list)
     curves: dict[str, list] = field(default_factory=dict)
+    counts: dict[str, dict] = field(default_factory=dict)  # eval label -> counts of the model evaluated
+    open_runs: list[str] = field(default_factory=list)  # MLflow runs to mark FAILED if the flow raises
+
+    # -- the flow run's life: a flow that raises leaves no MLflow run RUNNING -------------------------------------
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if error is None:
+            return
+        for run_id in reversed(self.open_runs):
+            try:
+                self.tracker.end_run(run_id, status="FAILED")
+            except Exception:  # noqa: BLE001 - the flow's own error is the one to report
+                pass
+        self.open_runs.clear()
 
     # -- stages, recorded -----------------------------------------------------------------------------------------
     def _record(self, manifest: dict, label: str) -> dict:
@@ -53,9 +71,11 @@ class Run:
         return manifest
 
     def arm(self, name: str, **tags: Any) -> str:
-        return self.tracker.start_run(name, parent_run_id=self.parent_id,
-                                      tags={"flow": self.flow_name, "model": self.cfg.model, "seed": self.cfg.seed,
-                                            "arm": name, **tags})
+        run_id = self.tracker.start_run(name, parent_run_id=self.parent_id,
+                                        tags={"flow": self.flow_name, "model": self.cfg.model, "seed": self.cfg.seed,
+                                              "arm": name, **tags})
+        self.open_runs.append(run_id)
+        return run_id
 
     def common(self) -> dict:
         return dict(workdir=self.workdir, dtype=self.cfg.dtype, device=self.cfg.device, tracking=self.tracking)
@@ -64,7 +84,8 @@ class Run:
         m = evaluate(model, [es.model_dump() for es in self.cfg.eval_sets], self.cfg.eval_config().model_dump(),
                      run_id=run_id, metric_prefix=prefix, step=step, **self.common())
         self._record(m, f"eval {label}")
-        return {name: r["ppl"] for name, r in m["result"].items()}
+        self.counts[label] = m["result"].get(MODEL_COUNTS, {})
+        return {name: r["ppl"] for name, r in eval_results(m).items()}
 
     def cache(self, teacher: dict, run_id: str | None, label: str) -> dict:
         fields = self.cfg.corpus.model_dump()
@@ -92,6 +113,8 @@ class Run:
 
     def end(self, run_id: str) -> None:
         self.tracker.end_run(run_id)
+        if run_id in self.open_runs:
+            self.open_runs.remove(run_id)
 
     # -- report ---------------------------------------------------------------------------------------------------
     def report_dir(self) -> Path:
@@ -111,25 +134,45 @@ class Run:
                   + ", ".join(f"`{es.name}` = {es.data}" + (f" (first {es.max_tokens} tokens)" if es.max_tokens else "")
                               for es in self.cfg.eval_sets)
                   + f". KD corpus: {self.cfg.corpus.data}, {self.cfg.corpus.num_samples}×{self.cfg.corpus.seq_len} "
-                  f"tokens, top-{self.cfg.corpus.top_k}.\n\n")
+                  f"tokens, top-{self.cfg.corpus.top_k}.\n\n" + disjoint_line(self.disjoint))
         stages = rep.table(["stage", "cached", "seconds"], [[s["label"], s["cached"], s["seconds"]] for s in self.stages])
         text = header + "\n".join(sections) + "\n## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n\n" for p in plots) \
             + f"## Stages ({ran} ran, {len(self.stages) - ran} reused from cache)\n\n" + stages
-        tmp = d / ".report.md.tmp"
-        tmp.write_text(text)
-        tmp.replace(d / "report.md")
-        (d / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        (d / "config.json").write_text(self.cfg.model_dump_json(indent=1))
+        write_text_atomic(d / "report.md", text)
+        write_json_atomic(d / "metrics.json", metrics)
+        write_text_atomic(d / "config.json", self.cfg.model_dump_json(indent=1))
         self.tracker.log_metrics(self.parent_id, metrics)
         self.tracker.set_tags(self.parent_id, {"sparsekd.report": d / "report.md", "sparsekd.stages_ran": ran,
                                                "sparsekd.stages_cached": len(self.stages) - ran})
         self.tracker.log_artifact(self.parent_id, d, "report")
-        self.tracker.end_run(self.parent_id)
+        self.end(self.parent_id)
         return {"flow": self.flow_name, "report": str(d / "report.md"), "metrics": metrics, "stages": self.stages,
                 "mlflow_run_id": self.parent_id, "tracking_uri": self.tracking["uri"]}
 
 
+def disjoint_line(checked: dict) -> str:
+    if not checked:
+        return ""
+    return (f"Eval sets and the validation text are disjoint from the KD corpus: {checked['eval_documents']:,} of "
+            f"their documents checked against {checked['corpus_documents']:,} corpus documents (hash of the "
+            f"whitespace-normalised text), {checked['shared']} shared.\n\n")
+
+
+def check_held_out(cfg: FlowConfig) -> dict:
+    """Every eval set (and the distillation's validation text) must be disjoint from the KD corpus: an overlap is
+    a one-line error before any work (sparsekd_core.data.check_disjoint)."""
+    from sparsekd_core.config import DistillConfig
+    from sparsekd_core.data import check_disjoint, corpus_sources
+
+    held_out = {es.name: es.data for es in cfg.eval_sets}
+    held_out["distill.val_data"] = DistillConfig(**cfg.distill, cache="cache", out="out").val_data
+    return check_disjoint(held_out, corpus_sources(cfg.corpus.data))
+
+
 def start(cfg: FlowConfig, flow_name: str, parent_run_id: str | None = None) -> Run:
+    """Check the data, open the flow's MLflow parent run; use as ``with start(...) as run:`` so that a flow that
+    raises marks its parent and open arm runs FAILED."""
+    checked = check_held_out(cfg)
     workdir = str(Path(cfg.workdir).expanduser().resolve())
     Path(workdir).mkdir(parents=True, exist_ok=True)
     uri = cfg.tracking_uri or default_tracking_uri(workdir)
@@ -151,11 +194,15 @@ def start(cfg: FlowConfig, flow_name: str, parent_run_id: str | None = None) -> 
         pass
     parent = tracker.start_run(f"{flow_name}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}",
                                parent_run_id=parent_run_id, tags=tags, params=cfg.model_dump())
-    return Run(cfg, flow_name, tracker, tracking, parent, workdir)
+    return Run(cfg, flow_name, tracker, tracking, parent, workdir, disjoint=checked, open_runs=[parent])
 
 
 def _flat(prefix: str, ppl: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}_{name}": v for name, v in ppl.items()}
+
+
+def _pct(fraction: float | None) -> str:
+    return "—" if fraction is None else f"{100 * fraction:.2f}%"
 
 
 def _set_names(cfg: FlowConfig) -> list[str]:
@@ -210,49 +257,49 @@ def _dense_kd_section(cfg: FlowConfig, arms: dict) -> tuple[str, dict]:
 
 @flow(name="dense-kd")
 def dense_kd_flow(config: DenseKDConfig, parent_run_id: str | None = None) -> dict:
-    run = start(config, "dense-kd", parent_run_id)
-    arms = _dense_kd_arms(run, config.ce_control)
-    text, metrics = _dense_kd_section(config, arms)
-    return run.finish([text], metrics)
+    with start(config, "dense-kd", parent_run_id) as run:
+        arms = _dense_kd_arms(run, config.ce_control)
+        text, metrics = _dense_kd_section(config, arms)
+        return run.finish([text], metrics)
 
 
 @flow(name="iterative")
 def iterative_flow(config: IterativeConfig, parent_run_id: str | None = None) -> dict:
-    run = start(config, "iterative", parent_run_id)
-    names = _set_names(config)
-    dense, dense_ppl, teacher_cache = _dense_and_cache(run)
-    current, rounds = dense, []
-    for r, target in enumerate(config.targets, 1):
-        rid = run.arm(f"round-{r}", round=r, target=target)
-        p = run.prune(current, rid, f"R{r}", step=r, target_reduction=target)
-        pre = run.evaluate(p["model"], rid, f"R{r} pre-KD", prefix="pre_kd_", step=r)
-        d = run.distill(p["model"], teacher_cache, rid, f"R{r}")
-        post = run.evaluate(d["model"], rid, f"R{r} post-KD", prefix="post_kd_", step=r)
-        run.tracker.log_metrics(run.parent_id, {**_flat("pre_kd_ppl", pre), **_flat("post_kd_ppl", post)}, step=r)
-        run.end(rid)
-        rounds.append({"round": r, "target": target, "mlp_reduction": p["result"].get("mlp_reduction", target),
-                       "pre": pre, "post": post})
-        current = d["model"]
-        if not config.keep_original_teacher and r < len(config.targets):
-            teacher_cache = run.cache(current, None, f"R{r} post-KD")
-    headers = ["round", "MLP reduction", *[f"pre-KD {n}" for n in names], *[f"post-KD {n}" for n in names],
-               *[f"post vs dense {n}" for n in names]]
-    rows = [[f"R{x['round']}", f"{100 * x['mlp_reduction']:.1f}%", *[x["pre"][n] for n in names],
-             *[x["post"][n] for n in names], *[rep.vs(x["post"][n], dense_ppl[n]) for n in names]] for x in rounds]
-    teacher = "the dense model's cache every round" if config.keep_original_teacher else \
-        "the previous round's recovered model (re-cached each round, as the paper does)"
-    text = (f"## Iterative pruning (Table III)\n\nDense: " + ", ".join(f"{n} {dense_ppl[n]:.2f}" for n in names)
-            + f". Teacher: {teacher}.\n\n" + rep.table(headers, rows))
-    plots = []
-    for n in names:
-        path = run.report_dir() / f"ppl_vs_reduction_{n}.png"
-        rep.plot_ppl_vs_reduction(rounds, n, dense_ppl[n], path)
-        plots.append(path)
-    metrics = _flat("ppl_dense", dense_ppl)
-    for x in rounds:
-        metrics.update(_flat(f"R{x['round']}_pre_kd", x["pre"]))
-        metrics.update(_flat(f"R{x['round']}_post_kd", x["post"]))
-    return run.finish([text], metrics, plots)
+    with start(config, "iterative", parent_run_id) as run:
+        names = _set_names(config)
+        dense, dense_ppl, teacher_cache = _dense_and_cache(run)
+        current, rounds = dense, []
+        for r, target in enumerate(config.targets, 1):
+            rid = run.arm(f"round-{r}", round=r, target=target)
+            p = run.prune(current, rid, f"R{r}", step=r, target_reduction=target)
+            pre = run.evaluate(p["model"], rid, f"R{r} pre-KD", prefix="pre_kd_", step=r)
+            d = run.distill(p["model"], teacher_cache, rid, f"R{r}")
+            post = run.evaluate(d["model"], rid, f"R{r} post-KD", prefix="post_kd_", step=r)
+            run.tracker.log_metrics(run.parent_id, {**_flat("pre_kd_ppl", pre), **_flat("post_kd_ppl", post)}, step=r)
+            run.end(rid)
+            rounds.append({"round": r, "target": target, "mlp_reduction": p["result"].get("mlp_reduction", target),
+                           "pre": pre, "post": post})
+            current = d["model"]
+            if not config.keep_original_teacher and r < len(config.targets):
+                teacher_cache = run.cache(current, None, f"R{r} post-KD")
+        headers = ["round", "MLP reduction", *[f"pre-KD {n}" for n in names], *[f"post-KD {n}" for n in names],
+                   *[f"post vs dense {n}" for n in names]]
+        rows = [[f"R{x['round']}", f"{100 * x['mlp_reduction']:.1f}%", *[x["pre"][n] for n in names],
+                 *[x["post"][n] for n in names], *[rep.vs(x["post"][n], dense_ppl[n]) for n in names]] for x in rounds]
+        teacher = "the dense model's cache every round" if config.keep_original_teacher else \
+            "the previous round's recovered model (re-cached each round, as the paper does)"
+        text = (f"## Iterative pruning (Table III)\n\nDense: " + ", ".join(f"{n} {dense_ppl[n]:.2f}" for n in names)
+                + f". Teacher: {teacher}.\n\n" + rep.table(headers, rows))
+        plots = []
+        for n in names:
+            path = run.report_dir() / f"ppl_vs_reduction_{n}.png"
+            rep.plot_ppl_vs_reduction(rounds, n, dense_ppl[n], path)
+            plots.append(path)
+        metrics = _flat("ppl_dense", dense_ppl)
+        for x in rounds:
+            metrics.update(_flat(f"R{x['round']}_pre_kd", x["pre"]))
+            metrics.update(_flat(f"R{x['round']}_post_kd", x["post"]))
+        return run.finish([text], metrics, plots)
 
 
 def _swap_rows(names, student_pre, from_dense, from_kd, dense_ppl):
@@ -267,83 +314,90 @@ def _swap_rows(names, student_pre, from_dense, from_kd, dense_ppl):
 def cascade_flow(config: CascadeConfig, parent_run_id: str | None = None) -> dict:
     """Dense → Dense+KD (+ CE-only twin) → prune the Dense+KD model → Pruned+KD from the Dense+KD cache;
     teacher swap: the same pruned student distilled from the original dense cache."""
-    run = start(config, "cascade", parent_run_id)
-    names = _set_names(config)
-    arms = _dense_kd_arms(run, config.ce_control)
-    text, metrics = _dense_kd_section(config, arms)
-    kd_cache = run.cache(arms["kd"]["model"], None, "dense+kd")
-    rid = run.arm("pruned", target=config.target)
-    p = run.prune(arms["kd"]["model"], rid, "dense+kd", target_reduction=config.target)
-    pre = run.evaluate(p["model"], rid, "pruned pre-KD")
-    run.end(rid)
-    rid = run.arm("pruned+kd (teacher dense+kd)")
-    pkd = run.evaluate(run.distill(p["model"], kd_cache, rid, "pruned+kd")["model"], rid, "pruned+kd")
-    run.end(rid)
-    metrics.update({**_flat("ppl_pruned_pre_kd", pre), **_flat("ppl_pruned_kd", pkd)})
-    sections = [text]
-    red = p["result"].get("mlp_reduction", config.target)
-    rows = [["Dense", *[arms["dense_ppl"][n] for n in names]], ["Dense+KD", *[arms["kd_ppl"][n] for n in names]],
-            [f"Pruned ({100 * red:.1f}% MLP), pre-KD", *[pre[n] for n in names]],
-            ["Pruned+KD (teacher Dense+KD)", *[pkd[n] for n in names]]]
-    if config.teacher_swap:
-        rid = run.arm("pruned+kd (teacher dense)")
-        swap = run.evaluate(run.distill(p["model"], arms["dense_cache"], rid, "pruned+kd teacher dense")["model"],
-                            rid, "pruned+kd teacher dense")
+    with start(config, "cascade", parent_run_id) as run:
+        names = _set_names(config)
+        arms = _dense_kd_arms(run, config.ce_control)
+        text, metrics = _dense_kd_section(config, arms)
+        kd_cache = run.cache(arms["kd"]["model"], None, "dense+kd")
+        rid = run.arm("pruned", target=config.target)
+        p = run.prune(arms["kd"]["model"], rid, "dense+kd", target_reduction=config.target)
+        pre = run.evaluate(p["model"], rid, "pruned pre-KD")
         run.end(rid)
-        rows.append(["Pruned+KD (teacher Dense)", *[swap[n] for n in names]])
-        metrics.update(_flat("ppl_pruned_kd_teacher_dense", swap))
-        sections.append("## Teacher swap (Table IV)\n\n" + rep.table(
-            ["student", *[f"PPL {n}" for n in names], *[f"vs dense {n}" for n in names]],
-            _swap_rows(names, pre, swap, pkd, arms["dense_ppl"])))
-    sections.insert(1, "## Cascade: Dense → Dense+KD → Pruned+KD\n\n" + rep.table(["model", *[f"PPL {n}" for n in names]], rows))
-    return run.finish(sections, metrics)
+        rid = run.arm("pruned+kd (teacher dense+kd)")
+        pkd = run.evaluate(run.distill(p["model"], kd_cache, rid, "pruned+kd")["model"], rid, "pruned+kd")
+        run.end(rid)
+        metrics.update({**_flat("ppl_pruned_pre_kd", pre), **_flat("ppl_pruned_kd", pkd)})
+        sections = [text]
+        red = p["result"].get("mlp_reduction", config.target)
+        rows = [["Dense", *[arms["dense_ppl"][n] for n in names]], ["Dense+KD", *[arms["kd_ppl"][n] for n in names]],
+                [f"Pruned ({100 * red:.1f}% MLP), pre-KD", *[pre[n] for n in names]],
+                ["Pruned+KD (teacher Dense+KD)", *[pkd[n] for n in names]]]
+        if config.teacher_swap:
+            rid = run.arm("pruned+kd (teacher dense)")
+            swap = run.evaluate(run.distill(p["model"], arms["dense_cache"], rid, "pruned+kd teacher dense")["model"],
+                                rid, "pruned+kd teacher dense")
+            run.end(rid)
+            rows.append(["Pruned+KD (teacher Dense)", *[swap[n] for n in names]])
+            metrics.update(_flat("ppl_pruned_kd_teacher_dense", swap))
+            sections.append("## Teacher swap (Table IV)\n\n" + rep.table(
+                ["student", *[f"PPL {n}" for n in names], *[f"vs dense {n}" for n in names]],
+                _swap_rows(names, pre, swap, pkd, arms["dense_ppl"])))
+        sections.insert(1, "## Cascade: Dense → Dense+KD → Pruned+KD\n\n" + rep.table(["model", *[f"PPL {n}" for n in names]], rows))
+        return run.finish(sections, metrics)
 
 
 @flow(name="teacher-swap")
 def teacher_swap_flow(config: TeacherSwapConfig, parent_run_id: str | None = None) -> dict:
-    run = start(config, "teacher-swap", parent_run_id)
-    names = _set_names(config)
-    arms = _dense_kd_arms(run, ce_control=False)
-    kd_cache = run.cache(arms["kd"]["model"], None, "dense+kd")
-    rid = run.arm("pruned", target=config.target)
-    p = run.prune(arms["dense"], rid, "dense", target_reduction=config.target)
-    pre = run.evaluate(p["model"], rid, "pruned pre-KD")
-    run.end(rid)
-    out = {}
-    for label, cache in (("teacher dense", arms["dense_cache"]), ("teacher dense+kd", kd_cache)):
-        rid = run.arm(f"pruned+kd ({label})")
-        out[label] = run.evaluate(run.distill(p["model"], cache, rid, f"pruned+kd {label}")["model"], rid, label)
+    with start(config, "teacher-swap", parent_run_id) as run:
+        names = _set_names(config)
+        arms = _dense_kd_arms(run, ce_control=False)
+        kd_cache = run.cache(arms["kd"]["model"], None, "dense+kd")
+        rid = run.arm("pruned", target=config.target)
+        p = run.prune(arms["dense"], rid, "dense", target_reduction=config.target)
+        pre = run.evaluate(p["model"], rid, "pruned pre-KD")
         run.end(rid)
-    text = (f"## Teacher swap (Table IV): one student pruned to {100 * p['result'].get('mlp_reduction', config.target):.1f}% "
-            "MLP reduction\n\n" + rep.table(["student", *[f"PPL {n}" for n in names], *[f"vs dense {n}" for n in names]],
-                                             _swap_rows(names, pre, out["teacher dense"], out["teacher dense+kd"],
-                                                        arms["dense_ppl"])))
-    metrics = {**_flat("ppl_dense", arms["dense_ppl"]), **_flat("ppl_pruned_pre_kd", pre),
-               **_flat("ppl_kd_teacher_dense", out["teacher dense"]),
-               **_flat("ppl_kd_teacher_dense_kd", out["teacher dense+kd"])}
-    return run.finish([text], metrics)
+        out = {}
+        for label, cache in (("teacher dense", arms["dense_cache"]), ("teacher dense+kd", kd_cache)):
+            rid = run.arm(f"pruned+kd ({label})")
+            out[label] = run.evaluate(run.distill(p["model"], cache, rid, f"pruned+kd {label}")["model"], rid, label)
+            run.end(rid)
+        text = (f"## Teacher swap (Table IV): one student pruned to {100 * p['result'].get('mlp_reduction', config.target):.1f}% "
+                "MLP reduction\n\n" + rep.table(["student", *[f"PPL {n}" for n in names], *[f"vs dense {n}" for n in names]],
+                                                 _swap_rows(names, pre, out["teacher dense"], out["teacher dense+kd"],
+                                                            arms["dense_ppl"])))
+        metrics = {**_flat("ppl_dense", arms["dense_ppl"]), **_flat("ppl_pruned_pre_kd", pre),
+                   **_flat("ppl_kd_teacher_dense", out["teacher dense"]),
+                   **_flat("ppl_kd_teacher_dense_kd", out["teacher dense+kd"])}
+        return run.finish([text], metrics)
 
 
 @flow(name="wanda")
 def wanda_flow(config: WandaConfig, parent_run_id: str | None = None) -> dict:
-    run = start(config, "wanda", parent_run_id)
-    names = _set_names(config)
-    dense, dense_ppl, dense_cache = _dense_and_cache(run)
-    rows, metrics = [], _flat("ppl_dense", dense_ppl)
-    for s in config.sparsities:
-        rid = run.arm(f"wanda-{s}", sparsity=s)
-        p = run.prune(dense, rid, f"wanda {s}", method="wanda", target_reduction=s)
-        pre = run.evaluate(p["model"], rid, f"wanda {s} pre-KD", prefix="pre_kd_")
-        post = run.evaluate(run.distill(p["model"], dense_cache, rid, f"wanda {s}")["model"], rid,
-                            f"wanda {s} post-KD", prefix="post_kd_")
-        run.end(rid)
-        rows.append([f"{100 * s:.0f}%", *[pre[n] for n in names], *[post[n] for n in names],
-                     *[rep.vs(post[n], dense_ppl[n]) for n in names]])
-        metrics.update({**_flat(f"wanda{s}_pre_kd", pre), **_flat(f"wanda{s}_post_kd", post)})
-    text = ("## WANDA + KD (Table V)\n\nUnstructured: zeros are stored densely, so no speed or size gain without "
-            "sparse kernels.\n\n" + rep.table(["sparsity", *[f"pre-KD {n}" for n in names],
-                                               *[f"post-KD {n}" for n in names], *[f"post vs dense {n}" for n in names]], rows))
-    return run.finish([text], metrics)
+    with start(config, "wanda", parent_run_id) as run:
+        names = _set_names(config)
+        dense, dense_ppl, dense_cache = _dense_and_cache(run)
+        rows, metrics = [], _flat("ppl_dense", dense_ppl)
+        for s in config.sparsities:
+            rid = run.arm(f"wanda-{s}", sparsity=s)
+            p = run.prune(dense, rid, f"wanda {s}", method="wanda", target_reduction=s)
+            pre = run.evaluate(p["model"], rid, f"wanda {s} pre-KD", prefix="pre_kd_")
+            post = run.evaluate(run.distill(p["model"], dense_cache, rid, f"wanda {s}")["model"], rid,
+                                f"wanda {s} post-KD", prefix="post_kd_")
+            run.end(rid)
+            # The sparsity of the models that were evaluated, counted on them (not the pruning target).
+            zeros_pre = run.counts[f"wanda {s} pre-KD"].get("mlp_zero_fraction")
+            zeros_post = run.counts[f"wanda {s} post-KD"].get("mlp_zero_fraction")
+            rows.append([f"{100 * s:.0f}%", _pct(zeros_pre), _pct(zeros_post), *[pre[n] for n in names],
+                         *[post[n] for n in names], *[rep.vs(post[n], dense_ppl[n]) for n in names]])
+            metrics.update({**_flat(f"wanda{s}_pre_kd", pre), **_flat(f"wanda{s}_post_kd", post),
+                            f"wanda{s}_pre_kd_mlp_zero_fraction": zeros_pre,
+                            f"wanda{s}_post_kd_mlp_zero_fraction": zeros_post})
+        text = ("## WANDA + KD (Table V)\n\nUnstructured: zeros are stored densely, so no speed or size gain without "
+                "sparse kernels. MLP zeros are counted on each evaluated model; the mask is held through "
+                "distillation.\n\n"
+                + rep.table(["target", "MLP zeros pre-KD", "MLP zeros post-KD", *[f"pre-KD {n}" for n in names],
+                             *[f"post-KD {n}" for n in names], *[f"post vs dense {n}" for n in names]], rows))
+        return run.finish([text], metrics)
 
 
 FLOWS = {"dense-kd": dense_kd_flow, "iterative": iterative_flow, "cascade": cascade_flow,
@@ -359,30 +413,30 @@ def multi_seed_flow(config: MultiSeedConfig) -> dict:
     base = cls(**{**config.config, "seed": config.seeds[0]})
     if config.fan_out == "deployments":
         _check_deployment(f"{config.flow}/{config.deployment}")
-    run = start(base, "multi-seed")
-    # Nested runs must live in the parent's experiment to show under it in MLflow.
-    inner = {seed: cls(**{**config.config, "seed": seed, "experiment": run.tracking["experiment"]})
-             for seed in config.seeds}
-    if config.fan_out == "deployments":
-        per_seed = _seeds_on_pool(run, config, inner)
-    else:
-        per_seed = {seed: FLOWS[config.flow](inner[seed], parent_run_id=run.parent_id) for seed in config.seeds}
-    for seed in config.seeds:
-        run.stages += [{**s, "label": f"seed {seed}: {s['label']}"} for s in per_seed[seed].get("stages", [])]
-    keys = sorted(set().union(*(r["metrics"] for r in per_seed.values())))
-    rows, metrics = [], {}
-    for k in keys:
-        values = [per_seed[s]["metrics"].get(k) for s in config.seeds]
-        mean, std = rep.mean_std(values)
-        metrics[f"{k}_mean"], metrics[f"{k}_std"] = mean, std
-        rows.append([k, *values, f"{mean:.2f} ± {std:.2f}"])
-    where = ("one deployment run per seed on the work pool: "
-             + ", ".join(f"seed {s} = flow run {per_seed[s]['flow_run_id']}" for s in config.seeds)
-             if config.fan_out == "deployments" else "subflows of this run")
-    text = (f"## {config.flow} over seeds {config.seeds} (mean ± std)\n\nSeeds ran as {where}.\n\n"
-            + rep.table(["metric", *[f"seed {s}" for s in config.seeds], "mean ± std"], rows)
-            + "\nPer-seed reports: " + ", ".join(f"[{s}]({per_seed[s]['report']})" for s in config.seeds) + "\n")
-    return run.finish([text], metrics)
+    with start(base, "multi-seed") as run:
+        # Nested runs must live in the parent's experiment to show under it in MLflow.
+        inner = {seed: cls(**{**config.config, "seed": seed, "experiment": run.tracking["experiment"]})
+                 for seed in config.seeds}
+        if config.fan_out == "deployments":
+            per_seed = _seeds_on_pool(run, config, inner)
+        else:
+            per_seed = {seed: FLOWS[config.flow](inner[seed], parent_run_id=run.parent_id) for seed in config.seeds}
+        for seed in config.seeds:
+            run.stages += [{**s, "label": f"seed {seed}: {s['label']}"} for s in per_seed[seed].get("stages", [])]
+        keys = sorted(set().union(*(r["metrics"] for r in per_seed.values())))
+        rows, metrics = [], {}
+        for k in keys:
+            values = [per_seed[s]["metrics"].get(k) for s in config.seeds]
+            mean, std = rep.mean_std(values)
+            metrics[f"{k}_mean"], metrics[f"{k}_std"] = mean, std
+            rows.append([k, *values, f"{mean:.2f} ± {std:.2f}"])
+        where = ("one deployment run per seed on the work pool: "
+                 + ", ".join(f"seed {s} = flow run {per_seed[s]['flow_run_id']}" for s in config.seeds)
+                 if config.fan_out == "deployments" else "subflows of this run")
+        text = (f"## {config.flow} over seeds {config.seeds} (mean ± std)\n\nSeeds ran as {where}.\n\n"
+                + rep.table(["metric", *[f"seed {s}" for s in config.seeds], "mean ± std"], rows)
+                + "\nPer-seed reports: " + ", ".join(f"[{s}]({per_seed[s]['report']})" for s in config.seeds) + "\n")
+        return run.finish([text], metrics)
 
 
 def _check_deployment(name: str) -> None:
@@ -452,29 +506,18 @@ def _seeds_on_pool(run: Run, config: MultiSeedConfig, inner: dict[int, FlowConfi
 
 @flow(name="paper")
 def paper_flow(config: PaperConfig) -> dict:
-    """Everything at one scale; shared stages (dense eval, caches, Dense+KD) are computed once and reused."""
-    common = config.model_dump(exclude={"targets", "keep_original_teacher", "cascade_target", "swap_target",
-                                        "sparsities", "prune"})
-    run = start(config, "paper")
-    common["experiment"] = run.tracking["experiment"]  # nested runs live in the parent's experiment
-    parts = {
-        "dense-kd": dense_kd_flow(DenseKDConfig(**common), parent_run_id=run.parent_id),
-        "iterative": iterative_flow(IterativeConfig(**common, prune=config.prune, targets=config.targets,
-                                                    keep_original_teacher=config.keep_original_teacher),
-                                    parent_run_id=run.parent_id),
-        "cascade": cascade_flow(CascadeConfig(**common, prune=config.prune, target=config.cascade_target),
-                                parent_run_id=run.parent_id),
-        "teacher-swap": teacher_swap_flow(TeacherSwapConfig(**common, prune=config.prune, target=config.swap_target),
-                                          parent_run_id=run.parent_id),
-        "wanda": wanda_flow(WandaConfig(**common, sparsities=config.sparsities), parent_run_id=run.parent_id),
-    }
-    metrics, sections = {}, []
-    for name, res in parts.items():
-        metrics.update({f"{name}.{k}": v for k, v in res["metrics"].items()})
-        body = Path(res["report"]).read_text().split("\n## Plots")[0].split("\n", 2)[-1]
-        sections.append(f"# {name}\n\n{body}\n(full report: {res['report']})\n")
-        run.stages += [{**s, "label": f"{name}: {s['label']}"} for s in res["stages"]]
-    return run.finish(sections, metrics)
+    """Everything at one scale; shared stages (dense eval, caches, Dense+KD) are computed once and reused.
+    Every sub-flow's config was validated with the paper config (``paper_parts``), before any of them runs."""
+    with start(config, "paper") as run:
+        configs = paper_parts(config, experiment=run.tracking["experiment"])
+        parts = {name: FLOWS[name](cfg, parent_run_id=run.parent_id) for name, cfg in configs.items()}
+        metrics, sections = {}, []
+        for name, res in parts.items():
+            metrics.update({f"{name}.{k}": v for k, v in res["metrics"].items()})
+            body = Path(res["report"]).read_text().split("\n## Plots")[0].split("\n", 2)[-1]
+            sections.append(f"# {name}\n\n{body}\n(full report: {res['report']})\n")
+            run.stages += [{**s, "label": f"{name}: {s['label']}"} for s in res["stages"]]
+        return run.finish(sections, metrics)
 
 
 ALL_FLOWS = {**FLOWS, "multi-seed": multi_seed_flow, "paper": paper_flow}

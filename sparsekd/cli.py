@@ -89,6 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sparsekd_core.data import load_text
     from sparsekd_core.eval import make_windows, perplexity, tokenize_text
     from sparsekd_core.models import load_model
+    from sparsekd_core.prune.masks import measured_compression
 
     sections = _sections(args, EVAL_FLAGS)
     sections["data"].setdefault("data", "wikitext2:test")
@@ -123,6 +124,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "data": data_cfg.data,
         "device": loaded.device.type,
         "dtype": str(loaded.dtype).removeprefix("torch."),
+        # Counted on the evaluated model (e.g. the zeros of a WANDA model after distillation).
+        **{k: v for k, v in measured_compression(loaded.model).items() if k != "counted"},
     }
     _emit(result, args.json, f"ppl {res.ppl:.4f} (nll {res.nll:.5f}) over {res.tokens} scored tokens, "
           f"{res.windows} windows, {res.tokens_per_s:.0f} tokens/s [{eval_cfg.protocol} protocol, "
@@ -287,6 +290,7 @@ PROFILE_FLAGS = {"profile": {"batch_sizes": "batch_sizes", "seq_len": "seq_len",
 def cmd_profile(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from sparsekd_core.files import write_json_atomic, write_text_atomic
     from sparsekd_core.models import load_model
     from sparsekd_core.profile import add_speedups, markdown_table, profile_model, speedup_plot
 
@@ -296,10 +300,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     model_cfgs = [build(ModelConfig, "model", {k: v for k, v in {"model": m, "dtype": args.dtype,
                   "device": args.device}.items() if v is not None}) for m in args.models]
     results: list[dict] = []
-    for cfg in model_cfgs:  # one model in memory at a time
+    for index, cfg in enumerate(model_cfgs):  # one model in memory at a time
         loaded = load_model(cfg, log=log)
         log(f"profile: {cfg.model} on {loaded.device.type} {str(loaded.dtype).removeprefix('torch.')}")
-        results += profile_model(cfg.model, loaded.model, prof_cfg, progress=lambda r: log(
+        results += profile_model(cfg.model, loaded.model, prof_cfg, index, progress=lambda r: log(
             f"  batch {r['batch_size']:>3} seq {r['seq_len']:>4}: TTFT {r['ttft_ms']:.1f} ms, TPOT {r['tpot_ms']:.2f} ms, "
             f"attention {r['attention_ms']:.1f} ms, FFN {r['ffn_ms']:.1f} ms"))
         del loaded
@@ -308,18 +312,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "profile.json", json.dumps({"results": results}, indent=1) + "\n")
-        _write_atomic(out / "profile.md", table)
+        write_json_atomic(out / "profile.json", {"results": results})
+        write_text_atomic(out / "profile.md", table)
         speedup_plot(results, out / "speedup.png")
         log(f"profile: wrote {out}/profile.json, profile.md, speedup.png")
     _emit({"results": results}, args.json, table)
     return 0
-
-
-def _write_atomic(path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------- cache
@@ -327,7 +325,8 @@ def _write_atomic(path, text: str) -> None:
 CACHE_FLAGS = {
     "model": EVAL_FLAGS["model"],
     "cache": {"out": "out", "data": "data", "num_samples": "num_samples", "seq_len": "seq_len", "seed": "seed",
-              "top_k": "top_k", "batch_size": "batch_size", "chunk_size": "chunk_size"},
+              "max_sequences_per_document": "max_sequences_per_document", "top_k": "top_k",
+              "batch_size": "batch_size", "chunk_size": "chunk_size"},
 }
 
 
@@ -338,7 +337,9 @@ def add_cache_parser(sub) -> None:
     p.add_argument("--out", help="Zarr store: local directory or fsspec URL (s3://...)")
     p.add_argument("--num-samples", type=int, help="sequences (required for a mixture)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 512)")
-    p.add_argument("--seed", type=int, help="corpus seed (default 0)")
+    p.add_argument("--seed", type=int, help="corpus seed: document order and offsets (default 0)")
+    p.add_argument("--max-sequences-per-document", type=int,
+                   help="sequences one document may give (default 1: a sample is a document)")
     p.add_argument("--top-k", type=int, help="ids kept per position (default 32)")
     p.add_argument("--batch-size", type=int, help="sequences per forward pass (default 1; divides --chunk-size)")
     p.add_argument("--chunk-size", type=int, help="sequences per Zarr chunk (default 16)")
@@ -368,7 +369,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     loaded = load_model(model_cfg, log=log)
     res = run_cache(loaded, cache_cfg, log=log, progress_factory=_progress("cache", "seq"))
     result = res.as_dict() | {"model": model_cfg.model, "data": cache_cfg.data}
-    _emit(result, args.json, f"cache {res.path}: {res.sequences} sequences, {res.tokens} tokens, top-{res.top_k}, "
+    _emit(result, args.json, f"cache {res.path}: {res.sequences} sequences from {res.documents} documents, "
+          f"{res.tokens} tokens, top-{res.top_k}, "
           f"{res.bytes_per_token:.1f} bytes/token, {res.tokens_per_s:.0f} tokens/s, "
           f"{res.resumed_chunks} chunks resumed")
     return 0
@@ -400,6 +402,7 @@ DISTILL_OPTIONS = {  # flag dest -> (type, help); the field of the same name in 
     "min_delta": (float, "stopping rule: relative ppl gain that counts (default 0.002)"),
     "checkpoint_every": (int, "resumable checkpoint every N steps (default 10)"),
     "max_bad_steps": (int, "abort after N NaN/inf steps in a row (default 5)"),
+    "autocast": (str, "auto (bf16 autocast on CUDA, none on CPU) | bf16 | off; weights are always fp32"),
 }
 DISTILL_FLAGS = {
     "model": EVAL_FLAGS["model"],
@@ -422,7 +425,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     from sparsekd_core.config import DistillConfig
     from sparsekd_core.distill import distill
-    from sparsekd_core.models import load_model
+    from sparsekd_core.models import load_for_training
 
     sections = _sections(args, DISTILL_FLAGS)
     if "model" not in sections["model"]:
@@ -430,11 +433,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     for field in ("cache", "out"):
         if field not in sections["distill"]:
             raise ConfigError(f"distill.{field}: required; give --{field}")
-    if sections["model"].get("dtype", "auto") == "auto":
-        sections["model"]["dtype"] = "fp32"  # fp32 master weights; bf16 autocast on CUDA
     model_cfg = build(ModelConfig, "model", sections["model"])
     cfg = build(DistillConfig, "distill", sections["distill"])
-    loaded = load_model(model_cfg, log=log)
+    loaded = load_for_training(model_cfg, log=log)  # fp32 master weights, whatever --dtype says
     bar = None
 
     def progress(step: int, total: int, postfix: dict) -> None:
@@ -455,7 +456,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     _emit(result, args.json, f"distilled {res.steps} steps -> {res.out}: kd {fmt(res.kd_loss_first)} -> "
           f"{fmt(res.kd_loss_last)}, ce {fmt(res.ce_loss_first)} -> {fmt(res.ce_loss_last)}, best val ppl "
           f"{fmt(res.val_ppl_best)} (step {res.best_step}; start {fmt(res.val_ppl_start)}), {res.tokens_per_s:.0f} "
-          f"tokens/s, stop: {res.stop_reason}")
+          f"tokens/s, stop: {res.stop_reason}; {res.precision}; MLP {res.mlp_nonzero:,} nonzero of "
+          f"{res.mlp_params:,} ({res.mlp_zero_fraction:.2%} zero)")
     return 0
 
 

@@ -61,24 +61,34 @@ def corpus_digest(input_ids: torch.Tensor) -> str:
     return hashlib.blake2b(input_ids.to(torch.int64).contiguous().numpy().tobytes(), digest_size=8).hexdigest()
 
 
-def build_corpus(cfg: CacheConfig, tokenizer, log=print) -> torch.Tensor:
-    """The token corpus [N, L] int64: a named mixture, or one source/file packed the same way (validated docs,
-    seeded order, each document followed by EOS). With no num_samples a single source gives all full sequences."""
-    from .data import DataQualityError, build_mixture, load_documents, pack_sequences, validate_documents
-
+def corpus_mixture(cfg: CacheConfig) -> tuple[MixtureConfig, bool]:
+    """The mixture a cache config means, and whether it takes every sample (one source, no num_samples)."""
     if cfg.data in NAMED_MIXTURES:
-        mix = MixtureConfig.named(cfg.data, num_samples=cfg.num_samples, seq_len=cfg.seq_len, seed=cfg.seed)
-        return build_mixture(mix, tokenizer, log=log).input_ids
-    if cfg.num_samples is not None:
-        mix = MixtureConfig(components=[MixtureComponent(source=cfg.data, weight=1.0)],
-                            num_samples=cfg.num_samples, seq_len=cfg.seq_len, seed=cfg.seed)
-        return build_mixture(mix, tokenizer, log=log).input_ids
-    good, _ = validate_documents(cfg.data, load_documents(cfg.data), 0.05)
-    order = np.random.default_rng(cfg.seed).permutation(len(good))
-    rows = [ids for ids, _ in pack_sequences((good[j] for j in order), tokenizer, cfg.seq_len, 1 << 62)]
-    if not rows:
-        raise DataQualityError(f"data {cfg.data!r} gives no full sequence of {cfg.seq_len} tokens; lower seq_len")
-    return torch.tensor(rows, dtype=torch.int64)
+        components = [MixtureComponent(source=s, weight=w) for s, w in NAMED_MIXTURES[cfg.data].items()]
+    else:
+        components = [MixtureComponent(source=cfg.data, weight=1.0)]
+    mix = MixtureConfig(components=components, num_samples=cfg.num_samples or 1, seq_len=cfg.seq_len, seed=cfg.seed,
+                        max_sequences_per_document=cfg.max_sequences_per_document)
+    return mix, cfg.num_samples is None
+
+
+def corpus_digests(cfg: CacheConfig) -> dict[str, str]:
+    """{source: content digest of the documents the corpus build reads from it} (what a cache stage key holds)."""
+    from .data import corpus_limit, source_digest, split_counts
+
+    mix, every = corpus_mixture(cfg)
+    counts = [None] if every else split_counts(mix.num_samples, [c.weight for c in mix.components])
+    return {c.source: source_digest(c.source, corpus_limit(n)) for c, n in zip(mix.components, counts)}
+
+
+def build_corpus(cfg: CacheConfig, tokenizer, log=print):
+    """The KD corpus (``data.Corpus``; token ids [N, L] int64): a named mixture, or one source/file cut the same way
+    (validated documents, seeded order, a sample per document). With no num_samples a single source gives every
+    sample its documents give."""
+    from .data import build_mixture
+
+    mix, every = corpus_mixture(cfg)
+    return build_mixture(mix, tokenizer, log=log, all_sequences=every)
 
 
 @torch.inference_mode()
@@ -125,6 +135,7 @@ class CacheResult:
     resumed_chunks: int
     computed_chunks: int
     seconds: float
+    documents: int | None = None  # distinct source documents in the corpus (set by run_cache)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -269,17 +280,20 @@ class TeacherCache:
 
 def run_cache(loaded, cfg: CacheConfig, log=print, progress_factory=None) -> CacheResult:
     """Build the corpus, fingerprint it with the model, and write/finish the store (the `sparsekd cache` verb)."""
-    input_ids = build_corpus(cfg, loaded.tokenizer, log=log)
+    corpus = build_corpus(cfg, loaded.tokenizer, log=log)
+    input_ids = corpus.input_ids
     max_pos = getattr(loaded.model.config, "max_position_embeddings", None)
     if max_pos is not None and cfg.seq_len > max_pos:
         raise ConfigError(f"cache.seq_len={cfg.seq_len} exceeds the model's max_position_embeddings ({max_pos})")
     fingerprint = cache_fingerprint(loaded, cfg, input_ids)
-    log(f"cache: {input_ids.shape[0]} sequences x {input_ids.shape[1]} tokens, top-{cfg.top_k} -> {cfg.out}")
+    log(f"cache: {input_ids.shape[0]} sequences from {corpus.documents} documents x {input_ids.shape[1]} tokens, "
+        f"top-{cfg.top_k} -> {cfg.out}")
     bar = progress_factory(input_ids.shape[0]) if progress_factory else None
     try:
-        return write_cache(loaded.model, input_ids, cfg, fingerprint, int(loaded.model.config.vocab_size),
-                           log=log, progress=bar.update if bar else None)
+        result = write_cache(loaded.model, input_ids, cfg, fingerprint, int(loaded.model.config.vocab_size),
+                             log=log, progress=bar.update if bar else None)
     finally:
         if bar is not None:
             bar.close()
-
+    result.documents = corpus.documents
+    return result

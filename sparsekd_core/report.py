@@ -11,6 +11,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
+from .files import write_file_atomic
+
 
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -53,9 +55,7 @@ def plot_ppl_vs_reduction(rounds: list[dict], eval_name: str, dense_ppl: float |
     ax.set_xlabel("MLP parameter reduction (%)")
     ax.set_ylabel(f"perplexity ({eval_name})")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_recovery(curves: dict[str, list[tuple[int, float]]], path: str | Path) -> None:
@@ -70,9 +70,13 @@ def plot_recovery(curves: dict[str, list[tuple[int, float]]], path: str | Path) 
     ax.set_ylabel("validation perplexity")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    _pyplot().close(fig)
 
 
 def _pyplot():

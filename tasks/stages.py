@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from sparsekd_core.config import ConfigError
+from sparsekd_core.files import write_json_atomic, write_text_atomic
 
 from .store import run_stage
 from .tracking import Tracker
@@ -29,7 +30,11 @@ ModelRef = dict[str, str]
 
 
 def dense_ref(spec: str) -> ModelRef:
-    return {"spec": spec, "fingerprint": f"model:{spec}"}
+    """A model given by the user, fingerprinted by content (GGUF/directory digest or hub commit), not by name."""
+    from sparsekd_core.models import model_fingerprint
+
+    fingerprint = json.dumps(model_fingerprint(spec), sort_keys=True)
+    return {"spec": spec, "fingerprint": f"model:{fingerprint}"}
 
 
 def _transient(task, task_run, state) -> bool:
@@ -111,11 +116,19 @@ def run_log():
         return print
 
 
-def _load(ref: ModelRef, dtype: str, device: str):
+def _load(ref: ModelRef, dtype: str, device: str, training: bool = False):
+    """Load a model for a stage; ``training`` goes through the core precision policy (fp32 master weights)."""
     from sparsekd_core.config import ModelConfig
-    from sparsekd_core.models import load_model
+    from sparsekd_core.models import load_for_training, load_model
 
-    return load_model(ModelConfig(model=ref["spec"], dtype=dtype, device=device), log=run_log())
+    cfg = ModelConfig(model=ref["spec"], dtype=dtype, device=device)
+    return (load_for_training if training else load_model)(cfg, log=run_log())
+
+
+def _runtime(dtype: str, device: str) -> dict:
+    from sparsekd_core.provenance import resolved_runtime
+
+    return resolved_runtime(dtype, device)
 
 
 def _track(tracking: dict | None, run_id: str | None, metrics: dict[str, Any], step: int | None = None,
@@ -136,26 +149,44 @@ def _track(tracking: dict | None, run_id: str | None, metrics: dict[str, Any], s
 def evaluate(model: ModelRef, eval_sets: list[dict], eval_cfg: dict, workdir: str, dtype: str = "auto",
              device: str = "auto", tracking: dict | None = None, run_id: str | None = None,
              metric_prefix: str = "", step: int | None = None) -> dict:
-    """Perplexity of one model on every eval set; result {set name: {ppl, nll, tokens, ...}}."""
+    """Perplexity of one model on every eval set; result {set name: {ppl, nll, tokens, ...}} plus ``_model``: the
+    parameter and nonzero counts of the model that was evaluated (what a report must state, e.g. WANDA sparsity)."""
     from sparsekd_core.config import EvalConfig
-    from sparsekd_core.data import load_text
+    from sparsekd_core.data import load_text, text_digest
     from sparsekd_core.eval import perplexity, tokenize_text
+    from sparsekd_core.prune.masks import measured_compression
+
+    texts = {es["name"]: load_text(es["data"]) for es in eval_sets}
 
     def produce(directory: Path) -> dict:
         loaded = _load(model, dtype, device)
         cfg = EvalConfig(**eval_cfg)
         out = {}
         for es in eval_sets:
-            ids = tokenize_text(loaded.tokenizer, load_text(es["data"]), es.get("max_tokens"))
+            ids = tokenize_text(loaded.tokenizer, texts[es["name"]], es.get("max_tokens"))
             out[es["name"]] = {**perplexity(loaded.model, ids, cfg).as_dict(), "data": es["data"]}
             run_log()(f"eval {es['name']}: ppl {out[es['name']]['ppl']:.3f}")
-        (directory / "metrics.json").write_text(json.dumps(out, indent=1))
+        out[MODEL_COUNTS] = measured_compression(loaded.model)
+        write_json_atomic(directory / "metrics.json", out)
         return out
 
-    manifest = _run_heavy_stage(workdir, "eval", {"sets": eval_sets, "eval": eval_cfg, "dtype": dtype},
-                                {"model": model["fingerprint"]}, produce)
-    _track(tracking, run_id, {f"{metric_prefix}ppl_{name}": r["ppl"] for name, r in manifest["result"].items()}, step)
+    config = {"sets": [{**es, "digest": text_digest(texts[es["name"]])} for es in eval_sets], "eval": eval_cfg,
+              "runtime": _runtime(dtype, device)}
+    manifest = _run_heavy_stage(workdir, "eval", config, {"model": model["fingerprint"]}, produce)
+    _track(tracking, run_id, {f"{metric_prefix}ppl_{name}": r["ppl"] for name, r in eval_results(manifest).items()},
+           step)
+    counts = manifest["result"].get(MODEL_COUNTS, {})
+    _track(tracking, run_id, {f"{metric_prefix}{k}": counts[k] for k in ("mlp_zero_fraction", "mlp_reduction")
+                              if k in counts}, step)
     return manifest
+
+
+MODEL_COUNTS = "_model"  # key of the evaluated model's counts in an eval result (not an eval set name)
+
+
+def eval_results(manifest: dict) -> dict:
+    """{set name: metrics} of an evaluate manifest (without the model counts)."""
+    return {k: v for k, v in manifest["result"].items() if k != MODEL_COUNTS}
 
 
 # ---------------------------------------------------------------------------------------------------------------- cache
@@ -165,17 +196,19 @@ def evaluate(model: ModelRef, eval_sets: list[dict], eval_cfg: dict, workdir: st
 def cache_teacher(teacher: ModelRef, cache_fields: dict, workdir: str, dtype: str = "auto", device: str = "auto",
                   tracking: dict | None = None, run_id: str | None = None) -> dict:
     """The teacher's top-k distribution over the KD corpus, as a Zarr store (resumes a crashed run in place)."""
-    from sparsekd_core.cache import run_cache
+    from sparsekd_core.cache import corpus_digests, run_cache
     from sparsekd_core.config import CacheConfig
 
     def produce(directory: Path) -> dict:
         cfg = CacheConfig(**cache_fields, out=str(directory / "teacher.zarr"))
         return run_cache(_load(teacher, dtype, device), cfg, log=run_log()).as_dict()
 
-    manifest = _run_heavy_stage(workdir, "cache", {"cache": cache_fields, "dtype": dtype},
+    digests = corpus_digests(CacheConfig(**cache_fields, out="unused"))
+    manifest = _run_heavy_stage(workdir, "cache", {"cache": cache_fields, "data": digests,
+                                                   "runtime": _runtime(dtype, device)},
                                 {"teacher": teacher["fingerprint"]}, produce)
     _track(tracking, run_id, {f"cache_{k}": v for k, v in manifest["result"].items()
-                              if k in ("bytes_per_token", "tokens_per_s", "seconds", "tokens")})
+                              if k in ("bytes_per_token", "tokens_per_s", "seconds", "tokens", "documents")})
     return {**manifest, "cache_path": str(Path(manifest["path"]) / "teacher.zarr")}
 
 
@@ -187,18 +220,22 @@ def prune(model: ModelRef, prune_fields: dict, workdir: str, dtype: str = "auto"
           tracking: dict | None = None, run_id: str | None = None, step: int | None = None) -> dict:
     """One pruning round of `model` (SVD or WANDA); the compressed checkpoint is in <stage dir>/model."""
     from sparsekd_core.config import PruneConfig
+    from sparsekd_core.provenance import data_digests
     from sparsekd_core.prune import prune_model, save_compressed
+
+    cfg = PruneConfig(**prune_fields)
 
     def produce(directory: Path) -> dict:
         loaded = _load(model, dtype, device)
-        report = prune_model(loaded.model, loaded.tokenizer, PruneConfig(**prune_fields), parent=model["spec"],
-                             log=run_log())
+        report = prune_model(loaded.model, loaded.tokenizer, cfg, parent=model["spec"], log=run_log())
         save_compressed(loaded.model, loaded.tokenizer, directory / "model")
         summary = report.summary()
-        (directory / "layers.json").write_text(json.dumps(summary.get("layers", []), indent=1))
+        write_json_atomic(directory / "layers.json", summary.get("layers", []))
         return {k: v for k, v in summary.items() if k != "layers"}
 
-    manifest = _run_heavy_stage(workdir, "prune", {"prune": prune_fields, "dtype": dtype},
+    calibration = data_digests([cfg.calibration]) if cfg.calibration else {}
+    manifest = _run_heavy_stage(workdir, "prune", {"prune": prune_fields, "calibration": calibration,
+                                                   "runtime": _runtime(dtype, device)},
                                 {"model": model["fingerprint"]}, produce)
     _track(tracking, run_id, {k: manifest["result"][k] for k in ("mlp_reduction", "mlp_params_after",
                               "total_params_after", "seconds") if k in manifest["result"]}, step,
@@ -216,14 +253,20 @@ def distill(student: ModelRef, cache: dict, distill_fields: dict, seed: int, wor
     """Train `student` on a teacher cache (KD, or CE-only with alpha=0); resumes from its last checkpoint."""
     from sparsekd_core.config import DistillConfig
     from sparsekd_core.distill import distill as run_distill
+    from sparsekd_core.provenance import data_digests, training_runtime
+
+    check = DistillConfig(**distill_fields, seed=seed, cache="cache", out="out")
 
     def produce(directory: Path) -> dict:
         cfg = DistillConfig(**distill_fields, seed=seed, cache=cache["cache_path"], out=str(directory / "student"))
-        loaded = _load(student, dtype, device)
+        loaded = _load(student, dtype, device, training=True)  # fp32 master weights, whatever the flow's dtype
         result = run_distill(cfg, loaded.model, loaded.tokenizer, student_spec=student["spec"], log=run_log())
         return {**result.as_dict(), "student": str(directory / "student")}
 
-    manifest = _run_heavy_stage(workdir, "distill", {"distill": distill_fields, "seed": seed, "dtype": dtype},
+    # The flow's dtype does not reach training (the precision policy decides), so it is not in the key.
+    config = {"distill": distill_fields, "seed": seed, "val_data": data_digests([check.val_data]),
+              "runtime": training_runtime(device, check.autocast)}
+    manifest = _run_heavy_stage(workdir, "distill", config,
                                 {"student": student["fingerprint"], "teacher_cache": cache["key"]}, produce)
     result = manifest["result"]
     if tracking and run_id:
@@ -247,16 +290,16 @@ def profile(models: list[ModelRef], profile_fields: dict, workdir: str, dtype: s
     def produce(directory: Path) -> dict:
         cfg = ProfileConfig(**profile_fields)
         results = []
-        for ref in models:
-            results += profile_model(ref["spec"], _load(ref, dtype, device).model, cfg)
+        for index, ref in enumerate(models):
+            results += profile_model(ref["spec"], _load(ref, dtype, device).model, cfg, index)
         add_speedups(results)
-        (directory / "profile.json").write_text(json.dumps({"results": results}, indent=1))
-        (directory / "profile.md").write_text(markdown_table(results))
+        write_json_atomic(directory / "profile.json", {"results": results})
+        write_text_atomic(directory / "profile.md", markdown_table(results))
         speedup_plot(results, directory / "speedup.png")
         return {"results": results}
 
     # Timings are measurements of this machine: keyed by the models and settings, reused like other stages.
-    manifest = _run_heavy_stage(workdir, "profile", {"profile": profile_fields, "dtype": dtype, "device": device},
+    manifest = _run_heavy_stage(workdir, "profile", {"profile": profile_fields, "runtime": _runtime(dtype, device)},
                                 {"models": ",".join(m["fingerprint"] for m in models)}, produce)
     if tracking and run_id:
         tracker = Tracker(tracking["uri"], tracking["experiment"], tracking.get("artifact_root"))

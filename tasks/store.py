@@ -1,10 +1,11 @@
 """Content-addressed stage outputs: a stage whose inputs are unchanged and whose output still verifies is not rerun.
 
 Every stage run lives in ``<root>/<stage>/<key>/`` where ``key`` hashes the stage name, its validated config,
-the *fingerprints* (keys) of the artifacts it consumes and a digest of the ``sparsekd_core`` source. The stage
-writes its files there (resumable stages — cache, distill — keep their own progress there, so a rerun after a
-crash resumes inside the same directory), and ``manifest.json`` is written last, atomically, with every file's
-size. A manifest whose files are all present with those sizes is a finished stage; anything else is rerun.
+the *fingerprints* (keys) of the artifacts it consumes, the digest of the ``sparsekd_core`` and ``tasks`` sources
+and the library versions (``sparsekd_core.provenance`` says what a key covers). The stage writes its files there
+(resumable stages — cache, distill — keep their own progress there, so a rerun after a crash resumes inside the
+same directory), and ``manifest.json`` is written last, atomically, with every file's size. A manifest whose
+files are all present with those sizes is a finished stage; anything else is rerun.
 A consumer's key includes its producer's key, so a change anywhere upstream changes every key downstream.
 """
 
@@ -19,24 +20,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
+from sparsekd_core import provenance
+from sparsekd_core.files import write_json_atomic
+
 MANIFEST = "manifest.json"
 
 
-def code_digest() -> str:
-    """Digest of the sparsekd_core sources (16 hex chars): a code change invalidates every cached stage."""
-    import sparsekd_core
+CODE_PACKAGES = ("sparsekd_core", "tasks")  # the code that computes a stage's output
 
-    root = Path(sparsekd_core.__file__).parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+
+def code_digest() -> str:
+    """Digest of the sparsekd_core and tasks sources (16 hex chars): a code change invalidates every cached stage."""
+    return provenance.code_digest(CODE_PACKAGES)
 
 
 def stage_key(stage: str, config: dict[str, Any], inputs: dict[str, str]) -> str:
-    payload = json.dumps({"stage": stage, "config": config, "inputs": inputs, "code": code_digest()},
-                         sort_keys=True, default=str)
+    """Hash of what can change the stage's output (sparsekd_core/provenance.py): the stage, its config (resolved
+    runtime and content digests included by the task), its inputs' keys, the code and the library versions."""
+    payload = json.dumps({"stage": stage, "config": config, "inputs": inputs, "code": code_digest(),
+                          "env": provenance.environment()}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -67,12 +69,6 @@ def load_manifest(directory: Path) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     return manifest if verify(manifest) else None
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def run_stage(

@@ -93,7 +93,8 @@ def make_flow_project(root):
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    docs = [" ".join(words[(i * 7 + j * 3) % len(words)] + str((i + j) % 17) for j in range(40)) for i in range(60)]
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    (root / "eval.txt").write_text("\n\n".join(docs[:10]))
+    docs = [" ".join(words[(i * 7 + j * 3) % len(words)] + str((i + j) % 17) for j in range(40)) for i in range(70)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:60]))
+    (root / "eval.txt").write_text("\n\n".join(docs[60:]))  # held out: no document of the corpus
+    (root / "valid.txt").write_text("\n\n".join(docs[60:65]))
     return root

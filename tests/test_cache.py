@@ -9,7 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -107,6 +106,7 @@ def test_cli_cache_json(tmp_path, tiny_model_dir, capsys):
     assert main(argv) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["top_k"] == 4 and first["resumed_chunks"] == 0 and first["sequences"] > 2
+    assert first["documents"] >= first["sequences"]  # every sample starts at its own document
     assert 0 < first["bytes_per_token"] and first["tokens_per_s"] > 0
     assert main(argv) == 0
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

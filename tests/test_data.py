@@ -114,18 +114,68 @@ def test_mixture_is_deterministic_with_exact_proportions(tmp_path, tiny_tokenize
     assert [r.sequences for r in first.reports] == [25, 15, 10]
     other = build_mixture(cfg.model_copy(update={"seed": 8}), tiny_tokenizer, log=quiet)
     assert not torch.equal(first.input_ids, other.input_ids)
-    # Each sequence is a run of its own source's text (documents separated by EOS); GSM8K keeps question + answer.
+    # Each sequence is a run of its own source's text (documents separated by EOS).
     for i, source in enumerate(sources):
         whole = "\n".join(load_documents(source))
         for row in first.input_ids[first.source_index == i]:
             assert all(piece in whole for piece in tiny_tokenizer.decode(row).split("</s>"))
-    assert any("####" in tiny_tokenizer.decode(r) for r in first.input_ids[first.source_index == 1])
+
+
+def test_samples_are_documents_with_random_offsets(tmp_path, tiny_tokenizer):
+    """Paper: a sample is a document. Long documents give one window each (at a seeded random offset), so N
+    samples come from N distinct documents; max_sequences_per_document raises the cap."""
+    docs = [prose(i, 80) for i in range(40)]  # each far longer than 32 tokens
+    src = write_jsonl(tmp_path / "long.jsonl", docs)
+    cfg = MixtureConfig(components=[MixtureComponent(source=str(src), weight=1)], num_samples=20, seq_len=32)
+    corpus = build_mixture(cfg, tiny_tokenizer, log=lambda m: None)
+    owners = []
+    for row in corpus.input_ids:
+        text = tiny_tokenizer.decode(row)
+        found = [i for i, d in enumerate(docs) if text.replace("</s>", "") in d + ""]
+        assert len(found) == 1, text  # a window lies inside exactly one document
+        owners.append(found[0])
+    assert len(set(owners)) == 20 and corpus.documents == 20
+    offsets = {docs[o].index(tiny_tokenizer.decode(row).replace("</s>", "")) for o, row in zip(owners, corpus.input_ids)}
+    assert len(offsets) > 10  # random offsets, not every window at its document's start
+    triple = build_mixture(cfg.model_copy(update={"max_sequences_per_document": 3, "num_samples": 30}),
+                           tiny_tokenizer, log=lambda m: None)
+    assert triple.documents == 10 and triple.summary()["documents"] == 10
+
+
+def test_short_documents_start_samples_and_keep_question_with_answer(tmp_path, tiny_tokenizer):
+    b = tmp_path / "gsm.jsonl"
+    b.write_text("".join(json.dumps({"question": f"Q{i}: how many {WORDS[i % 19]}s and {WORDS[(i * 7) % 19]}s?",
+                                     "answer": f"#### {i}"}) + "\n" for i in range(60)))
+    cfg = MixtureConfig(components=[MixtureComponent(source=str(b), weight=1)], num_samples=6, seq_len=96)
+    corpus = build_mixture(cfg, tiny_tokenizer, log=lambda m: None)
+    for row in corpus.input_ids:
+        first_doc = tiny_tokenizer.decode(row).split("</s>")[0]
+        assert first_doc.startswith("Q") and "\n#### " in first_doc  # starts at a document, whole
+    assert corpus.documents > 6  # short documents are continued by the next ones
+
+
+def test_corpus_depends_on_content_and_seed_not_path(tmp_path, tiny_tokenizer):
+    texts = [prose(i, 80) for i in range(30)]
+    a = write_jsonl(tmp_path / "a.jsonl", texts)
+    (tmp_path / "elsewhere").mkdir()
+    b = write_jsonl(tmp_path / "elsewhere" / "copy.jsonl", texts)
+    quiet = lambda m: None  # noqa: E731
+
+    def build(src, seed=0):
+        cfg = MixtureConfig(components=[MixtureComponent(source=str(src), weight=1)], num_samples=10, seq_len=32,
+                            seed=seed)
+        return build_mixture(cfg, tiny_tokenizer, log=quiet)
+
+    assert build(a).digest() == build(b).digest()
+    assert build(a).digest() != build(a, seed=1).digest()
+    c = write_jsonl(tmp_path / "edited.jsonl", texts[:-1] + [prose(999, 80)])
+    assert build(c).digest() != build(a).digest()
 
 
 def test_mixture_not_enough_data(tmp_path, tiny_tokenizer):
-    src = write_jsonl(tmp_path / "small.jsonl", [prose(i, 10) for i in range(5)])
-    cfg = MixtureConfig(components=[MixtureComponent(source=str(src), weight=1)], num_samples=100, seq_len=64)
-    with pytest.raises(DataQualityError, match="yields only"):
+    src = write_jsonl(tmp_path / "small.jsonl", [prose(i, 80) for i in range(5)])
+    cfg = MixtureConfig(components=[MixtureComponent(source=str(src), weight=1)], num_samples=10, seq_len=32)
+    with pytest.raises(DataQualityError, match=r"has 5 usable documents \(of 5\).*give 5 samples.*needs 10"):
         build_mixture(cfg, tiny_tokenizer, log=lambda m: None)
 
 
@@ -151,10 +201,36 @@ def test_offline_named_sources_and_file_formats(tmp_path):
 
 
 def test_offline_hub_only_source_is_a_clear_error():
+    from sparsekd_core.config import check_data_spec
     from sparsekd_core.data import DataUnavailableError
 
-    with pytest.raises(DataUnavailableError, match="codeparrot:train.*not reachable"):
+    with pytest.raises(DataUnavailableError, match="hub:codeparrot:train.*not reachable"):
+        load_documents("hub:codeparrot:train")
+    with pytest.raises(DataUnavailableError, match="no packaged copy.*'hub:codeparrot:train'"):
         load_documents("codeparrot:train")
+    with pytest.raises(ValueError, match="no packaged copy.*'hub:gsm8k:test'"):
+        check_data_spec("gsm8k:test")
+    with pytest.raises(ValueError, match="document limit"):
+        check_data_spec("hub:c4:train@many")
+
+
+def test_a_name_means_the_packaged_bytes_and_the_hub_only_when_asked(monkeypatch):
+    """No network probe decides what a name means: `c4:heldout` is the packaged copy even when the hub is up;
+    `hub:c4:heldout` streams the hub's validation split with a recorded document limit."""
+    import sparsekd_core.data as data
+    import sparsekd_core.models as models
+
+    packaged = load_documents("c4:heldout")
+    calls = []
+    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(data, "_hub_rows", lambda *a: calls.append(a) or [f"hub doc {i} " * 5 for i in range(3)])
+    assert load_documents("c4:heldout") == packaged and load_text("wikitext2:test") == load_text("wikitext2:test")
+    assert calls == []
+    assert load_documents("hub:c4:heldout")[0].startswith("hub doc 0")
+    assert calls[-1] == ("allenai/c4", "en", "validation", "text", data.HUB_STREAM_LIMIT)
+    load_documents("hub:c4:heldout@50")
+    assert calls[-1][-1] == 50
+    assert data.source_digest("c4:heldout") != data.source_digest("hub:c4:heldout")
 
 
 def test_paper_offline_mixture_sources_are_clean():

@@ -29,7 +29,7 @@ def flow_values(root, workdir, **extra):
         "workdir": str(workdir),
         "corpus": {"data": str(root / "corpus.jsonl"), "num_samples": 8, "seq_len": 32, "top_k": 8},
         "distill": {"max_steps": 4, "batch_size": 2, "eval_every": 2, "checkpoint_every": 2, "lr": 1e-3,
-                    "val_tokens": 256, "val_ctx": 64},
+                    "val_tokens": 256, "val_ctx": 64, "val_data": str(root / "valid.txt")},
         "eval": {"ctx": 32, "stride": 16},
         "eval_sets": [{"name": "text", "data": str(root / "eval.txt"), "max_tokens": 200}],
     }

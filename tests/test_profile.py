@@ -11,8 +11,8 @@ from sparsekd.cli import main
 from sparsekd_core.config import ProfileConfig
 from sparsekd_core.profile import add_speedups, amdahl_bound, flop_accounting, module_breakdown, profile_model
 
-FIELDS = {"model", "batch_size", "seq_len", "ttft_ms", "tpot_ms", "tokens_per_s", "peak_mem_bytes", "attention_ms",
-          "ffn_ms", "other_ms", "speedup", "amdahl_bound", "efficiency"}
+FIELDS = {"model", "model_index", "batch_size", "seq_len", "ttft_ms", "tpot_ms", "tokens_per_s", "peak_mem_bytes",
+          "attention_ms", "ffn_ms", "other_ms", "speedup", "amdahl_bound", "efficiency"}
 
 
 class LowRank(torch.nn.Module):
@@ -42,7 +42,7 @@ def test_flops_match_a_hand_count(tiny_llama):
     attn_proj = layers * tokens * 2 * (h * h + h * kv + h * kv + h * h)
     attn_scores = layers * 2 * 2 * 4 * 8 * (b * s * (s + 1) // 2)
     ffn = layers * tokens * 2 * 3 * h * i
-    head = tokens * 2 * h * cfg.vocab_size
+    head = b * 2 * h * cfg.vocab_size  # logits of the last position only
     f = flop_accounting(tiny_llama, b, s)
     assert f["attention_flops"] == attn_proj + attn_scores
     assert f["ffn_flops"] == ffn
@@ -81,7 +81,7 @@ def test_every_field_in_every_cell(tiny_tokenizer):
     cfg = ProfileConfig(batch_sizes=[1, 2], seq_len=[8, 12], new_tokens=2, warmup=0, repeats=1)
     dense = make_model("llama", len(tiny_tokenizer))
     low = factor(make_model("llama", len(tiny_tokenizer)), rank=4)
-    results = add_speedups(profile_model("dense", dense, cfg) + profile_model("low", low, cfg))
+    results = add_speedups(profile_model("dense", dense, cfg, 0) + profile_model("low", low, cfg, 1))
     assert len(results) == 2 * 2 * 2
     for r in results:
         assert FIELDS <= set(r), FIELDS - set(r)
@@ -90,6 +90,61 @@ def test_every_field_in_every_cell(tiny_tokenizer):
         assert r["speedup"] == 1.0 and r["amdahl_bound"] == 1.0
     for r in results[4:]:
         assert r["ffn_flop_ratio"] < 1 and r["amdahl_bound"] > 1
+
+
+def test_prefill_computes_last_position_logits_only(tiny_tokenizer):
+    """Every prefill forward (warmup, timed, breakdown) asks for logits_to_keep=1 and gets [B, 1, V]; the greedy
+    tokens fed to the decode steps are those of a full-logits prefill."""
+    from conftest import make_model
+
+    model = make_model("llama", len(tiny_tokenizer))
+    cfg = ProfileConfig(batch_sizes=[2], seq_len=[8], new_tokens=3, warmup=1, repeats=2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(cfg.seed))
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        expected = []
+        for _ in range(cfg.new_tokens):
+            expected.append(out.logits[:, -1:].argmax(-1))
+            out = model(input_ids=expected[-1], past_key_values=out.past_key_values, use_cache=True)
+    calls = []
+    handle = model.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append((kwargs["input_ids"], kwargs.get("logits_to_keep"),
+                                                     out.logits.shape)), with_kwargs=True)
+    try:
+        profile_model("tiny", model, cfg, 0)
+    finally:
+        handle.remove()
+    prefills = [c for c in calls if c[0].shape[1] == 8]
+    assert len(prefills) == cfg.warmup + cfg.repeats + 1  # + the breakdown's forward
+    assert all(keep == 1 and shape == (2, 1, model.config.vocab_size) for _, keep, shape in prefills)
+    decoded = [c[0] for c in calls if c[0].shape[1] == 1][-cfg.new_tokens:]  # the last timed run's steps
+    assert all(torch.equal(a, b) for a, b in zip(decoded, expected, strict=True))
+
+
+def fake_cell(index: int, ttft: float, tpot: float, ffn_flops: int, ffn_fraction: float) -> dict:
+    return {"model": "same/model", "model_index": index, "batch_size": 1, "seq_len": 8, "ttft_ms": ttft,
+            "tpot_ms": tpot, "ffn_flops": ffn_flops, "ffn_fraction": ffn_fraction}
+
+
+def test_baseline_is_the_first_model_by_position_not_by_name(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from sparsekd_core.profile import speedup_plot
+
+    results = add_speedups([fake_cell(0, 10.0, 2.0, 100, 0.5), fake_cell(1, 5.0, 1.0, 50, 0.4)])
+    first, second = results
+    assert first["speedup"] == 1.0 and first["decode_speedup"] == 1.0 and first["amdahl_bound"] == 1.0
+    assert second["speedup"] == 2.0 and second["decode_speedup"] == 2.0 and second["ffn_flop_ratio"] == 0.5
+    assert second["amdahl_bound"] == pytest.approx(amdahl_bound(0.5, 0.5))  # the first model's FFN fraction
+    figures, real_savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: figures.append(fig) or real_savefig(fig, *a, **k))
+    speedup_plot(results, tmp_path / "speedup.png")
+    assert (tmp_path / "speedup.png").read_bytes().startswith(b"\x89PNG")
+    labels = [line.get_label() for line in figures[0].axes[0].get_lines()]
+    assert [label for label in labels if "#1" in label] == ["#1 same/model (seq 8) measured",
+                                                            "#1 same/model (seq 8) Amdahl bound"]
+    assert not any("#0" in label for label in labels)
 
 
 def test_profile_cli_json(capsys, tiny_model_dir, tmp_path):
@@ -101,6 +156,8 @@ def test_profile_cli_json(capsys, tiny_model_dir, tmp_path):
     assert code == 0
     results = json.loads(out.strip().splitlines()[-1])["results"]
     assert [(r["model"] == str(tiny_model_dir), r["batch_size"]) for r in results] == [(True, 1), (True, 2)] * 2
+    assert [r["model_index"] for r in results] == [0, 0, 1, 1]
+    assert all(r["speedup"] == 1.0 for r in results[:2])  # the first --model alone is the baseline
     assert (tmp_path / "p" / "profile.md").read_text().startswith("| model |")
     assert (tmp_path / "p" / "speedup.png").stat().st_size > 1000
 

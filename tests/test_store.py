@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tasks.store import run_stage
 
 
@@ -30,10 +32,8 @@ def test_crash_before_manifest_is_rerun(tmp_path):
         (directory / "partial.bin").write_bytes(b"half")
         raise RuntimeError("killed")
 
-    try:
+    with pytest.raises(RuntimeError, match="killed"):  # the crash reaches the caller, no manifest is written
         run_stage(tmp_path, "cache", {}, {}, crash, log=lambda m: None)
-    except RuntimeError:
-        pass
     seen = []
     done = run_stage(tmp_path, "cache", {}, {}, lambda d: seen.append(sorted(p.name for p in d.iterdir())) or {},
                      log=lambda m: None)

@@ -12,7 +12,7 @@ from .lowrank import MlpMatrix
 def calibration_ids(tokenizer, source: str, samples: int, seq_len: int) -> torch.Tensor:
     """``samples`` sequences of ``seq_len`` tokens [N, L] int64, documents of ``source`` packed in order."""
     docs = [d for d in load_documents(source) if isinstance(d, str) and d.strip()]
-    rows = [ids for ids, _ in pack_sequences(docs, tokenizer, seq_len, samples)]
+    rows = pack_sequences(docs, tokenizer, seq_len, samples)
     if len(rows) < samples:
         raise ConfigError(
             f"prune.calibration={source!r}: only {len(rows)} sequence(s) of {seq_len} tokens available, "

@@ -20,13 +20,14 @@ Compressed checkpoint (a directory that ``sparsekd_core.models.load_model`` load
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..files import replace_dir
 
 COMPRESSION_KEY = "sparsekd_compression"
 DENSE_EXPORT_KEY = "sparsekd_dense_export"
@@ -208,7 +209,7 @@ def save_compressed(model: nn.Module, tokenizer, out: str | Path) -> Path:
         _save_common(model, tokenizer, tmp)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
 
-    return _replace_dir(build, Path(out))
+    return replace_dir(build, Path(out))
 
 
 def save_dense(model: nn.Module, tokenizer, out: str | Path) -> Path:
@@ -237,31 +238,4 @@ def save_dense(model: nn.Module, tokenizer, out: str | Path) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    return _replace_dir(build, Path(out))
-
-
-def _replace_dir(build, out: Path) -> Path:
-    """Atomic directory write that also replaces an existing output directory (old one removed only after the
-    new one is complete)."""
-    import shutil
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
-        build(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        for p in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700; give the result the user's usual permissions
-            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return replace_dir(build, Path(out))

@@ -1,0 +1,151 @@
+"""Crash-safe writes: the one place where files and directories are written under a temporary name and renamed
+into place (a leaf module: no project imports).
+
+Rules, the same for every file and directory the project writes:
+
+* a file is written to ``.<name>.tmp-<pid>-<random>`` in the same directory, flushed and fsynced, then
+  ``os.replace``d over ``<name>`` (atomic on POSIX), and the directory entry is fsynced: a reader sees the old
+  file or the new one, never half of one, even after a kill -9 or a power cut;
+* a directory is built under ``<name>.tmp-*``; when complete it is renamed to ``<name>.new`` (the commit point),
+  the previous ``<name>`` moves to ``<name>.old``, ``<name>.new`` becomes ``<name>``, and ``<name>.old`` is removed.
+  A kill at any point leaves a state that ``recover_dir`` turns into exactly one complete ``<name>`` (the new one
+  once the commit point is passed, else the old one); every writer and every reader of a replaced directory calls
+  it first. Leftover ``.tmp-*`` builds are garbage and removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic", "write_file_atomic", "replace_dir",
+           "publish_dir", "recover_dir"]
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not every filesystem lets a directory be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Let ``write(tmp_path)`` create a file (e.g. ``fig.savefig``, ``torch.save``), then move it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    return write_file_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any, indent: int = 1) -> Path:
+    """JSON with sorted keys (stable bytes for equal content); non-JSON values as ``str``."""
+    return write_text_atomic(path, json.dumps(payload, indent=indent, sort_keys=True, default=str) + "\n")
+
+
+def _with_suffix(final: Path, suffix: str) -> Path:
+    return final.with_name(final.name + suffix)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _user_permissions(root: Path) -> None:
+    """mkdtemp makes 0700; give the result the permissions the user's umask gives a plain mkdir/open."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def recover_dir(final: str | os.PathLike) -> Path:
+    """Finish or undo an interrupted ``replace_dir`` of ``final``; afterwards at most ``final`` exists."""
+    final = Path(final)
+    new, old = _with_suffix(final, ".new"), _with_suffix(final, ".old")
+    if new.is_dir():  # the commit point was passed: the new version wins
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        new.rename(final)
+        _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.parent.is_dir():
+        for leftover in final.parent.glob(final.name + ".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def _build(build: Callable[[Path], None], final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        _user_permissions(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def replace_dir(build: Callable[[Path], None], final: str | os.PathLike) -> Path:
+    """Build a directory with ``build(tmp)`` and swap it in for ``final`` (which may exist); see the module doc.
+
+    One writer per ``final`` at a time (callers hold the stage lock or own the directory)."""
+    final = Path(final)
+    recover_dir(final)
+    tmp = _build(build, final)
+    new = _with_suffix(final, ".new")
+    tmp.rename(new)  # commit point: from here on recover_dir promotes the new version
+    _fsync_dir(final.parent)
+    return recover_dir(final)
+
+
+def publish_dir(build: Callable[[Path], None], final: str | os.PathLike) -> Path:
+    """Build a directory and rename it to ``final`` unless another process published one first (kept as is).
+
+    For outputs that are a pure function of their inputs (a converted model), where any complete copy is right."""
+    final = Path(final)
+    tmp = _build(build, final)
+    try:
+        tmp.rename(final)
+        _fsync_dir(final.parent)
+    except OSError:  # `final` exists and is not empty: another process finished the same work first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

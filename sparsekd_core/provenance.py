@@ -1,0 +1,76 @@
+"""What a stage's output depends on, resolved to content: the policy behind every stage key (tasks/store.py hashes
+what these functions return; the CLI records the same facts in its JSON).
+
+A stage key must change when anything that can change the output changes, and only then:
+* the resolved runtime: dtype and device as they will be used (``auto`` is resolved first, so ``auto`` and
+  ``fp32`` on a CPU are the same stage), and for training the precision policy (fp32 masters, autocast);
+* models by content (``models.model_fingerprint``: GGUF/directory digests, hub commits), never by path;
+* data by content (``data.source_digest``): the documents a named source, a hub stream or a file gives;
+* the code: the project's Python sources (``code_digest``), and the library versions that compute the numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.metadata
+from pathlib import Path
+
+LIBRARIES = ("torch", "transformers", "zarr")
+
+
+def environment() -> dict[str, str]:
+    """Versions of the libraries whose code computes the numbers (a new torch can change a logit's last bit)."""
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _package_digest(package: str) -> str:
+    root = Path(importlib.import_module(package).__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def code_digest(packages: tuple[str, ...] = ("sparsekd_core",)) -> str:
+    """Digest of the Python sources of the given packages (16 hex chars); computed once per process."""
+    h = hashlib.sha256()
+    for package in packages:
+        h.update(package.encode())
+        h.update(_package_digest(package).encode())
+    return h.hexdigest()[:16]
+
+
+def resolved_runtime(dtype: str, device: str) -> dict[str, str]:
+    """{"dtype": "float32", "device": "cpu"}: ``auto`` replaced by what it means on this machine."""
+    from .models import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    return {"dtype": str(resolve_dtype(dtype, dev)).removeprefix("torch."), "device": dev.type}
+
+
+def training_runtime(device: str, autocast: str) -> dict[str, str | None]:
+    """The precision a training stage really uses (precision.py): fp32 weights, and the autocast dtype if any."""
+    from .models import resolve_device
+    from .precision import MASTER_DTYPE, autocast_dtype
+
+    dev = resolve_device(device)
+    cast = autocast_dtype(dev, autocast)
+    return {"weights": str(MASTER_DTYPE).removeprefix("torch."), "device": dev.type,
+            "autocast": None if cast is None else str(cast).removeprefix("torch.")}
+
+
+def data_digests(specs, limit: int | None = None) -> dict[str, str]:
+    """{spec: content digest of its documents} for data specs (named, hub or local)."""
+    from .data import source_digest
+
+    return {spec: source_digest(spec, limit) for spec in specs}
