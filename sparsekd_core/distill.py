@@ -31,7 +31,7 @@ import torch
 from . import precision
 from .cache import TeacherCache, tokenizer_digest
 from .config import ConfigError, DistillConfig, EvalConfig
-from .files import recover_dir, replace_dir, write_json_atomic
+from .files import recover_dir, replace_dir, write_file_atomic, write_json_atomic
 from .kd_loss import KDLoss
 
 
@@ -91,16 +91,18 @@ def _set_rng_state(state: dict) -> None:
 def _publish_final(best_dir: Path, out: Path) -> None:
     """Put the best model's files into ``out``, each by an atomic replace of a hard link (a copy where links are
     not possible). ``best/`` stays intact until distill.json is written, so a kill here is redone by a rerun."""
+    def link_or_copy(item: Path):
+        def write(tmp: Path) -> None:
+            try:
+                os.link(item, tmp)
+            except OSError:
+                shutil.copy2(item, tmp)
+        return write
+
     for item in sorted(best_dir.iterdir()):
         if not item.is_file():
             raise DistillError(f"distill: unexpected directory {item} in the best-model directory")
-        tmp = out / f".{item.name}.final-tmp"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(item, tmp)
-        except OSError:
-            shutil.copy2(item, tmp)
-        os.replace(tmp, out / item.name)
+        write_file_atomic(out / item.name, link_or_copy(item))
 
 
 # ---------------------------------------------------------------------------------------------------------------- pieces

@@ -54,6 +54,8 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], None]) ->
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        # rename() of two hard links to one file does nothing and succeeds (POSIX): drop the spare name.
+        tmp.unlink(missing_ok=True)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

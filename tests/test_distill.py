@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import TRAIN_TEXT, make_tokenizer
+from conftest import TRAIN_TEXT, make_model, make_tokenizer
 from sparsekd.cli import main
 from sparsekd_core.cache import tokenizer_digest, write_cache
 from sparsekd_core.config import CacheConfig, ConfigError, DistillConfig
@@ -158,3 +158,160 @@ def test_cli_distill_json(tmp_path, tiny_model_dir, val_file, capsys):
     assert abs(result["kd_loss_first"]) < 1e-4
     assert main(argv[:-1] + ["--tail", "nope"]) == 2
     assert "tail" in capsys.readouterr().err
+
+
+def wanda_student(tmp_path, model, tokenizer, sparsity=0.5):
+    """A WANDA-pruned copy of `model` saved as sparsekd saves it, and loaded back as a stage would."""
+    from sparsekd_core.config import ModelConfig, PruneConfig
+    from sparsekd_core.models import load_model
+    from sparsekd_core.prune import prune_model, save_compressed
+
+    pruned = copy.deepcopy(model)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(TRAIN_TEXT) * 4)
+    cfg = PruneConfig(method="wanda", target_reduction=sparsity, calibration=str(calib), calibration_samples=2,
+                      calibration_seq_len=16)
+    prune_model(pruned, tokenizer, cfg, log=lambda m: None)
+    save_compressed(pruned, tokenizer, tmp_path / "wanda")
+    return load_model(ModelConfig(model=str(tmp_path / "wanda")), log=lambda m: None).model
+
+
+def mlp_zero_masks(model) -> dict:
+    from sparsekd_core.prune import find_mlp_matrices
+
+    return {m.name: (m.module.weight == 0).clone() for m in find_mlp_matrices(model)}
+
+
+def test_wanda_zeros_survive_distillation_checkpoint_and_resume(tmp_path, teacher_cache, val_file, tiny_llama,
+                                                                tiny_tokenizer):
+    """Table V's post-KD rows must describe a sparse model: exactly the pruned entries are zero after distill,
+    through a kill and a resume, with weight decay on; every other entry moved."""
+    from safetensors.torch import load_file
+
+    student = wanda_student(tmp_path, tiny_llama, tiny_tokenizer)
+    pruned = mlp_zero_masks(student)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    kw = dict(max_steps=6, lr=1e-2, weight_decay=0.1, alpha=0.5)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path, "wanda-kd", teacher_cache, val_file, student, tiny_tokenizer, on_step=kill_at_3, **kw)
+    resumed_student = wanda_student(tmp_path / "again", tiny_llama, tiny_tokenizer)
+    res, _ = run(tmp_path, "wanda-kd", teacher_cache, val_file, resumed_student, tiny_tokenizer, **kw)
+    assert res.resumed_from_step == 2 and res.steps == 6
+    saved = load_file(f"{res.out}/model.safetensors")  # the best-validation student
+    trained = resumed_student.state_dict()  # the weights after the last step
+    for name, mask in pruned.items():
+        assert mask.float().mean() == 0.5
+        for weight in (saved[f"{name}.weight"], trained[f"{name}.weight"]):
+            assert torch.equal(weight == 0, mask), name  # zero exactly where pruned, nowhere else
+        moved = (trained[f"{name}.weight"] != before[f"{name}.weight"])[~mask]
+        assert moved.float().mean() > 0.9, name
+    assert res.masked_entries == sum(int(m.sum()) for m in pruned.values())
+    assert res.mlp_zero_fraction == pytest.approx(0.5) and res.mlp_reduction == pytest.approx(0.5)
+
+
+def test_cli_distill_of_a_wanda_checkpoint_reports_its_zeros(tmp_path, tiny_model_dir, val_file, capsys):
+    """The issue's check: prune --method wanda --target-reduction 0.5, then distill a few steps: every MLP matrix
+    of the student is exactly half zero, and the JSON says so."""
+    from safetensors.torch import load_file
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Document {i}. {t}" for i in range(3) for t in TRAIN_TEXT))
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(TRAIN_TEXT) * 4)
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--target-reduction", "0.5",
+                 "--calibration", str(calib), "--calibration-samples", "2", "--calibration-seq-len", "16",
+                 "--out", str(pruned), "--json"]) == 0
+    cache = tmp_path / "c.zarr"
+    assert main(["cache", "--model", str(tiny_model_dir), "--data", str(text), "--out", str(cache), "--seq-len", "16",
+                 "--top-k", "4", "--chunk-size", "4", "--batch-size", "4"]) == 0
+    capsys.readouterr()
+    assert main(["distill", "--student", str(pruned), "--cache", str(cache), "--out", str(tmp_path / "student"),
+                 "--max-steps", "3", "--lr", "1e-2", "--val-data", val_file, "--val-tokens", "64", "--val-ctx", "32",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["mlp_zero_fraction"] == 0.5 and result["mlp_nonzero"] * 2 == result["mlp_params"]
+    saved = load_file(str(tmp_path / "student" / "model.safetensors"))
+    mlp = [v for k, v in saved.items() if ".mlp." in k]
+    assert mlp and all(float((w == 0).float().mean()) == 0.5 for w in mlp)
+    assert main(["eval", "--model", str(tmp_path / "student"), "--data", val_file, "--ctx", "32", "--stride", "32",
+                 "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["mlp_zero_fraction"] == 0.5  # the evaluated model is counted, not the pruning target
+
+
+KILL_SCRIPT = r"""
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from conftest import make_model, make_tokenizer
+import sparsekd_core.files as files
+from sparsekd_core.config import DistillConfig
+from sparsekd_core.distill import distill
+
+kill_at, calls, real = int(sys.argv[1]), [0], files._fsync_dir
+
+def counting(directory):  # called once after every commit point of a file or directory write
+    real(directory)
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+files._fsync_dir = counting
+tok = make_tokenizer()
+distill(DistillConfig(**{config!r}, out=sys.argv[2]), make_model("llama", len(tok)), tok, "tiny", log=lambda m: None)
+"""
+
+
+def test_sigkill_anywhere_then_rerun_gives_the_same_weights(tmp_path, teacher_cache, val_file, monkeypatch):
+    """A real SIGKILL of a distill process at many points (after the commit of a checkpoint, of the best model,
+    of each file of the final model, of distill.json), then the same command: the final weights equal an
+    uninterrupted run's, and no work directory is left behind."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    import sparsekd_core.files as files
+
+    config = dict(cache=teacher_cache, val_data=val_file, val_tokens=64, val_ctx=32, lr=1e-3, checkpoint_every=2,
+                  eval_every=2, patience=10, max_steps=5, seed=1)
+    script = tmp_path / "kill_distill.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent), config=config))
+
+    def fresh_run(out: Path):
+        tok = make_tokenizer()
+        return distill(DistillConfig(**config, out=str(out)), make_model("llama", len(tok)), tok, "tiny",
+                       log=lambda m: None)
+
+    commits, real = [0], files._fsync_dir
+    monkeypatch.setattr(files, "_fsync_dir", lambda d: (real(d), commits.__setitem__(0, commits[0] + 1)))
+    fresh_run(tmp_path / "reference")
+    monkeypatch.setattr(files, "_fsync_dir", real)
+    total = commits[0]
+    assert total >= 12  # checkpoints, best models, the final files, distill.json
+    expected = load_file(tmp_path / "reference" / "model.safetensors")
+    expected_json = json.loads((tmp_path / "reference" / "distill.json").read_text())
+    # Early (the first best model), a checkpoint in the middle, and every commit of the end of the run.
+    for point in sorted({1, total // 2, *range(total - 7, total + 1)}):
+        out = tmp_path / f"killed-{point}"
+        killed = subprocess.run([sys.executable, str(script), str(point), str(out)], capture_output=True, text=True,
+                                timeout=300)
+        assert killed.returncode == -9, (point, killed.stderr[-2000:])
+        fresh_run(out)  # the same command again, to the end
+        got = load_file(out / "model.safetensors")
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected), point
+        done = json.loads((out / "distill.json").read_text())
+        assert done["val_history"] == expected_json["val_history"] and done["steps"] == expected_json["steps"]
+        leftovers = [p.name for p in out.iterdir() if p.name in ("checkpoint", "best") or ".tmp-" in p.name
+                     or p.name.endswith((".new", ".old"))]
+        assert not leftovers, (point, leftovers)

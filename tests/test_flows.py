@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import make_flow_project
@@ -68,6 +70,7 @@ def test_cascade_completes_tracks_and_reuses_cache(prefect_server, tiny_setup, t
         assert first["metrics"][key] > 1
     report = open(first["report"]).read()
     assert "Teacher swap" in report and "CE-only" in report and "recovery.png" in report
+    assert "disjoint from the KD corpus: 15 of their documents checked against 60 corpus documents" in report
 
     client, parent, children = mlflow_runs(first)
     assert parent.data.metrics["ppl_pruned_kd_text"] == pytest.approx(first["metrics"]["ppl_pruned_kd_text"])
@@ -118,6 +121,12 @@ def test_killed_flow_resumes_with_the_same_metrics(prefect_server, tiny_setup, t
 def test_wanda_and_multi_seed(prefect_server, tiny_setup, tmp_path):
     w = run_flow("wanda", flow_values(tiny_setup, tmp_path / "w", sparsities=[0.5], prune=PRUNE, log_models=True))
     assert w["metrics"]["wanda0.5_post_kd_text"] > 1 and "Table V" in open(w["report"]).read()
+    # The sparsity of the models that were evaluated, counted after KD: the mask held through distillation.
+    assert w["metrics"]["wanda0.5_pre_kd_mlp_zero_fraction"] == 0.5
+    assert w["metrics"]["wanda0.5_post_kd_mlp_zero_fraction"] == 0.5
+    assert "| 50% | 50.00% | 50.00% |" in open(w["report"]).read()
+    distilled = next(s for s in w["stages"] if s["label"] == "distill wanda 0.5")
+    assert distilled["stage"] == "distill"
     client, _, children = mlflow_runs(w)
     arm = next(r for r in children if r.data.tags["arm"] == "wanda-0.5")
     assert any(a.path == "model/config.json" for a in client.list_artifacts(arm.info.run_id, "model"))
@@ -158,3 +167,91 @@ def test_multi_seed_fan_out_needs_the_deployment(prefect_server, tiny_setup, tmp
     with pytest.raises(ValueError, match="needs the deployment 'dense-kd/gpu'"):
         run_flow("multi-seed", values)
     assert not (tmp_path / "w").exists()
+
+
+def test_a_failing_flow_marks_its_mlflow_runs_failed(prefect_server, tiny_setup, tmp_path, monkeypatch):
+    import sparsekd_core.distill as distill_mod
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated failure in distill")
+
+    monkeypatch.setattr(distill_mod, "distill", boom)
+    values = flow_values(tiny_setup, tmp_path / "w", ce_control=False)
+    with pytest.raises(Exception, match="simulated failure"):
+        run_flow("dense-kd", values)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sparsekd-dense-kd").experiment_id])
+    status = {r.data.tags.get("arm", "parent"): r.info.status for r in runs}
+    assert status == {"parent": "FAILED", "dense": "FINISHED", "dense+kd": "FAILED"}
+
+
+def test_eval_sets_overlapping_the_corpus_fail_before_any_work(tiny_setup, tmp_path):
+    """An eval set that shares documents with the KD corpus is an error at the flow's start (nothing written);
+    a held-out one is reported as checked."""
+    from sparsekd_core.data import DataOverlapError
+
+    leaky = tmp_path / "leaky.txt"
+    corpus_docs = [json.loads(line)["text"] for line in (tiny_setup / "corpus.jsonl").read_text().splitlines()]
+    leaky.write_text("\n\n".join(corpus_docs[:3]))
+    values = flow_values(tiny_setup, tmp_path / "never", eval_sets=[{"name": "leaky", "data": str(leaky)}])
+    from flows.configs import FLOW_CONFIGS
+    from flows.experiments import check_held_out
+
+    with pytest.raises(DataOverlapError, match="eval set 'leaky'.*shares 3 of its 3 documents with the KD corpus"):
+        check_held_out(FLOW_CONFIGS["dense-kd"](**values))
+    checked = check_held_out(FLOW_CONFIGS["dense-kd"](**flow_values(tiny_setup, tmp_path / "never")))
+    assert checked["shared"] == 0 and checked["eval_documents"] > 0 and checked["corpus_documents"] == 60
+    assert main(["run", "dense-kd", "--config", str(_yaml(tmp_path, values))]) == 2
+    assert not (tmp_path / "never").exists()
+
+
+def _yaml(tmp_path, values):
+    import yaml
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.mark.parametrize("sets, message", [
+    ([{"name": "a b", "data": "wikitext2:test"}], "must be an identifier"),
+    ([{"name": "../x", "data": "wikitext2:test"}], "must be an identifier"),
+    ([{"name": "a", "data": "wikitext2:test"}, {"name": "a", "data": "c4:heldout"}], "unique; repeated: a"),
+])
+def test_eval_set_names_are_unique_identifiers(tiny_setup, sets, message):
+    from flows.configs import DenseKDConfig
+
+    with pytest.raises(ValueError, match=message):
+        DenseKDConfig(model=str(tiny_setup / "model"), eval_sets=sets)
+
+
+def test_paper_config_validates_every_part_before_any_work(tiny_setup, tmp_path, capsys):
+    bad = tmp_path / "paper.yaml"
+    bad.write_text(f"model: {tiny_setup / 'model'}\nworkdir: {tmp_path / 'never'}\nsparsities: [1.5]\n")
+    assert main(["run", "paper", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "paper.wanda.sparsities" in err and "[1.5]: each must be in (0, 1)" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "never").exists()
+
+
+def test_source_names_print_as_typed_in_prefect_logs(tiny_tokenizer):
+    """Prefect's console renders `:train:` as an emoji; the mixture log quotes source names so they stay as typed."""
+    import io
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from sparsekd_core.config import MixtureComponent, MixtureConfig
+    from sparsekd_core.data import build_mixture
+
+    lines = []
+    cfg = MixtureConfig(components=[MixtureComponent(source="c4:train", weight=1)], num_samples=2, seq_len=16)
+    build_mixture(cfg, tiny_tokenizer, log=lines.append)
+    stream = io.StringIO()
+    handler = PrefectConsoleHandler(stream=stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.emit(logging.LogRecord("x", logging.INFO, __file__, 1, lines[0], None, None))
+    assert "'c4:train' gives 2 sequences" in stream.getvalue()

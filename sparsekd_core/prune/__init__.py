@@ -31,7 +31,7 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, parent: str | Non
     needs_calibration = cfg.method == "wanda" or cfg.use_whitening
     if needs_calibration:
         ids = calibration_ids(tokenizer, cfg.calibration, cfg.calibration_samples, cfg.calibration_seq_len)
-        log(f"prune: calibration on {ids.numel()} tokens of {cfg.calibration} "
+        log(f"prune: calibration on {ids.numel()} tokens of {cfg.calibration!r} "
             f"({ids.shape[0]}×{ids.shape[1]})")
         stats, _ = input_statistics(model, find_mlp_matrices(model), ids, diagonal_only=cfg.method == "wanda")
     calibration_seconds = time.perf_counter() - t0

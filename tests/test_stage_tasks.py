@@ -1,0 +1,124 @@
+"""The Prefect stage tasks called directly (``task.fn``): the precision policy a flow's distill really gets, and
+stage keys that change exactly when something that can change the output changes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import make_model, make_tokenizer
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A saved tiny model, a sharper teacher of it (scaled tied embeddings), a corpus and a validation text."""
+    tmp_path = tmp_path / "project"
+    tok = make_tokenizer()
+    dense = make_model("llama", len(tok))
+    dense.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    teacher = copy.deepcopy(dense)
+    with torch.no_grad():
+        teacher.get_input_embeddings().weight.mul_(8.0)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    docs = [" ".join(words[(i * 5 + j * 3) % 12] + str((i + j) % 11) for j in range(30)) for i in range(20)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:16]))
+    (tmp_path / "valid.txt").write_text("\n\n".join(docs[16:]))
+    return tmp_path
+
+
+def _mlp_weights(state: dict) -> dict:
+    return {k: v for k, v in state.items() if ".mlp." in k and k.endswith(".weight")}
+
+
+def test_flow_distill_with_bf16_dtype_trains_fp32_master_weights(project, tmp_path):
+    """The flow's distill task on dtype bf16 (what `auto` means on a GPU worker), with bf16 autocast as on CUDA:
+    the student is trained and saved in fp32 and nearly every MLP weight moves at lr 2e-5. With bf16 weights
+    an update of ~lr is below half a bf16 ulp for all but the smallest weights and is rounded away."""
+    from safetensors.torch import load_file
+
+    from tasks.stages import cache_teacher, dense_ref, distill
+
+    work = str(tmp_path / "w")
+    cache = cache_teacher.fn(dense_ref(str(project / "teacher")), {"data": str(project / "corpus.jsonl"),
+                             "num_samples": 4, "seq_len": 24, "top_k": 8, "chunk_size": 4}, work, dtype="bf16",
+                             device="cpu")
+    fields = {"max_steps": 4, "epochs": 4, "batch_size": 4, "lr": 2e-5, "eval_every": 0, "alpha": 1.0,
+              "val_data": str(project / "valid.txt"), "val_tokens": 64, "val_ctx": 32, "autocast": "bf16"}
+    m = distill.fn(dense_ref(str(project / "dense")), cache, fields, 0, work, dtype="bf16", device="cpu")
+    result = m["result"]
+    assert result["precision"] == "fp32 weights + bf16 autocast"
+    assert result["kd_loss_last"] < result["kd_loss_first"]  # the same batch every step: comparable losses
+    before = _mlp_weights(load_file(project / "dense" / "model.safetensors"))
+    after = _mlp_weights(load_file(f"{result['student']}/model.safetensors"))
+    assert after and all(t.dtype == torch.float32 for t in after.values())  # saved in fp32
+    moved = sum(int((after[k] != before[k]).sum()) for k in before) / sum(t.numel() for t in before.values())
+    assert moved > 0.95, f"only {moved:.1%} of the MLP weights moved"
+    # What bf16 weights would have allowed: Adam's first steps move a weight by ~lr, which is below half a bf16 ulp
+    # for most of these weights, so the test above could not pass with bf16 masters.
+    w = torch.cat([t.flatten() for t in before.values()])
+    half_ulp = (w.abs().to(torch.bfloat16).float() * 2.0 ** -8)
+    assert float((half_ulp > 2e-5).float().mean()) > 0.5
+
+
+def _eval(project, work, model_spec, eval_file, dtype="auto"):
+    from tasks.stages import dense_ref, evaluate
+
+    return evaluate.fn(dense_ref(model_spec), [{"name": "text", "data": str(eval_file), "max_tokens": 64}],
+                       {"ctx": 32, "stride": 16}, work, dtype=dtype, device="cpu")
+
+
+def test_stage_keys_change_with_every_input_and_only_then(project, tmp_path, monkeypatch):
+    from sparsekd_core import provenance
+
+    work = str(tmp_path / "w")
+    model, text = str(project / "dense"), project / "valid.txt"
+    first = _eval(project, work, model, text)
+    assert not first["cached"]
+    assert _eval(project, work, model, text)["cached"]  # nothing changed: reused
+    assert _eval(project, work, model, text, dtype="fp32")["key"] == first["key"]  # auto = fp32 on a CPU
+    assert not _eval(project, work, model, text, dtype="bf16")["cached"]  # another resolved dtype
+
+    copied = tmp_path / "elsewhere" / "dense"
+    shutil.copytree(project / "dense", copied)
+    assert _eval(project, work, str(copied), text)["key"] == first["key"]  # the same model by content
+    config = json.loads((copied / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5  # a change of the model directory's content
+    (copied / "config.json").write_text(json.dumps(config))
+    assert not _eval(project, work, str(copied), text)["cached"]
+
+    edited = tmp_path / "valid.txt"
+    edited.write_text(text.read_text().replace("alpha", "omega"))
+    other = _eval(project, work, model, edited)
+    assert not other["cached"]
+    same_text_elsewhere = tmp_path / "again.txt"
+    same_text_elsewhere.write_text(text.read_text())
+    assert _eval(project, work, model, same_text_elsewhere)["config"]["sets"][0]["digest"] == \
+        first["config"]["sets"][0]["digest"]
+
+    real = provenance._package_digest
+    monkeypatch.setattr(provenance, "_package_digest", lambda p: real(p) + ("x" if p == "tasks" else ""))
+    assert not _eval(project, work, model, text)["cached"]  # the tasks' code is in the key
+    monkeypatch.setattr(provenance, "_package_digest", real)
+    assert _eval(project, work, model, text)["cached"]
+    monkeypatch.setattr(provenance, "environment", lambda: {"torch": "0.0", "transformers": "0.0", "zarr": "0.0"})
+    assert not _eval(project, work, model, text)["cached"]  # library versions are in the key
+    assert first["config"]["runtime"] == {"dtype": "float32", "device": "cpu"}
+
+
+def test_a_hub_model_is_fingerprinted_by_the_commit_its_revision_resolves_to(monkeypatch):
+    import sparsekd_core.models as models
+
+    commits = {None: "c0ffee", "main": "c0ffee", "v2": "beef42"}
+    monkeypatch.setattr(models, "_hub_commit", lambda repo, revision: commits[revision])
+    assert models.model_fingerprint("org/name") == {"hub": "org/name", "commit": "c0ffee"}
+    assert models.model_fingerprint("org/name", "main") == models.model_fingerprint("org/name")
+    assert models.model_fingerprint("org/name", "v2") != models.model_fingerprint("org/name")
