@@ -154,19 +154,20 @@ def disjoint_line(checked: dict) -> str:
     if not checked:
         return ""
     return (f"Eval sets and the validation text are disjoint from the KD corpus: {checked['eval_documents']:,} of "
-            f"their documents checked against {checked['corpus_documents']:,} corpus documents (hash of the "
-            f"whitespace-normalised text), {checked['shared']} shared.\n\n")
+            f"their documents checked against {checked['corpus_documents']:,} corpus documents (hashes of the "
+            f"whitespace-normalised documents and paragraphs), {checked['shared']} shared.\n\n")
 
 
 def check_held_out(cfg: FlowConfig) -> dict:
     """Every eval set (and the distillation's validation text) must be disjoint from the KD corpus: an overlap is
     a one-line error before any work (sparsekd_core.data.check_disjoint)."""
-    from sparsekd_core.config import DistillConfig
-    from sparsekd_core.data import check_disjoint, corpus_sources
+    from sparsekd_core.cache import corpus_reads
+    from sparsekd_core.config import CacheConfig, DistillConfig
+    from sparsekd_core.data import check_disjoint
 
     held_out = {es.name: es.data for es in cfg.eval_sets}
     held_out["distill.val_data"] = DistillConfig(**cfg.distill, cache="cache", out="out").val_data
-    return check_disjoint(held_out, corpus_sources(cfg.corpus.data))
+    return check_disjoint(held_out, corpus_reads(CacheConfig(**cfg.corpus.model_dump(), out="unused")))
 
 
 def start(cfg: FlowConfig, flow_name: str, parent_run_id: str | None = None) -> Run:

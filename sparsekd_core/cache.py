@@ -72,13 +72,20 @@ def corpus_mixture(cfg: CacheConfig) -> tuple[MixtureConfig, bool]:
     return mix, cfg.num_samples is None
 
 
-def corpus_digests(cfg: CacheConfig) -> dict[str, str]:
-    """{source: content digest of the documents the corpus build reads from it} (what a cache stage key holds)."""
-    from .data import corpus_limit, source_digest, split_counts
+def corpus_reads(cfg: CacheConfig) -> dict[str, int | None]:
+    """{source: the document limit the corpus build reads it with (streamed hub sources; None = whole)}."""
+    from .data import corpus_limit, split_counts
 
     mix, every = corpus_mixture(cfg)
     counts = [None] if every else split_counts(mix.num_samples, [c.weight for c in mix.components])
-    return {c.source: source_digest(c.source, corpus_limit(n)) for c, n in zip(mix.components, counts)}
+    return {c.source: corpus_limit(n) for c, n in zip(mix.components, counts)}
+
+
+def corpus_digests(cfg: CacheConfig) -> dict[str, str]:
+    """{source: content digest of the documents the corpus build reads from it} (what a cache stage key holds)."""
+    from .data import source_digest
+
+    return {source: source_digest(source, limit) for source, limit in corpus_reads(cfg).items()}
 
 
 def build_corpus(cfg: CacheConfig, tokenizer, log=print):

@@ -318,47 +318,64 @@ def source_digest(spec: str, limit: int | None = None) -> str:
     return _DIGESTS[key]
 
 
-def corpus_sources(data: str) -> list[str]:
-    """The sources a corpus spec draws from: a mixture's components, or the one source/file."""
-    from .config import NAMED_MIXTURES
-
-    return list(NAMED_MIXTURES[data]) if data in NAMED_MIXTURES else [data]
-
-
 class DataOverlapError(ConfigError):
     """An evaluation set shares documents with the KD corpus (or the validation text with it)."""
 
 
+MIN_BLOCK_CHARS = 50  # blank-line blocks shorter than this (headings, boilerplate) are not compared alone
+
+
 def _normalised_hashes(docs: Iterable[str | bytes]) -> set[bytes]:
+    """Hashes of each document and of each of its blank-line-separated blocks of >= MIN_BLOCK_CHARS characters,
+    whitespace-normalised: a document copied whole, or split into paragraphs by another file format, matches."""
     hashes = set()
     for doc in docs:
         text = _doc_bytes(doc).decode("utf-8", "replace")
-        compact = " ".join(text.split())
-        if compact:
-            hashes.add(hashlib.blake2b(compact.encode("utf-8"), digest_size=16).digest())
+        pieces = [text] + [b for b in re.split(r"\n\s*\n", text) if len(b.strip()) >= MIN_BLOCK_CHARS]
+        for piece in pieces:
+            compact = " ".join(piece.split())
+            if compact:
+                hashes.add(hashlib.blake2b(compact.encode("utf-8"), digest_size=16).digest())
     return hashes
 
 
-def check_disjoint(eval_sets: dict[str, str], corpus: list[str], limit: int | None = None) -> dict:
-    """Refuse eval sets that share a document with any corpus source (documents compared by a hash of their
-    whitespace-normalised text). Returns {"eval_documents", "corpus_documents", "shared": 0} for the report.
+_HASHES: dict[tuple, tuple[set[bytes], int]] = {}
 
-    ``eval_sets``: {name: spec}; ``corpus``: source specs (``corpus_sources``); ``limit``: see load_documents.
+
+def _source_hashes(spec: str, limit: int | None) -> tuple[set[bytes], int]:
+    """(hashes, number of documents) of a source; memoised (a paper run checks the same sources per sub-flow)."""
+    key = _memo_key(spec, limit)
+    if key not in _HASHES:
+        docs = load_documents(spec, limit)
+        _HASHES[key] = (_normalised_hashes(docs), len(docs))
+    return _HASHES[key]
+
+
+def check_disjoint(eval_sets: dict[str, str], corpus: dict[str, int | None]) -> dict:
+    """Refuse eval sets that share a document (or a paragraph of >= MIN_BLOCK_CHARS characters) with any corpus
+    source, compared by hashes of the whitespace-normalised text. Returns {"eval_documents", "corpus_documents",
+    "shared": 0} for the report.
+
+    ``eval_sets``: {name: spec}; ``corpus``: {source spec: the document limit the corpus build reads it with}
+    (``cache.corpus_reads``), so exactly the documents a corpus can contain are checked.
     """
     corpus_hashes: set[bytes] = set()
-    for spec in corpus:
-        corpus_hashes |= _normalised_hashes(load_documents(spec, limit))
+    corpus_documents = 0
+    for spec, limit in corpus.items():
+        hashes, count = _source_hashes(spec, limit)
+        corpus_hashes |= hashes
+        corpus_documents += count
     eval_total = 0
     for name, spec in eval_sets.items():
-        hashes = _normalised_hashes(load_documents(spec, limit))
-        eval_total += len(hashes)
+        hashes, count = _source_hashes(spec, None)
+        eval_total += count
         shared = len(hashes & corpus_hashes)
         if shared:
             raise DataOverlapError(
-                f"eval set {name!r} ({spec}) shares {shared} of its {len(hashes)} documents with the KD corpus "
+                f"eval set {name!r} ({spec}) shares {shared} document(s) or paragraph(s) with the KD corpus "
                 f"({', '.join(corpus)}); an evaluation set must be held out: use another set or another corpus"
             )
-    return {"eval_documents": eval_total, "corpus_documents": len(corpus_hashes), "shared": 0}
+    return {"eval_documents": eval_total, "corpus_documents": corpus_documents, "shared": 0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -516,22 +533,24 @@ def document_sequences(docs: Iterable[str], tokenizer, seq_len: int, count: int 
         if count is not None and len(rows) >= count:
             break
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + tail
-        used += 1
         if len(ids) >= seq_len:
             k = min(max_per_document, len(ids) // seq_len)
             if count is not None:
                 k = min(k, count - len(rows))
             offset = int(rng.integers(0, len(ids) - k * seq_len + 1))
             rows.extend(ids[offset + j * seq_len : offset + (j + 1) * seq_len] for j in range(k))
+            used += 1
             continue
+        pieces = 1
         while len(ids) < seq_len:  # a short document: continue the sample with the next ones
             nxt = next(docs, None)
             if nxt is None:
                 break
             ids += tokenizer(nxt, add_special_tokens=False)["input_ids"] + tail
-            used += 1
-        if len(ids) >= seq_len:
+            pieces += 1
+        if len(ids) >= seq_len:  # an unfinished last sample is dropped, and its documents are not counted
             rows.append(ids[:seq_len])
+            used += pieces
     return rows, used
 
 

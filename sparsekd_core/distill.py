@@ -31,7 +31,7 @@ import torch
 from . import precision
 from .cache import TeacherCache, tokenizer_digest
 from .config import ConfigError, DistillConfig, EvalConfig
-from .files import recover_dir, replace_dir, write_file_atomic, write_json_atomic
+from .files import recover_dir, remove_stale_tmp, replace_dir, write_file_atomic, write_json_atomic
 from .kd_loss import KDLoss
 
 
@@ -85,7 +85,9 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A resume may see fewer (or more) devices than the run that saved: restore those both have.
+        for index, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, device=index)
 
 
 def _publish_final(best_dir: Path, out: Path) -> None:
@@ -102,6 +104,7 @@ def _publish_final(best_dir: Path, out: Path) -> None:
     for item in sorted(best_dir.iterdir()):
         if not item.is_file():
             raise DistillError(f"distill: unexpected directory {item} in the best-model directory")
+        remove_stale_tmp(out / item.name)  # a kill between link and rename leaves an extra name of the weights
         write_file_atomic(out / item.name, link_or_copy(item))
 
 
@@ -225,7 +228,10 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
                           f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum})")
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
-    self_referential = weights_digest(model) == cache.fingerprint.get("weights_digest")  # before any upcast
+    # The cache's teacher digest was taken in the dtype it ran in (bf16 on a GPU worker): compare like with like.
+    cache_dtype = getattr(torch, str(cache.fingerprint.get("dtype", "float32")), None)
+    self_referential = weights_digest(model, cache_dtype if isinstance(cache_dtype, torch.dtype) else None) \
+        == cache.fingerprint.get("weights_digest")
     precision.ensure_master_weights(model, log=log)
     device = next(model.parameters()).device
     autocast = lambda: precision.autocast(device, cfg.autocast)  # noqa: E731 - a fresh context each use
@@ -271,84 +277,92 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
         save_checkpoint(ckpt_dir, model, optimizer, state)
 
     stop_reason = "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "epochs"
-    model.train()
-    while not state["finished"]:
-        step = state["step"]
-        lr = get_lr(step, total, cfg, warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    try:
+        model.train()
+        while not state["finished"]:
+            step = state["step"]
+            lr = get_lr(step, total, cfg, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        # Validate at the start, every eval_every steps and at the end; keep the best model; maybe stop.
-        if step == 0 or step == total or (cfg.eval_every and step % cfg.eval_every == 0):
-            if not any(s == step for s, _ in state["history"]):
-                ppl = evaluate()
-                state["history"].append((step, ppl))
-                log(f"distill: step {step}: validation ppl {ppl:.3f}")
-                if state["best_ppl"] is None or ppl < state["best_ppl"]:
-                    state["best_ppl"], state["best_step"] = ppl, step
-                    state["best_counts"] = measured_compression(model)
-                    save_hf(best_dir, model, tokenizer)
-                reason = should_stop(state["history"], cfg.patience, cfg.min_delta)
-                if reason is not None and step < total:
-                    stop_reason = reason
-                    log(f"distill: stopping at step {step}: validation ppl {reason}")
-                    break
-        if step >= total:
-            break
+            # Validate at the start, every eval_every steps and at the end; keep the best model; maybe stop.
+            if step == 0 or step == total or (cfg.eval_every and step % cfg.eval_every == 0):
+                if not any(s == step for s, _ in state["history"]):
+                    ppl = evaluate()
+                    state["history"].append((step, ppl))
+                    log(f"distill: step {step}: validation ppl {ppl:.3f}")
+                    if state["best_ppl"] is None or ppl < state["best_ppl"]:
+                        state["best_ppl"], state["best_step"] = ppl, step
+                        state["best_counts"] = measured_compression(model)
+                        save_hf(best_dir, model, tokenizer)
+                        # best/ and the state that describes it move together: a replay of the steps since the
+                        # last checkpoint need not give the same weights on a GPU.
+                        if 0 < step < total:
+                            checkpoint()
+                    reason = should_stop(state["history"], cfg.patience, cfg.min_delta)
+                    if reason is not None and step < total:
+                        stop_reason = reason
+                        log(f"distill: stopping at step {step}: validation ppl {reason}")
+                        break
+            if step >= total:
+                break
 
-        # One optimizer step = grad_accum micro-steps; the loss is averaged over them.
-        t0 = time.perf_counter()
-        kd_sum = ce_sum = 0.0
-        finite = True
-        for _ in range(cfg.grad_accum):
-            batch = cache[batch_indices(state["micro_index"], n, cfg.batch_size, cfg.seed)]
-            state["micro_index"] += 1
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast():
-                logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-            out_loss = loss_fn(logits, batch["input_ids"], batch["topk_ids"], batch["topk_logprobs"],
-                               batch["tail_logmass"])
-            if not torch.isfinite(out_loss.loss):
-                finite = False  # keep consuming this step's data so the data position stays step-aligned
-                continue
-            (out_loss.loss / cfg.grad_accum).backward()
-            kd_sum += out_loss.kd.item() / cfg.grad_accum
-            ce_sum += out_loss.ce.item() / cfg.grad_accum
-            state["tokens"] += batch["input_ids"].numel()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if finite and torch.isfinite(norm):
-            optimizer.step()
-            guard.apply()  # weight decay and rounding must not bring a pruned entry back
-            state["bad_in_row"] = 0
-            if state["kd_first"] is None:
-                state["kd_first"], state["ce_first"] = kd_sum, ce_sum
-            state["kd_last"], state["ce_last"] = kd_sum, ce_sum
-        else:  # NaN/inf guard: skip the update, count it, give up after max_bad_steps in a row
-            state["bad_in_row"] += 1
-            state["bad_total"] += 1
-            log(f"distill: step {step + 1}: non-finite loss or gradient, update skipped")
-            if state["bad_in_row"] >= cfg.max_bad_steps:
-                raise DistillError(
-                    f"distill: the loss or gradient was NaN/inf at {state['bad_in_row']} steps in a row "
-                    f"(steps {step + 2 - state['bad_in_row']}..{step + 1}); lower --lr, check the student and "
-                    "the cache, or resume from the last checkpoint"
-                )
-        optimizer.zero_grad(set_to_none=True)
-        state["train_seconds"] += time.perf_counter() - t0
-        state["step"] = step + 1
+            # One optimizer step = grad_accum micro-steps; the loss is averaged over them.
+            t0 = time.perf_counter()
+            kd_sum = ce_sum = 0.0
+            finite = True
+            for _ in range(cfg.grad_accum):
+                batch = cache[batch_indices(state["micro_index"], n, cfg.batch_size, cfg.seed)]
+                state["micro_index"] += 1
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast():
+                    logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+                out_loss = loss_fn(logits, batch["input_ids"], batch["topk_ids"], batch["topk_logprobs"],
+                                   batch["tail_logmass"])
+                if not torch.isfinite(out_loss.loss):
+                    finite = False  # keep consuming this step's data so the data position stays step-aligned
+                    continue
+                (out_loss.loss / cfg.grad_accum).backward()
+                kd_sum += out_loss.kd.item() / cfg.grad_accum
+                ce_sum += out_loss.ce.item() / cfg.grad_accum
+                state["tokens"] += batch["input_ids"].numel()
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if finite and torch.isfinite(norm):
+                optimizer.step()
+                guard.apply()  # weight decay and rounding must not bring a pruned entry back
+                state["bad_in_row"] = 0
+                if state["kd_first"] is None:
+                    state["kd_first"], state["ce_first"] = kd_sum, ce_sum
+                state["kd_last"], state["ce_last"] = kd_sum, ce_sum
+            else:  # NaN/inf guard: skip the update, count it, give up after max_bad_steps in a row
+                state["bad_in_row"] += 1
+                state["bad_total"] += 1
+                log(f"distill: step {step + 1}: non-finite loss or gradient, update skipped")
+                if state["bad_in_row"] >= cfg.max_bad_steps:
+                    raise DistillError(
+                        f"distill: the loss or gradient was NaN/inf at {state['bad_in_row']} steps in a row "
+                        f"(steps {step + 2 - state['bad_in_row']}..{step + 1}); lower --lr, check the student and "
+                        "the cache, or resume from the last checkpoint"
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            state["train_seconds"] += time.perf_counter() - t0
+            state["step"] = step + 1
 
-        if progress is not None:
-            progress(state["step"], total, {"loss": cfg.alpha * kd_sum + (1 - cfg.alpha) * ce_sum, "kd": kd_sum,
-                                            "ce": ce_sum, "tok/s": state["tokens"] / max(state["train_seconds"], 1e-9)})
-        if state["step"] % cfg.checkpoint_every == 0 and state["step"] < total:
+            if progress is not None:
+                progress(state["step"], total, {
+                    "loss": cfg.alpha * kd_sum + (1 - cfg.alpha) * ce_sum, "kd": kd_sum, "ce": ce_sum,
+                    "tok/s": state["tokens"] / max(state["train_seconds"], 1e-9)})
+            if state["step"] % cfg.checkpoint_every == 0 and state["step"] < total:
+                checkpoint()
+            if on_step is not None:
+                on_step(state["step"])
+
+        if not state["finished"]:  # training is over: record that first, so a kill below never retrains
+            state["finished"], state["stop_reason"] = True, stop_reason
             checkpoint()
-        if on_step is not None:
-            on_step(state["step"])
-
-    if not state["finished"]:  # training is over: record that first, so a kill below never retrains
-        state["finished"], state["stop_reason"] = True, stop_reason
-        checkpoint()
-    guard.remove()
+    finally:
+        guard.remove()  # the caller's model keeps no hooks, whether training ended or raised
 
     # The final student is the best-validation model: its files go to `out`; distill.json marks the run done;
     # only then are the work directories removed (a rerun after a kill anywhere here redoes this part only).

@@ -15,6 +15,7 @@ Rules, the same for every file and directory the project writes:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic", "write_file_atomic", "replace_dir",
-           "publish_dir", "recover_dir"]
+           "publish_dir", "recover_dir", "remove_stale_tmp"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -61,6 +62,15 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], None]) ->
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def remove_stale_tmp(path: str | os.PathLike) -> None:
+    """Remove the temporary names ``write_file_atomic`` left for ``path`` when a process died mid-write (one
+    writer per path at a time, as for every writer here)."""
+    path = Path(path)
+    if path.parent.is_dir():
+        for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+            leftover.unlink(missing_ok=True)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -148,6 +158,8 @@ def publish_dir(build: Callable[[Path], None], final: str | os.PathLike) -> Path
     try:
         tmp.rename(final)
         _fsync_dir(final.parent)
-    except OSError:  # `final` exists and is not empty: another process finished the same work first
+    except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+            raise  # not "another process finished the same work first"
     return final

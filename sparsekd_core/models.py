@@ -238,11 +238,17 @@ def load_model(cfg: ModelConfig, log=print) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, spec=cfg.model, source=source, device=device, dtype=dtype)
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """Content digest of a model's parameters and buffers (names, shapes, dtypes, bytes); 16 hex chars."""
+def weights_digest(model: torch.nn.Module, dtype: torch.dtype | None = None) -> str:
+    """Content digest of a model's parameters and buffers (names, shapes, dtypes, bytes); 16 hex chars.
+
+    ``dtype``: hash the floating tensors as if cast to it (a model loaded in fp32 then digests like the same
+    checkpoint loaded in bf16, since loading in bf16 is that same round-to-nearest cast)."""
     h = hashlib.blake2b(digest_size=8)
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
+        t = tensor.detach().to("cpu")
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

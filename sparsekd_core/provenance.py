@@ -17,7 +17,8 @@ import importlib
 import importlib.metadata
 from pathlib import Path
 
-LIBRARIES = ("torch", "transformers", "zarr")
+# torch/transformers compute the numbers, tokenizers the token ids, gguf dequantises GGUF models, zarr stores caches.
+LIBRARIES = ("torch", "transformers", "tokenizers", "gguf", "zarr")
 
 
 def environment() -> dict[str, str]:
@@ -74,3 +75,27 @@ def data_digests(specs, limit: int | None = None) -> dict[str, str]:
     from .data import source_digest
 
     return {spec: source_digest(spec, limit) for spec in specs}
+
+
+def machine(device: str) -> dict[str, str | int]:
+    """The hardware a timing was taken on (for stages whose output is a measurement: profiling): the GPU's name,
+    or the CPU model and thread count."""
+    import os
+    import platform
+
+    import torch
+
+    from .models import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return {"gpu": torch.cuda.get_device_name(dev), "count": torch.cuda.device_count()}
+    model = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "threads": torch.get_num_threads(), "cores": os.cpu_count() or 0}

@@ -26,15 +26,18 @@ from sparsekd_core.files import write_json_atomic, write_text_atomic
 from .store import run_stage
 from .tracking import Tracker
 
-ModelRef = dict[str, str]
+ModelRef = dict[str, str]  # {"spec", "fingerprint"} and, for a hub model, "revision" (the pinned commit)
 
 
 def dense_ref(spec: str) -> ModelRef:
     """A model given by the user, fingerprinted by content (GGUF/directory digest or hub commit), not by name."""
     from sparsekd_core.models import model_fingerprint
 
-    fingerprint = json.dumps(model_fingerprint(spec), sort_keys=True)
-    return {"spec": spec, "fingerprint": f"model:{fingerprint}"}
+    found = model_fingerprint(spec)
+    ref = {"spec": spec, "fingerprint": "model:" + json.dumps(found, sort_keys=True)}
+    if "commit" in found:  # a hub model is loaded at the commit its key names, not whatever `main` is by then
+        ref["revision"] = found["commit"]
+    return ref
 
 
 def _transient(task, task_run, state) -> bool:
@@ -121,7 +124,7 @@ def _load(ref: ModelRef, dtype: str, device: str, training: bool = False):
     from sparsekd_core.config import ModelConfig
     from sparsekd_core.models import load_for_training, load_model
 
-    cfg = ModelConfig(model=ref["spec"], dtype=dtype, device=device)
+    cfg = ModelConfig(model=ref["spec"], dtype=dtype, device=device, revision=ref.get("revision"))
     return (load_for_training if training else load_model)(cfg, log=run_log())
 
 
@@ -252,8 +255,9 @@ def distill(student: ModelRef, cache: dict, distill_fields: dict, seed: int, wor
             device: str = "auto", tracking: dict | None = None, run_id: str | None = None) -> dict:
     """Train `student` on a teacher cache (KD, or CE-only with alpha=0); resumes from its last checkpoint."""
     from sparsekd_core.config import DistillConfig
+    from sparsekd_core.data import load_text, text_digest
     from sparsekd_core.distill import distill as run_distill
-    from sparsekd_core.provenance import data_digests, training_runtime
+    from sparsekd_core.provenance import training_runtime
 
     check = DistillConfig(**distill_fields, seed=seed, cache="cache", out="out")
 
@@ -264,7 +268,7 @@ def distill(student: ModelRef, cache: dict, distill_fields: dict, seed: int, wor
         return {**result.as_dict(), "student": str(directory / "student")}
 
     # The flow's dtype does not reach training (the precision policy decides), so it is not in the key.
-    config = {"distill": distill_fields, "seed": seed, "val_data": data_digests([check.val_data]),
+    config = {"distill": distill_fields, "seed": seed, "val_text": text_digest(load_text(check.val_data)),
               "runtime": training_runtime(device, check.autocast)}
     manifest = _run_heavy_stage(workdir, "distill", config,
                                 {"student": student["fingerprint"], "teacher_cache": cache["key"]}, produce)
@@ -299,7 +303,10 @@ def profile(models: list[ModelRef], profile_fields: dict, workdir: str, dtype: s
         return {"results": results}
 
     # Timings are measurements of this machine: keyed by the models and settings, reused like other stages.
-    manifest = _run_heavy_stage(workdir, "profile", {"profile": profile_fields, "runtime": _runtime(dtype, device)},
+    from sparsekd_core.provenance import machine
+
+    manifest = _run_heavy_stage(workdir, "profile", {"profile": profile_fields, "runtime": _runtime(dtype, device),
+                                                     "machine": machine(device)},
                                 {"models": ",".join(m["fingerprint"] for m in models)}, produce)
     if tracking and run_id:
         tracker = Tracker(tracking["uri"], tracking["experiment"], tracking.get("artifact_root"))

@@ -61,7 +61,11 @@ class Tracker:
         with _LOCK:
             run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
             if params:
-                self.log_params(run.info.run_id, params)
+                try:
+                    self.log_params(run.info.run_id, params)
+                except BaseException:  # the caller never gets the id: do not leave the run RUNNING
+                    self.client.set_terminated(run.info.run_id, status="FAILED")
+                    raise
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:

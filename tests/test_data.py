@@ -224,8 +224,9 @@ def test_a_name_means_the_packaged_bytes_and_the_hub_only_when_asked(monkeypatch
     calls = []
     monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: True)
     monkeypatch.setattr(data, "_hub_rows", lambda *a: calls.append(a) or [f"hub doc {i} " * 5 for i in range(3)])
-    assert load_documents("c4:heldout") == packaged and load_text("wikitext2:test") == load_text("wikitext2:test")
-    assert calls == []
+    assert load_documents("c4:heldout") == packaged
+    assert hashlib.sha256(load_text("wikitext2:test").encode()).hexdigest() == WIKITEXT2_TEST_SHA256
+    assert calls == []  # no hub row was read for a name
     assert load_documents("hub:c4:heldout")[0].startswith("hub doc 0")
     assert calls[-1] == ("allenai/c4", "en", "validation", "text", data.HUB_STREAM_LIMIT)
     load_documents("hub:c4:heldout@50")
@@ -239,3 +240,20 @@ def test_paper_offline_mixture_sources_are_clean():
         good, report = validate_documents(source, load_documents(source), max_bad_fraction=0.05)
         assert report.bad_total <= 0.05 * report.documents
         assert len(good) > 30
+
+
+def test_check_disjoint_finds_documents_and_paragraphs_across_formats(tmp_path):
+    from sparsekd_core.data import DataOverlapError, check_disjoint
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [prose(i) + "\n\n" + prose(100 + i) for i in range(5)])
+    held_out = tmp_path / "held.txt"
+    held_out.write_text("\n\n".join(prose(200 + i) for i in range(4)))
+    assert check_disjoint({"held": str(held_out)}, {str(corpus): None}) == \
+        {"eval_documents": 4, "corpus_documents": 5, "shared": 0}
+    leaky = tmp_path / "leaky.txt"  # one paragraph of a two-paragraph corpus document, in another format
+    leaky.write_text(prose(300) + "\n\n" + prose(102))
+    with pytest.raises(DataOverlapError, match="eval set 'leaky'.*shares 1 document"):
+        check_disjoint({"leaky": str(leaky)}, {str(corpus): None})
+    # The packaged held-out sets are disjoint from the packaged corpus sources, paragraph by paragraph.
+    check_disjoint({"wikitext2": "wikitext2:test", "c4_heldout": "c4:heldout", "valid": "wikitext2:valid"},
+                   {"c4:train": None, "wikitext2:train": None, "gsm8k:train": None})

@@ -272,9 +272,10 @@ distill(DistillConfig(**{config!r}, out=sys.argv[2]), make_model("llama", len(to
 
 
 def test_sigkill_anywhere_then_rerun_gives_the_same_weights(tmp_path, teacher_cache, val_file, monkeypatch):
-    """A real SIGKILL of a distill process at many points (after the commit of a checkpoint, of the best model,
-    of each file of the final model, of distill.json), then the same command: the final weights equal an
-    uninterrupted run's, and no work directory is left behind."""
+    """A real SIGKILL of a distill process right after a commit point of its writes (of a checkpoint, of the best
+    model, of each file of the final model, of distill.json), then the same command: the final weights equal an
+    uninterrupted run's, and no work directory is left behind. The states between the renames of a directory swap
+    are covered by test_store.py::test_recover_dir_leaves_exactly_one_complete_directory."""
     import subprocess
     import sys
     from pathlib import Path

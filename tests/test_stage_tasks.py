@@ -114,11 +114,60 @@ def test_stage_keys_change_with_every_input_and_only_then(project, tmp_path, mon
     assert first["config"]["runtime"] == {"dtype": "float32", "device": "cpu"}
 
 
-def test_a_hub_model_is_fingerprinted_by_the_commit_its_revision_resolves_to(monkeypatch):
-    import sparsekd_core.models as models
+def test_a_hub_model_is_fingerprinted_by_the_commit_its_revision_resolves_to(tmp_path, monkeypatch):
+    """Offline, the commit comes from the local Hugging Face cache (refs/<revision> -> snapshots/<commit>); the
+    model ref pins it, so the stage loads what its key names."""
+    from huggingface_hub import constants
 
-    commits = {None: "c0ffee", "main": "c0ffee", "v2": "beef42"}
-    monkeypatch.setattr(models, "_hub_commit", lambda repo, revision: commits[revision])
-    assert models.model_fingerprint("org/name") == {"hub": "org/name", "commit": "c0ffee"}
-    assert models.model_fingerprint("org/name", "main") == models.model_fingerprint("org/name")
-    assert models.model_fingerprint("org/name", "v2") != models.model_fingerprint("org/name")
+    from sparsekd_core.models import ModelLoadError, model_fingerprint
+    from tasks.stages import dense_ref
+
+    repo = tmp_path / "hub" / "models--org--name"
+    for ref, commit in (("main", "a" * 40), ("v2", "b" * 40)):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert model_fingerprint("org/name") == {"hub": "org/name", "commit": "a" * 40}
+    assert model_fingerprint("org/name", "v2") == {"hub": "org/name", "commit": "b" * 40}
+    assert dense_ref("org/name")["revision"] == "a" * 40
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        model_fingerprint("org/missing")
+
+
+def test_data_content_is_in_the_cache_and_distill_keys(project, tmp_path):
+    """The corpus sources' content and the validation text's exact bytes are in the keys of the cache and distill
+    stages; a copy of the corpus at another path is the same corpus."""
+    from tasks.stages import cache_teacher, dense_ref, distill
+
+    work = str(tmp_path / "w")
+    teacher = dense_ref(str(project / "dense"))
+    fields = {"data": str(project / "corpus.jsonl"), "num_samples": 4, "seq_len": 24, "top_k": 8, "chunk_size": 4}
+    first = cache_teacher.fn(teacher, fields, work, device="cpu")
+    edited = tmp_path / "corpus.jsonl"
+    edited.write_text((project / "corpus.jsonl").read_text().replace("alpha", "omega"))
+    assert not cache_teacher.fn(teacher, {**fields, "data": str(edited)}, work, device="cpu")["cached"]
+    assert cache_teacher.fn(teacher, fields, work, device="cpu")["cached"]
+
+    val = tmp_path / "val.txt"
+    val.write_text((project / "valid.txt").read_text())
+    run = dict(max_steps=1, batch_size=2, eval_every=0, val_tokens=32, val_ctx=16, val_data=str(val))
+    assert not distill.fn(teacher, first, run, 0, work, device="cpu")["cached"]
+    assert distill.fn(teacher, first, run, 0, work, device="cpu")["cached"]
+    val.write_text(val.read_text() + "\n\n")  # only blank lines differ: the validation text is not the same
+    assert not distill.fn(teacher, first, run, 0, work, device="cpu")["cached"]
+
+
+def test_self_referential_when_the_cache_ran_in_bf16_and_the_student_trains_in_fp32(project, tmp_path):
+    from tasks.stages import cache_teacher, dense_ref, distill
+
+    work = str(tmp_path / "w")
+    dense = dense_ref(str(project / "dense"))
+    fields = {"data": str(project / "corpus.jsonl"), "num_samples": 4, "seq_len": 24, "top_k": 8, "chunk_size": 4}
+    run = dict(max_steps=1, batch_size=2, eval_every=0, val_tokens=32, val_ctx=16, val_data=str(project / "valid.txt"))
+    for dtype in ("bf16", "fp32"):
+        cache = cache_teacher.fn(dense, fields, work, dtype=dtype, device="cpu")
+        assert distill.fn(dense, cache, run, 0, work, dtype=dtype, device="cpu")["result"]["self_referential"]
+    other = cache_teacher.fn(dense_ref(str(project / "teacher")), fields, work, dtype="bf16", device="cpu")
+    assert not distill.fn(dense, other, run, 0, work, dtype="bf16", device="cpu")["result"]["self_referential"]

@@ -65,3 +65,36 @@ def test_parallel_runs_of_one_stage_compute_it_once(tmp_path):
     assert (tmp_path / "calls.log").read_text().count("\n") == 1
     assert sorted(m["cached"] for m in manifests) == [False, True]
     assert manifests[0]["result"] == manifests[1]["result"]
+
+
+@pytest.mark.parametrize("state", ["tmp only", "committed new", "old moved aside", "old left over"])
+def test_recover_dir_leaves_exactly_one_complete_directory(tmp_path, state):
+    """Every state a kill can leave inside files.replace_dir comes back as one complete directory: the new version
+    once the commit point (the rename to `.new`) was passed, the old one before it."""
+    from sparsekd_core.files import recover_dir
+
+    final = tmp_path / "ckpt"
+
+    def version(path, text):
+        path.mkdir()
+        (path / "weights").write_text(text)
+
+    if state == "tmp only":  # killed while building
+        version(final, "old")
+        version(tmp_path / "ckpt.tmp-abc", "half")
+        expected = "old"
+    elif state == "committed new":  # killed right after the commit point
+        version(final, "old")
+        version(tmp_path / "ckpt.new", "new")
+        expected = "new"
+    elif state == "old moved aside":  # killed between the two renames: no `ckpt` at all
+        version(tmp_path / "ckpt.old", "old")
+        version(tmp_path / "ckpt.new", "new")
+        expected = "new"
+    else:  # killed before the old version was removed
+        version(final, "new")
+        version(tmp_path / "ckpt.old", "old")
+        expected = "new"
+    recover_dir(final)
+    assert (final / "weights").read_text() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
