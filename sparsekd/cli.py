@@ -141,7 +141,8 @@ PRUNE_FLAGS = {
               "schedule": "schedule", "whiten": "whiten", "calibration": "calibration",
               "calibration_samples": "calibration_samples", "calibration_seq_len": "calibration_seq_len",
               "damping": "damping", "tier_edge_fraction": "tier_edge_fraction",
-              "tier_edge_weight": "tier_edge_weight", "tier_gate_weight": "tier_gate_weight"},
+              "tier_edge_weight": "tier_edge_weight", "tier_gate_weight": "tier_gate_weight",
+              "drop_blocks": "drop_blocks"},
 }
 
 
@@ -161,7 +162,10 @@ def _targets(text: str) -> list[float]:
 def add_prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="structured SVD (low-rank) or WANDA pruning of the MLP projections")
     _add_model_flags(p)
-    p.add_argument("--method", help="svd (structured low-rank, default) | wanda (unstructured)")
+    p.add_argument("--method", help="svd (structured low-rank, default) | wanda (unstructured) | depth (remove "
+                                    "whole decoder blocks)")
+    p.add_argument("--drop-blocks", type=int, metavar="N",
+                   help="depth: remove the N consecutive blocks with the smallest angular distance")
     p.add_argument("--target-reduction", type=_targets, metavar="R",
                    help="fraction of the dense model's MLP parameters removed (cumulative), e.g. 0.15; a list "
                         "0.15,0.35 runs successive rounds; 'paper' = the paper's 8 rounds")
@@ -194,6 +198,16 @@ def _layer_table(layers: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _distance_table(result: dict) -> str:
+    """Depth pruning: the angular distance of every span of drop_blocks blocks, the dropped one marked."""
+    lines = [f"{'blocks':>10} {'angular distance':>17}"]
+    for row in result.get("distance_curve", []):
+        mark = "  <- dropped" if row["start"] == result["dropped_blocks"][0] else ""
+        lines.append(f"{row['blocks']:>10} {row['distance']:>17.4f}{mark}")
+    lines.append(f"blocks {result['num_layers_before']} → {result['num_layers_after']}")
+    return "\n".join(lines)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
@@ -223,8 +237,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     parent = f"{model_cfg.model} (weights {weights_digest(loaded.model)})"
     reports = []
     for cfg in configs:
-        with tqdm(total=len(find_mlp_matrices(loaded.model)), desc=f"prune {cfg.method}", unit="matrix",
-                  file=sys.stderr, disable=None) as bar:
+        total, unit = ((cfg.calibration_samples, "seq") if cfg.method == "depth"
+                       else (len(find_mlp_matrices(loaded.model)), "matrix"))
+        with tqdm(total=total, desc=f"prune {cfg.method}", unit=unit, file=sys.stderr, disable=None) as bar:
             reports.append(prune_model(loaded.model, loaded.tokenizer, cfg, parent=parent, log=log,
                                        progress=bar.update))
         parent = f"round {reports[-1].round} of this run"
@@ -246,7 +261,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                   weights_bytes=(out / "model.safetensors").stat().st_size, saved_total_params=saved["total"],
                   model=model_cfg.model, device=loaded.device.type, dtype=str(loaded.dtype).removeprefix("torch."))
     unit = "nonzero " if reports[-1].unstructured else ""
-    human = (f"{_layer_table(result['layers'])}\n"
+    table = _layer_table(result["layers"]) if result["layers"] else _distance_table(result)
+    human = (f"{table}\n"
              f"{reports[-1].method}: MLP {unit}params {result['mlp_params_before']:,} → {result['mlp_params_after']:,} "
              f"(reduction {result['mlp_reduction']:.4f} of the dense MLP), total {result['total_params_before']:,} "
              f"→ {result['total_params_after']:,}; {result['seconds']:.1f}s; saved {out}")

@@ -304,7 +304,11 @@ class PruneConfig(StageConfig):
     matrix keeps the smallest rank holding this fraction of its spectral energy; SVD only).
     """
 
-    method: Literal["svd", "wanda"] = Field("svd", description="svd: structured low-rank; wanda: unstructured.")
+    method: Literal["svd", "wanda", "depth"] = Field(
+        "svd", description="svd: structured low-rank; wanda: unstructured; depth: remove whole decoder blocks.")
+    drop_blocks: int | None = Field(
+        None, gt=0, description="depth: how many consecutive decoder blocks to remove (the span whose input and "
+                                "output hidden states are closest in angular distance).")
     target_reduction: float | None = Field(
         None, gt=0, lt=1, description="ρ in (0, 1): cumulative MLP-parameter reduction vs the dense model."
     )
@@ -348,6 +352,18 @@ class PruneConfig(StageConfig):
 
     @model_validator(mode="after")
     def _one_budget(self) -> "PruneConfig":
+        if self.method == "depth":
+            if self.drop_blocks is None:
+                raise ValueError("method=depth needs drop_blocks (e.g. 4): how many decoder blocks to remove")
+            if self.target_reduction is not None or self.energy is not None:
+                raise ValueError("method=depth takes drop_blocks, not target_reduction or energy")
+            if self.calibration is None:
+                raise ValueError("depth pruning measures hidden states on calibration data; give a calibration source")
+            if self.schedule is not None or self.whiten:
+                raise ValueError("schedule and whiten apply to svd only")
+            return self
+        if self.drop_blocks is not None:
+            raise ValueError(f"drop_blocks applies to method=depth only, not {self.method}")
         if (self.target_reduction is None) == (self.energy is None):
             raise ValueError(
                 "give exactly one of target_reduction (e.g. 0.15) and energy (e.g. 0.97)"
