@@ -77,13 +77,60 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--stride", type=int, help="offset between window starts (default 256)")
     p.add_argument("--protocol", help="paper (every token of every window) | standard (each token once)")
     p.add_argument("--max-tokens", type=int, help="keep the first N tokens of the tokenized text")
-    p.add_argument("--batch-size", type=int, help="windows per forward pass (default 1)")
+    p.add_argument("--batch-size", type=int, help="windows (perplexity) or problems (gsm8k) per forward pass")
+    p.add_argument("--kind", choices=["perplexity", "gsm8k"], default="perplexity",
+                   help="perplexity (default) | gsm8k: exact-match accuracy by greedy generation on --data "
+                        "(default gsm8k:test) and the reference solutions' log-likelihood")
+    p.add_argument("--max-problems", type=int, help="gsm8k: the first N problems (default 100)")
+    p.add_argument("--max-new-tokens", type=int, help="gsm8k: greedy decode budget per problem (default 256)")
     p.add_argument("--config", help="YAML file with sections model/data/eval (flags override it)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.set_defaults(func=cmd_eval)
 
 
+ACCURACY_FLAGS = {
+    "model": EVAL_FLAGS["model"],
+    "accuracy": {"max_problems": "max_problems", "max_new_tokens": "max_new_tokens", "batch_size": "batch_size"},
+}
+
+
+def cmd_eval_gsm8k(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from sparsekd_core.config import AccuracyConfig, check_data_spec
+    from sparsekd_core.data import gsm8k_records
+    from sparsekd_core.downstream import gsm8k_accuracy
+    from sparsekd_core.models import load_model
+
+    sections = _sections(args, ACCURACY_FLAGS)
+    if "model" not in sections["model"]:
+        raise ConfigError("model.model: required; give --model (e.g. --model smollm2-135m)")
+    model_cfg = build(ModelConfig, "model", sections["model"])
+    acc_cfg = build(AccuracyConfig, "accuracy", sections["accuracy"])
+    data = args.data or "gsm8k:test"
+    try:
+        check_data_spec(data)
+    except ValueError as err:
+        raise ConfigError(f"data.data={data!r}: {err}") from None
+    records = gsm8k_records(data)[: acc_cfg.max_problems]
+    loaded = load_model(model_cfg, log=log)
+    log(f"eval gsm8k: {len(records)} problems of {data!r}, greedy, up to {acc_cfg.max_new_tokens} new tokens")
+    with tqdm(total=len(records), desc="gsm8k", unit="problem", file=sys.stderr, disable=None) as bar:
+        res = gsm8k_accuracy(loaded.model, loaded.tokenizer, records, acc_cfg.max_new_tokens, acc_cfg.batch_size,
+                             progress=bar.update)
+    result = res.as_dict() | {"kind": "gsm8k", "model": model_cfg.model, "data": data,
+                              "max_new_tokens": acc_cfg.max_new_tokens, "device": loaded.device.type,
+                              "dtype": str(loaded.dtype).removeprefix("torch.")}
+    _emit(result, args.json, f"gsm8k accuracy {res.accuracy:.4f} ({res.correct}/{res.problems}, {res.no_answer} "
+          f"without a number), reference log-likelihood {res.reference_loglik:.4f} nats/token, {res.seconds:.0f}s")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.kind == "gsm8k":
+        return cmd_eval_gsm8k(args)
+    if args.max_problems is not None or args.max_new_tokens is not None:
+        raise ConfigError("eval: --max-problems and --max-new-tokens apply to --kind gsm8k only")
     from tqdm.auto import tqdm
 
     from sparsekd_core.data import load_text

@@ -28,6 +28,7 @@ NAMED_SOURCES: tuple[str, ...] = (
     "wikitext2:valid",
     "wikitext2:train",
     "gsm8k:train",
+    "gsm8k:test",
     "c4:train",
     "c4:heldout",
     "python:stdlib",
@@ -170,6 +171,14 @@ class DataConfig(StageConfig):
     @classmethod
     def _check_data(cls, v: str) -> str:
         return check_data_spec(v)
+
+
+class AccuracyConfig(StageConfig):
+    """GSM8K exact-match accuracy by greedy generation (see sparsekd_core/downstream.py)."""
+
+    max_problems: int = Field(100, gt=0, description="The first N problems of the set (a fixed subset).")
+    max_new_tokens: int = Field(256, gt=0, description="Greedy decode budget per problem.")
+    batch_size: int = Field(8, gt=0, description="Problems per generate() call (left-padded).")
 
 
 class EvalConfig(StageConfig):

@@ -178,12 +178,31 @@ def _named_documents(name: str) -> list[str | bytes]:
         return _stdlib_documents()
     if name.startswith("wikitext2:"):
         return wikitext_articles(_embedded_wikitext(name))
-    if name == "gsm8k:train":
-        return [gsm8k_text(r) for r in _read_jsonl_gz("gsm8k-train-sample.jsonl.gz")]
+    if name.startswith("gsm8k:"):
+        return [gsm8k_text(r) for r in gsm8k_records(name)]
     if name in ("c4:train", "c4:heldout"):
         docs = [r["text"] for r in _read_jsonl_gz("c4-en-train-sample.jsonl.gz")]
         return docs[:_C4_HELDOUT_START] if name == "c4:train" else docs[_C4_HELDOUT_START:]
     raise DataUnavailableError(f"data source {name!r} has no packaged copy; ask for {HUB_PREFIX + name!r}")
+
+
+def gsm8k_records(spec: str) -> list[dict]:
+    """GSM8K problems as {"question", "answer"} records: the packaged `gsm8k:train` (first 4,000) or `gsm8k:test`
+    (all 1,319), `hub:gsm8k:*`, or a local .jsonl file with those fields."""
+    if spec == "gsm8k:train":
+        return _read_jsonl_gz("gsm8k-train-sample.jsonl.gz")
+    if spec == "gsm8k:test":
+        return _read_jsonl_gz("gsm8k-test.jsonl.gz")
+    hub = parse_hub_spec(spec)
+    if hub is not None and hub[0].startswith("gsm8k:"):
+        return list(_hub_rows_for(spec, None)[1])
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".jsonl" and path.is_file():
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if records and all("question" in r and "answer" in r for r in records):
+            return records
+    raise ConfigError(f"data={spec!r}: not a GSM8K source; give gsm8k:test, gsm8k:train, hub:gsm8k:test or a "
+                      ".jsonl file of {{\"question\", \"answer\"}} records")
 
 
 def _embedded_wikitext(name: str) -> str:
