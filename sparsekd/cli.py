@@ -524,6 +524,61 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------- selfdata
+
+SELFDATA_FLAGS = {
+    "model": EVAL_FLAGS["model"],
+    "selfdata": {name: name for name in ("out", "data", "num_samples", "max_new_tokens", "batch_size", "chunk_size",
+                                         "sampling", "temperature", "top_p", "seed", "filter_answers")},
+}
+
+
+def add_selfdata_parser(sub) -> None:
+    p = sub.add_parser("selfdata", help="the unpruned model rewrites an instruction dataset's responses (resumable)")
+    _add_model_flags(p)
+    p.add_argument("--data", help="gsm8k:train (default), hub:gsm8k:train or a .jsonl of prompt/response records")
+    p.add_argument("--out", help="output .jsonl of {prompt, response} (the SFT stage reads it)")
+    p.add_argument("--num-samples", type=int, help="the first N records (default: all)")
+    p.add_argument("--max-new-tokens", type=int, help="generation budget per rewrite (default 256)")
+    p.add_argument("--batch-size", type=int, help="records per generate() call (default 8; divides --chunk-size)")
+    p.add_argument("--chunk-size", type=int, help="records per committed chunk (default 16)")
+    p.add_argument("--sampling", help="greedy (default) | sample")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 0.7)")
+    p.add_argument("--top-p", type=float, help="nucleus mass (default 0.95)")
+    p.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    p.add_argument("--filter-answers", action=argparse.BooleanOptionalAction, default=None,
+                   help="GSM8K: keep a rewrite only if its final number equals the reference's (default on)")
+    p.add_argument("--config", help="YAML file with sections model/selfdata (flags override it)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.set_defaults(func=cmd_selfdata)
+
+
+def cmd_selfdata(args: argparse.Namespace) -> int:
+    from sparsekd_core.config import SelfDataConfig
+    from sparsekd_core.models import load_model
+    from sparsekd_core.selfdata import instruction_records, run_selfdata
+
+    sections = _sections(args, SELFDATA_FLAGS)
+    if "model" not in sections["model"]:
+        raise ConfigError("model.model: required; give --model (the unpruned model, e.g. smollm2-135m)")
+    if "out" not in sections["selfdata"]:
+        raise ConfigError("selfdata.out: required; give --out FILE.jsonl")
+    model_cfg = build(ModelConfig, "model", sections["model"])
+    cfg = build(SelfDataConfig, "selfdata", sections["selfdata"])
+    total = len(instruction_records(cfg.data, cfg.num_samples)[0])
+    loaded = load_model(model_cfg, log=log)
+    bar = _progress("selfdata", "record")(total)
+    try:
+        res = run_selfdata(loaded, cfg, log=log, progress=bar.update)
+    finally:
+        bar.close()
+    _emit(res.as_dict() | {"model": model_cfg.model, "data": cfg.data}, args.json,
+          f"selfdata {res.out}: kept {res.kept} of {res.records} rewrites ({res.dropped} dropped, {res.no_answer} "
+          f"without a number), {res.generated_tokens} tokens at {res.tokens_per_s:.0f} tokens/s, "
+          f"{res.resumed_chunks} chunks resumed")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------- run / demo
 
 DEMO_CONFIG = {
@@ -604,7 +659,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------- main
 
 VERBS: list[Callable] = [add_eval_parser, add_cache_parser, add_distill_parser, add_prune_parser, add_profile_parser,
-                         add_run_parser, add_demo_parser]
+                         add_selfdata_parser, add_run_parser, add_demo_parser]
 
 
 def make_parser() -> argparse.ArgumentParser:

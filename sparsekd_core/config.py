@@ -485,3 +485,38 @@ class DistillConfig(StageConfig):
         if is_test_split(v):
             raise ValueError("wikitext2:test is the evaluation set; validate on a held-out split (wikitext2:valid)")
         return check_data_spec(v)
+
+
+# ---------------------------------------------------------------------------------------------------------------- selfdata + sft
+
+
+class SelfDataConfig(StageConfig):
+    """Self-data generation: the unpruned model rewrites the responses of an instruction dataset (selfdata.py)."""
+
+    out: str = Field(description="Output .jsonl file of {prompt, response} pairs (the SFT stage reads it).")
+    data: str = Field("gsm8k:train", description="GSM8K source (gsm8k:train, hub:gsm8k:train) or a .jsonl file with "
+                                                 "prompt/response (or question/answer, instruction/output) fields.")
+    num_samples: int | None = Field(None, gt=0, description="The first N records (default: all).")
+    max_new_tokens: int = Field(256, gt=0, description="Generation budget per rewrite.")
+    batch_size: int = Field(8, gt=0, description="Records per generate() call.")
+    chunk_size: int = Field(16, gt=0, description="Records per committed chunk (a kill loses at most one).")
+    sampling: Literal["greedy", "sample"] = Field("greedy", description="greedy, or sampled (temperature, top_p).")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (sampling=sample).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus mass (sampling=sample).")
+    seed: int = Field(0, ge=0, description="Sampling seed (per chunk, so a resumed run samples the same).")
+    filter_answers: bool = Field(True, description="GSM8K: keep a rewrite only if its final number equals the "
+                                                   "reference's.")
+
+    @field_validator("data")
+    @classmethod
+    def _check_data(cls, v: str) -> str:
+        return check_data_spec(v)
+
+    @model_validator(mode="after")
+    def _batch_divides_chunk(self) -> "SelfDataConfig":
+        if self.chunk_size % self.batch_size:
+            raise ValueError(f"batch_size={self.batch_size} does not divide chunk_size={self.chunk_size}; "
+                             "allowed: a divisor (a resumed run then generates the same batches)")
+        if not self.out.endswith(".jsonl"):
+            raise ValueError(f"out={self.out!r}: give a .jsonl file")
+        return self

@@ -52,15 +52,26 @@ def prompt_text(tokenizer, question: str) -> str:
     return f"Question: {content}\nAnswer:"
 
 
+def chat_ids(tokenizer, content: str) -> list[int]:
+    """A user turn through the chat template (generation prompt appended), or the plain text if there is none.
+    The template already holds any special tokens it wants; a plain prompt gets none (like eval.py)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = content
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def _prompt_ids(tokenizer, question: str) -> list[int]:
-    # The chat template already holds any special tokens it wants; a plain prompt gets none (like eval.py).
     return tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
 
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
-             progress=None) -> list[list[int]]:
-    """Greedy continuations of token-id prompts, batched with left padding; each stops at EOS (not included)."""
+             progress=None, sample: dict | None = None) -> list[list[int]]:
+    """Continuations of token-id prompts, batched with left padding; each stops at EOS (not included).
+    Greedy, or sampled with ``sample={"temperature": T, "top_p": p}`` (seed torch's RNG before the call)."""
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
@@ -70,8 +81,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        how = dict(do_sample=True, **sample) if sample else dict(do_sample=False)
         generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                   do_sample=False, pad_token_id=pad, eos_token_id=eos)
+                                   pad_token_id=pad, eos_token_id=eos, **how)
         for row in generated[:, width:].tolist():
             if eos is not None and eos in row:
                 row = row[: row.index(eos)]
