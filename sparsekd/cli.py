@@ -441,12 +441,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------- distill
 
-DISTILL_OPTIONS = {  # flag dest -> (type, help); the field of the same name in DistillConfig
-    "cache": (str, "teacher cache written by `sparsekd cache` (any model with the student's tokenizer)"),
-    "out": (str, "output directory (HF-loadable student, checkpoint/, distill.json)"),
-    "alpha": (float, "KD weight (default 0.5; 0 = CE-only control)"),
-    "temperature": (float, "KD temperature T (default 2.0)"),
-    "tail": (str, "topk (default) | bucket | paper: mass outside the cached top-k"),
+TRAIN_OPTIONS = {  # flag dest -> (type, help); the field of the same name in TrainConfig (distill and sft)
+    "out": (str, "output directory (HF-loadable student, checkpoint/, the run's JSON)"),
     "lr": (float, "peak learning rate (default 2e-5)"),
     "min_lr_ratio": (float, "cosine decay floor as a fraction of lr (default 0.1)"),
     "warmup_steps": (int, "linear warmup steps (default 5%% of the steps)"),
@@ -454,7 +450,7 @@ DISTILL_OPTIONS = {  # flag dest -> (type, help); the field of the same name in 
     "grad_clip": (float, "gradient-norm clip (default 1.0; 0 = off)"),
     "batch_size": (int, "sequences per micro-step (default 1)"),
     "grad_accum": (int, "micro-steps per optimizer step (default 1)"),
-    "epochs": (int, "passes over the cache (default 1)"),
+    "epochs": (int, "passes over the training data (default 1)"),
     "max_steps": (int, "stop after N optimizer steps"),
     "seed": (int, "seed for data order and RNG (default 0)"),
     "eval_every": (int, "validation every N steps (default 50; also at start and end)"),
@@ -467,60 +463,101 @@ DISTILL_OPTIONS = {  # flag dest -> (type, help); the field of the same name in 
     "max_bad_steps": (int, "abort after N NaN/inf steps in a row (default 5)"),
     "autocast": (str, "auto (bf16 autocast on CUDA, none on CPU) | bf16 | off; weights are always fp32"),
 }
-DISTILL_FLAGS = {
-    "model": EVAL_FLAGS["model"],
-    "distill": {name: name for name in DISTILL_OPTIONS},
+DISTILL_OPTIONS = {  # the fields DistillConfig adds
+    "cache": (str, "teacher cache written by `sparsekd cache` (any model with the student's tokenizer)"),
+    "alpha": (float, "KD weight (default 0.5; 0 = CE-only control)"),
+    "temperature": (float, "KD temperature T (default 2.0)"),
+    "tail": (str, "topk (default) | bucket | paper: mass outside the cached top-k"),
+    **TRAIN_OPTIONS,
 }
+SFT_OPTIONS = {  # the fields SFTConfig adds
+    "data": (str, "a .jsonl of prompt/response records (e.g. `sparsekd selfdata` output), or gsm8k:train"),
+    "num_samples": (int, "the first N records (default: all)"),
+    "max_len": (int, "prompt + response tokens per example (default 512)"),
+    **TRAIN_OPTIONS,
+}
+DISTILL_FLAGS = {"model": EVAL_FLAGS["model"], "distill": {name: name for name in DISTILL_OPTIONS}}
+SFT_FLAGS = {"model": EVAL_FLAGS["model"], "sft": {name: name for name in SFT_OPTIONS}}
+
+
+def _add_train_parser(sub, verb: str, help_text: str, options: dict, func) -> None:
+    p = sub.add_parser(verb, help=help_text)
+    _add_model_flags(p, "--student")
+    for name, (kind, help_line) in options.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_line)
+    p.add_argument("--config", help=f"YAML file with sections model/{verb} (flags override it)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.set_defaults(func=func)
 
 
 def add_distill_parser(sub) -> None:
-    p = sub.add_parser("distill", help="train a student on a teacher cache (offline self-referential KD)")
-    _add_model_flags(p, "--student")
-    for name, (kind, help_text) in DISTILL_OPTIONS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
-    p.add_argument("--config", help="YAML file with sections model/distill (flags override it)")
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
-    p.set_defaults(func=cmd_distill)
+    _add_train_parser(sub, "distill", "train a student on a teacher cache (offline self-referential KD)",
+                      DISTILL_OPTIONS, cmd_distill)
 
 
-def cmd_distill(args: argparse.Namespace) -> int:
+def add_sft_parser(sub) -> None:
+    _add_train_parser(sub, "sft", "supervised fine-tuning on prompt/response pairs (loss on the response only)",
+                      SFT_OPTIONS, cmd_sft)
+
+
+def _train(args: argparse.Namespace, verb: str, flags: dict, config_cls, required: tuple[str, ...], run) -> tuple:
+    """Shared by distill and sft: configs, the student under the precision policy, a progress bar, the run."""
     from tqdm.auto import tqdm
 
-    from sparsekd_core.config import DistillConfig
-    from sparsekd_core.distill import distill
     from sparsekd_core.models import load_for_training
 
-    sections = _sections(args, DISTILL_FLAGS)
+    sections = _sections(args, flags)
     if "model" not in sections["model"]:
         raise ConfigError("model.model: required; give --student (e.g. --student smollm2-135m)")
-    for field in ("cache", "out"):
-        if field not in sections["distill"]:
-            raise ConfigError(f"distill.{field}: required; give --{field}")
+    for field in required:
+        if field not in sections[verb]:
+            raise ConfigError(f"{verb}.{field}: required; give --{field.replace('_', '-')}")
     model_cfg = build(ModelConfig, "model", sections["model"])
-    cfg = build(DistillConfig, "distill", sections["distill"])
+    cfg = build(config_cls, verb, sections[verb])
     loaded = load_for_training(model_cfg, log=log)  # fp32 master weights, whatever --dtype says
     bar = None
 
     def progress(step: int, total: int, postfix: dict) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, initial=step - 1, desc="distill", unit="step", file=sys.stderr, disable=None)
+            bar = tqdm(total=total, initial=step - 1, desc=verb, unit="step", file=sys.stderr, disable=None)
         bar.update(1)
         bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
 
     try:
-        res = distill(cfg, loaded.model, loaded.tokenizer, student_spec=model_cfg.model, log=log, progress=progress)
+        res = run(cfg, loaded.model, loaded.tokenizer, student_spec=model_cfg.model, log=log, progress=progress)
     finally:
         if bar is not None:
             bar.close()
+    return cfg, model_cfg, res
+
+
+def _train_summary(verb: str, res) -> str:
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    return (f"{verb}: {res.steps} steps -> {res.out}: kd {fmt(res.kd_loss_first)} -> {fmt(res.kd_loss_last)}, ce "
+            f"{fmt(res.ce_loss_first)} -> {fmt(res.ce_loss_last)}, best val ppl {fmt(res.val_ppl_best)} (step "
+            f"{res.best_step}; start {fmt(res.val_ppl_start)}), {res.tokens_per_s:.0f} tokens/s, stop: "
+            f"{res.stop_reason}; {res.precision}; MLP {res.mlp_nonzero:,} nonzero of {res.mlp_params:,} "
+            f"({res.mlp_zero_fraction:.2%} zero)")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from sparsekd_core.config import DistillConfig
+    from sparsekd_core.distill import distill
+
+    cfg, model_cfg, res = _train(args, "distill", DISTILL_FLAGS, DistillConfig, ("cache", "out"), distill)
     result = res.as_dict() | {"student": model_cfg.model, "cache": cfg.cache, "alpha": cfg.alpha,
                               "temperature": cfg.temperature, "tail": cfg.tail}
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    _emit(result, args.json, f"distilled {res.steps} steps -> {res.out}: kd {fmt(res.kd_loss_first)} -> "
-          f"{fmt(res.kd_loss_last)}, ce {fmt(res.ce_loss_first)} -> {fmt(res.ce_loss_last)}, best val ppl "
-          f"{fmt(res.val_ppl_best)} (step {res.best_step}; start {fmt(res.val_ppl_start)}), {res.tokens_per_s:.0f} "
-          f"tokens/s, stop: {res.stop_reason}; {res.precision}; MLP {res.mlp_nonzero:,} nonzero of "
-          f"{res.mlp_params:,} ({res.mlp_zero_fraction:.2%} zero)")
+    _emit(result, args.json, _train_summary("distilled", res))
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from sparsekd_core.config import SFTConfig
+    from sparsekd_core.sft import sft
+
+    cfg, model_cfg, res = _train(args, "sft", SFT_FLAGS, SFTConfig, ("data", "out"), sft)
+    _emit(res.as_dict() | {"student": model_cfg.model, "data": cfg.data}, args.json, _train_summary("sft", res))
     return 0
 
 
@@ -659,7 +696,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------- main
 
 VERBS: list[Callable] = [add_eval_parser, add_cache_parser, add_distill_parser, add_prune_parser, add_profile_parser,
-                         add_selfdata_parser, add_run_parser, add_demo_parser]
+                         add_selfdata_parser, add_sft_parser, add_run_parser, add_demo_parser]
 
 
 def make_parser() -> argparse.ArgumentParser:

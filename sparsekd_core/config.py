@@ -449,14 +449,10 @@ class CacheConfig(StageConfig):
         return self
 
 
-class DistillConfig(StageConfig):
-    """Offline self-referential KD: train a student on a teacher cache (see sparsekd_core/distill.py)."""
+class TrainConfig(StageConfig):
+    """What every training stage shares (distill, SFT): optimizer, schedule, validation, stopping, checkpoints."""
 
-    cache: str = Field(description="Teacher cache written by `sparsekd cache` (path or URL).")
-    out: str = Field(description="Output directory: the HF-loadable student, checkpoints, distill.json.")
-    alpha: float = Field(0.5, ge=0, le=1, description="KD weight; 0 = the CE-only control.")
-    temperature: float = Field(2.0, gt=0, description="KD temperature T (loss is scaled by T²).")
-    tail: Literal["topk", "bucket", "paper"] = Field("topk", description="Treatment of the mass outside the top-k.")
+    out: str = Field(description="Output directory: the HF-loadable student, checkpoints, and the run's JSON.")
     lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at lr * min_lr_ratio.")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps (default: 5% of the steps).")
@@ -464,9 +460,9 @@ class DistillConfig(StageConfig):
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
     batch_size: int = Field(1, gt=0, description="Sequences per micro-step.")
     grad_accum: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
-    epochs: int = Field(1, gt=0, description="Passes over the cache.")
+    epochs: int = Field(1, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    seed: int = Field(0, ge=0, description="Data order and torch RNG; same seed + same cache = same loss curve (CPU).")
+    seed: int = Field(0, ge=0, description="Data order and torch RNG; same seed + same data = same loss curve (CPU).")
     eval_every: int = Field(50, ge=0, description="Validation perplexity every N steps (also at start and end; 0 = only those).")
     val_data: str = Field("wikitext2:valid", description="Held-out validation text (never wikitext2:test).")
     val_tokens: int = Field(2048, gt=1, description="Validation tokens (first N of val_data).")
@@ -484,6 +480,29 @@ class DistillConfig(StageConfig):
     def _never_test(cls, v: str) -> str:
         if is_test_split(v):
             raise ValueError("wikitext2:test is the evaluation set; validate on a held-out split (wikitext2:valid)")
+        return check_data_spec(v)
+
+
+class DistillConfig(TrainConfig):
+    """Offline self-referential KD: train a student on a teacher cache (see sparsekd_core/distill.py)."""
+
+    cache: str = Field(description="Teacher cache written by `sparsekd cache` (path or URL).")
+    alpha: float = Field(0.5, ge=0, le=1, description="KD weight; 0 = the CE-only control.")
+    temperature: float = Field(2.0, gt=0, description="KD temperature T (loss is scaled by T²).")
+    tail: Literal["topk", "bucket", "paper"] = Field("topk", description="Treatment of the mass outside the top-k.")
+
+
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on prompt/response pairs, loss on the response tokens only (sparsekd_core/sft.py)."""
+
+    data: str = Field(description="A .jsonl of prompt/response (or question/answer, instruction/output) records, "
+                                  "e.g. the output of `sparsekd selfdata`, or gsm8k:train.")
+    num_samples: int | None = Field(None, gt=0, description="The first N records (default: all).")
+    max_len: int = Field(512, gt=1, description="Prompt + response tokens per example (longer ones are cut).")
+
+    @field_validator("data")
+    @classmethod
+    def _check_data(cls, v: str) -> str:
         return check_data_spec(v)
 
 

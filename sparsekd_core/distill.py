@@ -30,7 +30,7 @@ import torch
 
 from . import precision
 from .cache import TeacherCache, tokenizer_digest
-from .config import ConfigError, DistillConfig, EvalConfig
+from .config import ConfigError, DistillConfig, EvalConfig, TrainConfig
 from .files import recover_dir, remove_stale_tmp, replace_dir, write_file_atomic, write_json_atomic
 from .kd_loss import KDLoss
 
@@ -111,7 +111,7 @@ def _publish_final(best_dir: Path, out: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------- pieces
 
 
-def get_lr(step: int, total: int, cfg: DistillConfig, warmup: int) -> float:
+def get_lr(step: int, total: int, cfg: TrainConfig, warmup: int) -> float:
     """Linear warmup to cfg.lr, then cosine decay to cfg.lr·min_lr_ratio at the last step."""
     if step < warmup:
         return cfg.lr * (step + 1) / (warmup + 1)
@@ -140,10 +140,10 @@ def should_stop(history: list[tuple[int, float]], patience: int, min_delta: floa
     return None
 
 
-def run_key(cfg: DistillConfig, cache: TeacherCache, student_spec: str) -> str:
-    """What a checkpoint must match to be resumed: the config (less `out`), the cache and the student."""
+def run_key(cfg: TrainConfig, data_fingerprint: dict, student_spec: str) -> str:
+    """What a checkpoint must match to be resumed: the config (less `out`), the training data and the student."""
     keep = cfg.model_dump(exclude={"out"})
-    blob = json.dumps([keep, cache.fingerprint, student_spec], sort_keys=True, default=str)
+    blob = json.dumps([keep, data_fingerprint, student_spec], sort_keys=True, default=str)
     return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
 
@@ -190,13 +190,8 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
     ``progress(step, total, postfix: dict)``: optional progress hook. ``on_step(step)``: called after each
     optimizer step (tests use it to simulate a kill).
     """
-    from .data import load_text
-    from .eval import perplexity, tokenize_text
     from .models import weights_digest
-    from .prune.masks import MaskGuard, measured_compression, unstructured_masks
 
-    out = Path(cfg.out).expanduser()
-    ckpt_dir, best_dir = out / "checkpoint", out / "best"
     cache = TeacherCache(cfg.cache)
     if cache.fingerprint.get("tokenizer_digest") != tokenizer_digest(tokenizer):
         raise ConfigError(
@@ -207,43 +202,62 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
     if vocab < int(cache.fingerprint["vocab_size"]):
         raise ConfigError(f"distill: the student's vocabulary ({vocab}) is smaller than the cache's "
                           f"({cache.fingerprint['vocab_size']})")
-    key = run_key(cfg, cache, student_spec)
-    done_file = out / "distill.json"
+    # The cache's teacher digest was taken in the dtype it ran in (bf16 on a GPU worker): compare like with like.
+    cache_dtype = getattr(torch, str(cache.fingerprint.get("dtype", "float32")), None)
+    self_referential = weights_digest(model, cache_dtype if isinstance(cache_dtype, torch.dtype) else None) \
+        == cache.fingerprint.get("weights_digest")
+    kd_loss = KDLoss(alpha=cfg.alpha, temperature=cfg.temperature, tail=cfg.tail)
+
+    def loss_fn(logits, batch):
+        return kd_loss(logits, batch["input_ids"], batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"])
+
+    return train(cfg, model, tokenizer, cache, loss_fn, run_key(cfg, cache.fingerprint, student_spec), "distill",
+                 log=log, progress=progress, on_step=on_step, self_referential=self_referential,
+                 extra={"teacher": cache.fingerprint})
+
+
+def train(cfg: TrainConfig, model, tokenizer, data, loss_fn, key: str, stage: str, log=print, progress=None,
+          on_step=None, self_referential: bool = False, extra: dict | None = None) -> DistillResult:
+    """The training loop every training stage shares (distill, SFT): ``data[indices]`` gives a batch dict with
+    ``input_ids`` [B, L]; ``loss_fn(logits, batch)`` gives (loss, kd or None, ce). Writes ``cfg.out`` with
+    ``<stage>.json`` last; resumes from ``cfg.out/checkpoint``; see the module docstring for the rest."""
+    from .data import load_text
+    from .eval import perplexity, tokenize_text
+    from .prune.masks import MaskGuard, measured_compression, unstructured_masks
+
+    out = Path(cfg.out).expanduser()
+    ckpt_dir, best_dir = out / "checkpoint", out / "best"
+    done_file = out / f"{stage}.json"
     for work_dir in (ckpt_dir, best_dir):  # finish or undo a directory swap a kill interrupted
         recover_dir(work_dir)
     if done_file.is_file():
         finished = json.loads(done_file.read_text())
         if finished.get("run_key") == key:
-            shutil.rmtree(best_dir, ignore_errors=True)  # a kill after distill.json, before the clean-up
+            shutil.rmtree(best_dir, ignore_errors=True)  # a kill after the JSON, before the clean-up
             shutil.rmtree(ckpt_dir, ignore_errors=True)
-            log(f"distill: {out} already holds this finished run; nothing to do")
+            log(f"{stage}: {out} already holds this finished run; nothing to do")
             return DistillResult(**{k: finished[k] for k in DistillResult.__dataclass_fields__})
-        raise ConfigError(f"distill.out={cfg.out!r} holds a different finished run; give another --out")
+        raise ConfigError(f"{stage}.out={cfg.out!r} holds a different finished run; give another --out")
 
-    n = len(cache)
+    n = len(data)
     micro_per_epoch = n // cfg.batch_size
     steps_per_epoch = micro_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
-        raise ConfigError(f"distill: the cache has {n} sequences, fewer than one step needs "
+        raise ConfigError(f"{stage}: the training data has {n} sequences, fewer than one step needs "
                           f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum})")
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
-    # The cache's teacher digest was taken in the dtype it ran in (bf16 on a GPU worker): compare like with like.
-    cache_dtype = getattr(torch, str(cache.fingerprint.get("dtype", "float32")), None)
-    self_referential = weights_digest(model, cache_dtype if isinstance(cache_dtype, torch.dtype) else None) \
-        == cache.fingerprint.get("weights_digest")
     precision.ensure_master_weights(model, log=log)
     device = next(model.parameters()).device
     autocast = lambda: precision.autocast(device, cfg.autocast)  # noqa: E731 - a fresh context each use
     guard = MaskGuard(model, unstructured_masks(model))
     if guard.pairs:
-        log(f"distill: holding {guard.masked_entries:,} pruned MLP entries at zero (unstructured mask of "
+        log(f"{stage}: holding {guard.masked_entries:,} pruned MLP entries at zero (unstructured mask of "
             f"{len(guard.pairs)} matrices)")
-    loss_fn = KDLoss(alpha=cfg.alpha, temperature=cfg.temperature, tail=cfg.tail)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     val_ids = tokenize_text(tokenizer, load_text(cfg.val_data), cfg.val_tokens)
     val_cfg = EvalConfig(ctx=cfg.val_ctx, stride=cfg.val_ctx, protocol="standard", batch_size=1)
-    log(f"distill: {precision.describe(device, cfg.autocast)} on {device.type}, {total} steps")
+    log(f"{stage}: {precision.describe(device, cfg.autocast)} on {device.type}, {total} steps")
 
     # Everything the loop carries from step to step; it is the checkpoint (with model and optimizer).
     state = dict(step=0, micro_index=0, best_ppl=None, best_step=None, best_counts=None, history=[], kd_first=None,
@@ -253,14 +267,14 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
     if (ckpt_dir / "state.pt").is_file():
         saved = load_checkpoint(ckpt_dir, model, optimizer)
         if saved.get("run_key") != key:
-            raise ConfigError(f"distill.out={cfg.out!r} holds a checkpoint of a different run (config, cache or "
+            raise ConfigError(f"{stage}.out={cfg.out!r} holds a checkpoint of a different run (config, data or "
                               "student differ); give another --out or delete it")
         guard.apply()
         state.update(saved)
         state["history"] = [tuple(h) for h in state["history"]]
         _set_rng_state(state["rng"])
         resumed_from = state["step"]
-        log(f"distill: resuming from step {resumed_from} ({ckpt_dir})"
+        log(f"{stage}: resuming from step {resumed_from} ({ckpt_dir})"
             + (", training had finished" if state["finished"] else ""))
     else:
         torch.manual_seed(cfg.seed)
@@ -290,7 +304,7 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
                 if not any(s == step for s, _ in state["history"]):
                     ppl = evaluate()
                     state["history"].append((step, ppl))
-                    log(f"distill: step {step}: validation ppl {ppl:.3f}")
+                    log(f"{stage}: step {step}: validation ppl {ppl:.3f}")
                     if state["best_ppl"] is None or ppl < state["best_ppl"]:
                         state["best_ppl"], state["best_step"] = ppl, step
                         state["best_counts"] = measured_compression(model)
@@ -302,29 +316,31 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
                     reason = should_stop(state["history"], cfg.patience, cfg.min_delta)
                     if reason is not None and step < total:
                         stop_reason = reason
-                        log(f"distill: stopping at step {step}: validation ppl {reason}")
+                        log(f"{stage}: stopping at step {step}: validation ppl {reason}")
                         break
             if step >= total:
                 break
 
             # One optimizer step = grad_accum micro-steps; the loss is averaged over them.
             t0 = time.perf_counter()
-            kd_sum = ce_sum = 0.0
+            kd_sum = ce_sum = loss_sum = 0.0
+            has_kd = False
             finite = True
             for _ in range(cfg.grad_accum):
-                batch = cache[batch_indices(state["micro_index"], n, cfg.batch_size, cfg.seed)]
+                batch = data[batch_indices(state["micro_index"], n, cfg.batch_size, cfg.seed)]
                 state["micro_index"] += 1
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast():
                     logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-                out_loss = loss_fn(logits, batch["input_ids"], batch["topk_ids"], batch["topk_logprobs"],
-                                   batch["tail_logmass"])
+                out_loss = loss_fn(logits, batch)
                 if not torch.isfinite(out_loss.loss):
                     finite = False  # keep consuming this step's data so the data position stays step-aligned
                     continue
                 (out_loss.loss / cfg.grad_accum).backward()
-                kd_sum += out_loss.kd.item() / cfg.grad_accum
+                has_kd = out_loss.kd is not None
+                kd_sum += out_loss.kd.item() / cfg.grad_accum if has_kd else 0.0
                 ce_sum += out_loss.ce.item() / cfg.grad_accum
+                loss_sum += out_loss.loss.item() / cfg.grad_accum
                 state["tokens"] += batch["input_ids"].numel()
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -332,16 +348,17 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
                 optimizer.step()
                 guard.apply()  # weight decay and rounding must not bring a pruned entry back
                 state["bad_in_row"] = 0
-                if state["kd_first"] is None:
-                    state["kd_first"], state["ce_first"] = kd_sum, ce_sum
-                state["kd_last"], state["ce_last"] = kd_sum, ce_sum
+                kd_value = kd_sum if has_kd else None  # SFT has no KD term: None, not a zero
+                if state["ce_first"] is None:
+                    state["kd_first"], state["ce_first"] = kd_value, ce_sum
+                state["kd_last"], state["ce_last"] = kd_value, ce_sum
             else:  # NaN/inf guard: skip the update, count it, give up after max_bad_steps in a row
                 state["bad_in_row"] += 1
                 state["bad_total"] += 1
-                log(f"distill: step {step + 1}: non-finite loss or gradient, update skipped")
+                log(f"{stage}: step {step + 1}: non-finite loss or gradient, update skipped")
                 if state["bad_in_row"] >= cfg.max_bad_steps:
                     raise DistillError(
-                        f"distill: the loss or gradient was NaN/inf at {state['bad_in_row']} steps in a row "
+                        f"{stage}: the loss or gradient was NaN/inf at {state['bad_in_row']} steps in a row "
                         f"(steps {step + 2 - state['bad_in_row']}..{step + 1}); lower --lr, check the student and "
                         "the cache, or resume from the last checkpoint"
                     )
@@ -351,7 +368,7 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
 
             if progress is not None:
                 progress(state["step"], total, {
-                    "loss": cfg.alpha * kd_sum + (1 - cfg.alpha) * ce_sum, "kd": kd_sum, "ce": ce_sum,
+                    "loss": loss_sum, "kd": kd_sum, "ce": ce_sum,
                     "tok/s": state["tokens"] / max(state["train_seconds"], 1e-9)})
             if state["step"] % cfg.checkpoint_every == 0 and state["step"] < total:
                 checkpoint()
@@ -380,8 +397,7 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
         mlp_reduction=counts["mlp_reduction"], total_params=counts["total_params"],
         masked_entries=guard.masked_entries,
     )
-    write_json_atomic(done_file, result.as_dict() | {"run_key": key, "config": cfg.model_dump(),
-                                                     "teacher": cache.fingerprint})
+    write_json_atomic(done_file, result.as_dict() | {"run_key": key, "config": cfg.model_dump(), **(extra or {})})
     shutil.rmtree(best_dir, ignore_errors=True)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
