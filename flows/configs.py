@@ -17,6 +17,8 @@ from sparsekd_core.config import (
     EvalConfig,
     ModelConfig,
     PruneConfig,
+    SelfDataConfig,
+    SFTConfig,
     check_data_spec,
     check_model_spec,
     format_validation_error,
@@ -55,7 +57,20 @@ class EvalSet(_Section):
     name: str = Field(description="Short name used in tables, file names and metric keys: a letter, then letters, "
                                   "digits or underscores (e.g. wikitext2, c4_heldout).")
     data: str = Field(description="Named source or file.")
-    max_tokens: int | None = Field(None, gt=0, description="First N tokens only.")
+    kind: Literal["perplexity", "gsm8k"] = Field(
+        "perplexity", description="perplexity (protocol of `eval`), or gsm8k: exact-match accuracy of greedy answers "
+                                  "and the reference solutions' log-likelihood (data: gsm8k:test or a .jsonl).")
+    max_tokens: int | None = Field(None, gt=0, description="perplexity: first N tokens only.")
+    max_problems: int | None = Field(None, gt=0, description="gsm8k: the first N problems (default 100).")
+    max_new_tokens: int | None = Field(None, gt=0, description="gsm8k: greedy decode budget (default 256).")
+
+    @model_validator(mode="after")
+    def _fields_of_its_kind(self) -> "EvalSet":
+        if self.kind == "perplexity" and (self.max_problems or self.max_new_tokens):
+            raise ValueError("max_problems and max_new_tokens apply to kind=gsm8k sets only")
+        if self.kind == "gsm8k" and self.max_tokens:
+            raise ValueError("max_tokens applies to kind=perplexity sets; a gsm8k set takes max_problems")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -219,7 +234,7 @@ class WandaConfig(FlowConfig):
 class MultiSeedConfig(_Section):
     """Any other flow over several seeds; reports mean ± std per metric."""
 
-    flow: Literal["dense-kd", "iterative", "cascade", "teacher-swap", "wanda"] = Field("iterative")
+    flow: Literal["dense-kd", "iterative", "cascade", "teacher-swap", "wanda", "selfdata"] = Field("iterative")
     seeds: list[int] = Field(default_factory=lambda: [42, 123, 456], min_length=1)
     config: dict[str, Any] = Field(default_factory=dict, description="The inner flow's config (its `seed` is set per run).")
     fan_out: Literal["subflows", "deployments"] = Field(
@@ -239,6 +254,69 @@ class MultiSeedConfig(_Section):
         except ValidationError as err:
             raise ValueError(format_validation_error(f"config({self.flow})", err)) from None
         return self
+
+
+def _default_selfdata_eval_sets() -> list[EvalSet]:
+    return [EvalSet(name="wikitext2", data="wikitext2:test", max_tokens=4096),
+            EvalSet(name="gsm8k", data="gsm8k:test", kind="gsm8k", max_problems=32)]
+
+
+class SelfDataFlowConfig(FlowConfig):
+    """Depth pruning (and optionally SVD) recovered three ways on the same prompts, same steps and seed: SFT on
+    the original responses, SFT on the dense model's own rewrites (self-data distillation), and logit KD."""
+
+    instructions: str = Field("gsm8k:train", description="Instruction data: gsm8k:train, hub:gsm8k:train or a .jsonl "
+                                                         "of prompt/response (question/answer) records.")
+    num_samples: int = Field(64, gt=0, description="The first N records: the prompts every arm trains on.")
+    drop_blocks: int = Field(4, gt=0, description="Decoder blocks removed by depth pruning.")
+    svd_target: float | None = Field(None, gt=0, lt=1, description="Also SVD-prune the remaining blocks to this "
+                                                                   "cumulative MLP reduction (off by default).")
+    prune: dict[str, Any] = Field(default_factory=dict, description="PruneConfig fields for the depth (and SVD) "
+                                                                    "rounds: calibration, calibration_samples, ...")
+    selfdata: dict[str, Any] = Field(default_factory=dict, description="SelfDataConfig fields (max_new_tokens, "
+                                                                       "batch_size, sampling, ...; not data/out).")
+    sft: dict[str, Any] = Field(default_factory=dict, description="SFT-only fields: max_len. Training fields "
+                                                                  "(lr, max_steps, ...) come from `distill`.")
+    eval_sets: list[EvalSet] = Field(default_factory=_default_selfdata_eval_sets, min_length=1)
+
+    @field_validator("instructions")
+    @classmethod
+    def _instructions(cls, v: str) -> str:
+        return check_data_spec(v)
+
+    @field_validator("prune")
+    @classmethod
+    def _prune(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if {"method", "drop_blocks", "target_reduction", "energy"} & set(v):
+            raise ValueError("prune.method/drop_blocks/target_reduction are set by the flow (drop_blocks, svd_target)")
+        return _check_stage(PruneConfig, "prune", v, method="depth", drop_blocks=1)
+
+    @field_validator("selfdata")
+    @classmethod
+    def _selfdata(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if {"data", "out"} & set(v):
+            raise ValueError("selfdata.data/out are set by the flow (instructions, its workdir)")
+        return _check_stage(SelfDataConfig, "selfdata", v, out="x.jsonl")
+
+    @field_validator("sft")
+    @classmethod
+    def _sft(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if set(v) - {"max_len"}:
+            raise ValueError(f"sft: only max_len is set here ({sorted(set(v) - {'max_len'})} given); training "
+                             "fields come from `distill`, so every arm trains the same way")
+        return _check_stage(SFTConfig, "sft", v, data="gsm8k:train", out="out")
+
+    @model_validator(mode="after")
+    def _corpus_is_the_instructions(self) -> "SelfDataFlowConfig":
+        # The KD arm's teacher cache is taken over the same prompts; the held-out check compares against them.
+        if self.corpus.data != self.instructions:
+            self.corpus = self.corpus.model_copy(update={"data": self.instructions})
+        return self
+
+    def sft_fields(self) -> dict[str, Any]:
+        """The training fields every arm shares (from `distill`, less the KD-only ones) + SFT's own."""
+        kd_only = {"alpha", "temperature", "tail"}
+        return {**{k: v for k, v in self.distill.items() if k not in kd_only}, **self.sft}
 
 
 class PaperConfig(IterativeConfig):
@@ -286,6 +364,7 @@ FLOW_CONFIGS: dict[str, type[BaseModel]] = {
     "wanda": WandaConfig,
     "multi-seed": MultiSeedConfig,
     "paper": PaperConfig,
+    "selfdata": SelfDataFlowConfig,
 }
 
 

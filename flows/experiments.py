@@ -8,6 +8,7 @@ makes on every eval set of its config, and writes a Markdown report with plots i
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,10 @@ from typing import Any
 from prefect import flow
 
 from sparsekd_core import report as rep
+from sparsekd_core.downstream import retention
 from sparsekd_core.files import write_json_atomic, write_text_atomic
-from tasks.stages import MODEL_COUNTS, cache_teacher, dense_ref, distill, eval_results, evaluate, prune, run_log
+from tasks.stages import (MODEL_COUNTS, cache_teacher, dense_ref, distill, eval_results, evaluate, instructions, prune,
+                          run_log, self_data, sft)
 from tasks.tracking import Tracker, default_tracking_uri
 
 from .configs import (
@@ -28,6 +31,7 @@ from .configs import (
     IterativeConfig,
     MultiSeedConfig,
     PaperConfig,
+    SelfDataFlowConfig,
     TeacherSwapConfig,
     WandaConfig,
     paper_parts,
@@ -48,6 +52,7 @@ class Run:
     stages: list[dict] = field(default_factory=list)
     curves: dict[str, list] = field(default_factory=dict)
     counts: dict[str, dict] = field(default_factory=dict)  # eval label -> counts of the model evaluated
+    accuracy: dict[str, dict] = field(default_factory=dict)  # eval label -> {gsm8k set name: accuracy result}
     open_runs: list[str] = field(default_factory=list)  # MLflow runs to mark FAILED if the flow raises
 
     # -- the flow run's life: a flow that raises leaves no MLflow run RUNNING -------------------------------------
@@ -85,7 +90,11 @@ class Run:
                      run_id=run_id, metric_prefix=prefix, step=step, **self.common())
         self._record(m, f"eval {label}")
         self.counts[label] = m["result"].get(MODEL_COUNTS, {})
-        return {name: r["ppl"] for name, r in eval_results(m).items()}
+        results = eval_results(m)
+        accuracy = {name: r for name, r in results.items() if r.get("kind") == "gsm8k"}
+        if accuracy:  # reported in their own section (finish), beside every flow's perplexity tables
+            self.accuracy[label] = accuracy
+        return {name: r["ppl"] for name, r in results.items() if name not in accuracy}
 
     def cache(self, teacher: dict, run_id: str | None, label: str) -> dict:
         fields = self.cfg.corpus.model_dump()
@@ -122,8 +131,32 @@ class Run:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def accuracy_section(self, metrics: dict[str, float]) -> str:
+        """GSM8K accuracy of every evaluated model, its retention (accuracy / the dense model's) and the reference
+        solutions' log-likelihood; adds the figures to ``metrics``."""
+        if not self.accuracy:
+            return ""
+        dense = self.accuracy.get("dense", {})
+        rows = []
+        for label, sets in self.accuracy.items():
+            for name, r in sets.items():
+                kept = retention(r["accuracy"], dense.get(name, {}).get("accuracy"))
+                rows.append([label, name, r["accuracy"], f"{r['correct']}/{r['problems']}",
+                             "—" if kept is None else f"{100 * kept:.0f}%", r["reference_loglik"]])
+                key = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")  # "pruned+kd teacher dense" -> pruned_kd_...
+                metrics[f"acc_{key}_{name}"] = r["accuracy"]
+                metrics[f"ref_loglik_{key}_{name}"] = r["reference_loglik"]
+        return ("## Downstream accuracy (GSM8K)\n\nGreedy answers through the chat template, exact match on the "
+                "final number; retention = accuracy / the dense model's (undefined when the dense model scores 0); "
+                "reference log-likelihood = mean log-probability per token of the reference solution (nats; "
+                "higher is better, it moves where accuracy cannot).\n\n"
+                + rep.table(["model", "set", "accuracy", "correct", "retention", "ref. log-lik"], rows))
+
     def finish(self, sections: list[str], metrics: dict[str, float], plots: list[Path] = ()) -> dict:
         d = self.report_dir()
+        accuracy = self.accuracy_section(metrics)
+        if accuracy:
+            sections = [*sections, accuracy]
         if self.curves:
             rep.plot_recovery(self.curves, d / "recovery.png")
             plots = [*plots, d / "recovery.png"]
@@ -132,6 +165,8 @@ class Run:
                   f"Perplexity: {self.cfg.eval_config().protocol} protocol, ctx {self.cfg.eval_config().ctx}, "
                   f"stride {self.cfg.eval_config().stride}; eval sets: "
                   + ", ".join(f"`{es.name}` = {es.data}" + (f" (first {es.max_tokens} tokens)" if es.max_tokens else "")
+                              + (f" (GSM8K accuracy, first {es.max_problems or 100} problems)"
+                                 if es.kind == "gsm8k" else "")
                               for es in self.cfg.eval_sets)
                   + f". KD corpus: {self.cfg.corpus.data}, {self.cfg.corpus.num_samples}×{self.cfg.corpus.seq_len} "
                   f"tokens, top-{self.cfg.corpus.top_k}.\n\n" + disjoint_line(self.disjoint))
@@ -207,7 +242,8 @@ def _pct(fraction: float | None) -> str:
 
 
 def _set_names(cfg: FlowConfig) -> list[str]:
-    return [es.name for es in cfg.eval_sets]
+    """The perplexity sets (the tables' columns); GSM8K sets have their own section."""
+    return [es.name for es in cfg.eval_sets if es.kind == "perplexity"]
 
 
 # ---------------------------------------------------------------------------------------------------------------- flows
@@ -401,8 +437,67 @@ def wanda_flow(config: WandaConfig, parent_run_id: str | None = None) -> dict:
         return run.finish([text], metrics)
 
 
+@flow(name="selfdata")
+def selfdata_flow(config: SelfDataFlowConfig, parent_run_id: str | None = None) -> dict:
+    """Dense → depth-prune (and optionally SVD) → three recoveries on the same prompts, steps and seed: SFT on the
+    original responses, SFT on the dense model's rewrites (self-data distillation), logit KD from the dense model."""
+    with start(config, "selfdata", parent_run_id) as run:
+        names = _set_names(config)
+        dense = dense_ref(config.model)
+        rid = run.arm("dense")
+        dense_ppl = run.evaluate(dense, rid, "dense")
+        run.end(rid)
+
+        rid = run.arm("pruned", drop_blocks=config.drop_blocks)
+        pruned = run.prune(dense, rid, f"depth {config.drop_blocks}", method="depth",
+                           drop_blocks=config.drop_blocks)
+        label = f"depth −{config.drop_blocks} blocks"
+        if config.svd_target is not None:
+            pruned = run.prune(pruned["model"], rid, f"svd {config.svd_target}", method="svd",
+                               target_reduction=config.svd_target)
+            label += f" + SVD {100 * config.svd_target:.0f}% MLP"
+        pre = run.evaluate(pruned["model"], rid, "pruned")
+        run.end(rid)
+
+        prompts = run._record(instructions(config.instructions, config.num_samples, run.workdir), "instructions")
+        rewrites = run._record(self_data(dense, prompts, config.selfdata, run_id=None, **run.common()), "selfdata")
+        sft_fields = config.sft_fields()
+        arms = {}
+        for arm, data in (("sft original", prompts), ("sft self-data", rewrites)):
+            rid = run.arm(arm)
+            m = sft(pruned["model"], data, sft_fields, config.seed, run_id=rid, **run.common())
+            run._record(m, arm)
+            run.curves[arm] = [(int(p[0]), float(p[1])) for p in m["result"].get("val_history", [])]
+            arms[arm] = run.evaluate(m["model"], rid, arm)
+            run.end(rid)
+        rid = run.arm("logit kd")
+        cache_fields = {**config.corpus.model_dump(), "data": prompts["data_path"], "num_samples": None}
+        cache = run._record(cache_teacher(dense, cache_fields, **run.common()), "cache dense (same prompts)")
+        arms["logit kd"] = run.evaluate(run.distill(pruned["model"], cache, rid, "logit kd")["model"], rid, "logit kd")
+        run.end(rid)
+
+        kept = rewrites["result"]
+        rows = [["Dense", *[dense_ppl[n] for n in names], *["—"] * len(names)],
+                [f"Pruned ({label}), no recovery", *[pre[n] for n in names],
+                 *[rep.vs(pre[n], dense_ppl[n]) for n in names]]]
+        rows += [[arm, *[ppl[n] for n in names], *[rep.vs(ppl[n], dense_ppl[n]) for n in names]]
+                 for arm, ppl in arms.items()]
+        steps = config.distill.get("max_steps", "all")
+        text = (f"## Recovery of a depth-pruned model: SFT vs self-data SFT vs logit KD\n\n"
+                f"Same {config.num_samples} prompts of {config.instructions}, same steps ({steps}) and seed "
+                f"({config.seed}) for every arm. Self-data: the dense model's rewrites, {kept['kept']} of "
+                f"{kept['records']} kept ({kept['dropped']} dropped by the answer filter); the self-data arm trains "
+                "on the kept ones only.\n\n"
+                + rep.table(["model", *[f"PPL {n}" for n in names], *[f"vs dense {n}" for n in names]], rows))
+        metrics = {**_flat("ppl_dense", dense_ppl), **_flat("ppl_pruned", pre),
+                   "selfdata_kept": kept["kept"], "selfdata_dropped": kept["dropped"]}
+        for arm, ppl in arms.items():
+            metrics.update(_flat("ppl_" + re.sub(r"[^A-Za-z0-9]+", "_", arm), ppl))
+        return run.finish([text], metrics)
+
+
 FLOWS = {"dense-kd": dense_kd_flow, "iterative": iterative_flow, "cascade": cascade_flow,
-         "teacher-swap": teacher_swap_flow, "wanda": wanda_flow}
+         "teacher-swap": teacher_swap_flow, "wanda": wanda_flow, "selfdata": selfdata_flow}
 
 
 @flow(name="multi-seed")

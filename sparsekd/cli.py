@@ -635,7 +635,7 @@ DEMO_CONFIG = {
 
 def add_run_parser(sub) -> None:
     p = sub.add_parser("run", help="run an experiment flow (dense-kd, iterative, multi-seed, cascade, ...)")
-    p.add_argument("flow", help="dense-kd | iterative | multi-seed | cascade | teacher-swap | wanda | paper")
+    p.add_argument("flow", help="dense-kd | iterative | multi-seed | cascade | teacher-swap | wanda | selfdata | paper")
     p.add_argument("--config", help="the flow's YAML config (see flows/configs/)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.set_defaults(func=cmd_run)

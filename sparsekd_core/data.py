@@ -93,11 +93,14 @@ def gsm8k_text(record: dict) -> str:
 def _record_text(record: dict, where: str) -> str:
     if "question" in record and "answer" in record:
         return gsm8k_text(record)
+    if "prompt" in record and "response" in record:  # instruction data (e.g. `sparsekd selfdata` output)
+        return f"{record['prompt']}\n{record['response']}"
     for key in ("text", "content", "code"):
         if key in record:
             value = record[key]
             return value if isinstance(value, str) else ""
-    raise ConfigError(f"data: {where}: records need a 'text' (or 'content') field, or 'question' + 'answer'")
+    raise ConfigError(f"data: {where}: records need a 'text' (or 'content') field, 'question' + 'answer', or "
+                      "'prompt' + 'response'")
 
 
 def _stdlib_documents(min_bytes: int = 1024) -> list[str | bytes]:

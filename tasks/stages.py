@@ -152,32 +152,55 @@ def _track(tracking: dict | None, run_id: str | None, metrics: dict[str, Any], s
 def evaluate(model: ModelRef, eval_sets: list[dict], eval_cfg: dict, workdir: str, dtype: str = "auto",
              device: str = "auto", tracking: dict | None = None, run_id: str | None = None,
              metric_prefix: str = "", step: int | None = None) -> dict:
-    """Perplexity of one model on every eval set; result {set name: {ppl, nll, tokens, ...}} plus ``_model``: the
-    parameter and nonzero counts of the model that was evaluated (what a report must state, e.g. WANDA sparsity)."""
-    from sparsekd_core.config import EvalConfig
-    from sparsekd_core.data import load_text, text_digest
+    """One model on every eval set: perplexity sets give {ppl, nll, tokens, ...}, GSM8K sets (``kind: gsm8k``)
+    {accuracy, correct, problems, reference_loglik, ...}; plus ``_model``: the parameter and nonzero counts of the
+    model that was evaluated (what a report must state, e.g. WANDA sparsity)."""
+    from sparsekd_core.config import AccuracyConfig, EvalConfig
+    from sparsekd_core.data import gsm8k_records, load_text, text_digest
+    from sparsekd_core.downstream import gsm8k_accuracy
     from sparsekd_core.eval import perplexity, tokenize_text
     from sparsekd_core.prune.masks import measured_compression
 
-    texts = {es["name"]: load_text(es["data"]) for es in eval_sets}
+    inputs = {}  # what each set evaluates on: a text, or the GSM8K problems (its first max_problems)
+    for es in eval_sets:
+        if es.get("kind", "perplexity") == "gsm8k":
+            inputs[es["name"]] = gsm8k_records(es["data"])[: es.get("max_problems") or AccuracyConfig().max_problems]
+        else:
+            inputs[es["name"]] = load_text(es["data"])
 
     def produce(directory: Path) -> dict:
         loaded = _load(model, dtype, device)
         cfg = EvalConfig(**eval_cfg)
         out = {}
         for es in eval_sets:
-            ids = tokenize_text(loaded.tokenizer, texts[es["name"]], es.get("max_tokens"))
-            out[es["name"]] = {**perplexity(loaded.model, ids, cfg).as_dict(), "data": es["data"]}
-            run_log()(f"eval {es['name']}: ppl {out[es['name']]['ppl']:.3f}")
+            name = es["name"]
+            if es.get("kind", "perplexity") == "gsm8k":
+                acc = AccuracyConfig(**{k: es[k] for k in ("max_problems", "max_new_tokens") if es.get(k)})
+                res = gsm8k_accuracy(loaded.model, loaded.tokenizer, inputs[name], acc.max_new_tokens, acc.batch_size)
+                out[name] = {**res.as_dict(), "kind": "gsm8k", "data": es["data"]}
+                run_log()(f"eval {name}: accuracy {res.accuracy:.4f} ({res.correct}/{res.problems}), reference "
+                          f"log-likelihood {res.reference_loglik:.4f}")
+                continue
+            ids = tokenize_text(loaded.tokenizer, inputs[name], es.get("max_tokens"))
+            out[name] = {**perplexity(loaded.model, ids, cfg).as_dict(), "kind": "perplexity", "data": es["data"]}
+            run_log()(f"eval {name}: ppl {out[name]['ppl']:.3f}")
         out[MODEL_COUNTS] = measured_compression(loaded.model)
         write_json_atomic(directory / "metrics.json", out)
         return out
 
-    config = {"sets": [{**es, "digest": text_digest(texts[es["name"]])} for es in eval_sets], "eval": eval_cfg,
+    digests = {name: text_digest(value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+               for name, value in inputs.items()}
+    config = {"sets": [{**es, "digest": digests[es["name"]]} for es in eval_sets], "eval": eval_cfg,
               "runtime": _runtime(dtype, device)}
     manifest = _run_heavy_stage(workdir, "eval", config, {"model": model["fingerprint"]}, produce)
-    _track(tracking, run_id, {f"{metric_prefix}ppl_{name}": r["ppl"] for name, r in eval_results(manifest).items()},
-           step)
+    metrics = {}
+    for name, r in eval_results(manifest).items():
+        if r.get("kind") == "gsm8k":
+            metrics.update({f"{metric_prefix}acc_{name}": r["accuracy"],
+                            f"{metric_prefix}ref_loglik_{name}": r["reference_loglik"]})
+        else:
+            metrics[f"{metric_prefix}ppl_{name}"] = r["ppl"]
+    _track(tracking, run_id, metrics, step)
     counts = manifest["result"].get(MODEL_COUNTS, {})
     _track(tracking, run_id, {f"{metric_prefix}{k}": counts[k] for k in ("mlp_zero_fraction", "mlp_reduction")
                               if k in counts}, step)
@@ -272,6 +295,11 @@ def distill(student: ModelRef, cache: dict, distill_fields: dict, seed: int, wor
               "runtime": training_runtime(device, check.autocast)}
     manifest = _run_heavy_stage(workdir, "distill", config,
                                 {"student": student["fingerprint"], "teacher_cache": cache["key"]}, produce)
+    return _trained(manifest, tracking, run_id)
+
+
+def _trained(manifest: dict, tracking: dict | None, run_id: str | None) -> dict:
+    """Log a training stage's figures and validation curve; the manifest gains the student's ModelRef."""
     result = manifest["result"]
     if tracking and run_id:
         tracker = Tracker(tracking["uri"], tracking["experiment"], tracking.get("artifact_root"))
@@ -279,6 +307,69 @@ def distill(student: ModelRef, cache: dict, distill_fields: dict, seed: int, wor
         tracker.log_curve(run_id, "val_ppl", [(p[0], p[1]) for p in result.get("val_history", [])])
     manifest["model"] = {"spec": result["student"], "fingerprint": manifest["key"]}
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------- self-data
+
+
+@task(name="instructions", **STAGE_TASK)
+def instructions(data: str, num_samples: int, workdir: str) -> dict:
+    """The first ``num_samples`` instruction records of ``data`` as a .jsonl of {prompt, response}: the one set of
+    prompts every arm of the self-data comparison trains on."""
+    from sparsekd_core.selfdata import instruction_records
+
+    records, is_gsm8k = instruction_records(data, num_samples)
+
+    def produce(directory: Path) -> dict:
+        rows = [({"question": r["prompt"], "answer": r["response"]} if is_gsm8k else r) for r in records]
+        write_text_atomic(directory / "records.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        return {"records": len(rows), "gsm8k": is_gsm8k}
+
+    config = {"records": json.dumps(records, sort_keys=True), "num_samples": num_samples}
+    manifest = run_stage(workdir, "instructions", config, {}, produce, log=run_log())
+    return {**manifest, "data_path": str(Path(manifest["path"]) / "records.jsonl")}
+
+
+@task(name="selfdata", **STAGE_TASK)
+def self_data(teacher: ModelRef, prompts: dict, selfdata_fields: dict, workdir: str, dtype: str = "auto",
+              device: str = "auto", tracking: dict | None = None, run_id: str | None = None) -> dict:
+    """The (unpruned) teacher rewrites the responses of ``prompts`` (an ``instructions`` manifest); resumable."""
+    from sparsekd_core.config import SelfDataConfig
+    from sparsekd_core.selfdata import run_selfdata
+
+    def produce(directory: Path) -> dict:
+        cfg = SelfDataConfig(**selfdata_fields, data=prompts["data_path"], out=str(directory / "selfdata.jsonl"))
+        return run_selfdata(_load(teacher, dtype, device), cfg, log=run_log()).as_dict()
+
+    manifest = _run_heavy_stage(workdir, "selfdata", {"selfdata": selfdata_fields, "runtime": _runtime(dtype, device)},
+                                {"teacher": teacher["fingerprint"], "prompts": prompts["key"]}, produce)
+    _track(tracking, run_id, {f"selfdata_{k}": v for k, v in manifest["result"].items()
+                              if k in ("kept", "dropped", "no_answer", "records", "seconds")})
+    return {**manifest, "data_path": str(Path(manifest["path"]) / "selfdata.jsonl")}
+
+
+@task(name="sft", **STAGE_TASK)
+def sft(student: ModelRef, data: dict, sft_fields: dict, seed: int, workdir: str, dtype: str = "auto",
+        device: str = "auto", tracking: dict | None = None, run_id: str | None = None) -> dict:
+    """Fine-tune ``student`` on prompt/response pairs (``data``: an instructions or selfdata manifest)."""
+    from sparsekd_core.config import SFTConfig
+    from sparsekd_core.data import load_text, text_digest
+    from sparsekd_core.provenance import training_runtime
+    from sparsekd_core.sft import sft as run_sft
+
+    check = SFTConfig(**sft_fields, seed=seed, data=data["data_path"], out="out")
+
+    def produce(directory: Path) -> dict:
+        cfg = SFTConfig(**sft_fields, seed=seed, data=data["data_path"], out=str(directory / "student"))
+        loaded = _load(student, dtype, device, training=True)
+        result = run_sft(cfg, loaded.model, loaded.tokenizer, student_spec=student["spec"], log=run_log())
+        return {**result.as_dict(), "student": str(directory / "student")}
+
+    config = {"sft": sft_fields, "seed": seed, "val_text": text_digest(load_text(check.val_data)),
+              "runtime": training_runtime(device, check.autocast)}
+    manifest = _run_heavy_stage(workdir, "sft", config, {"student": student["fingerprint"], "data": data["key"]},
+                                produce)
+    return _trained(manifest, tracking, run_id)
 
 
 # ---------------------------------------------------------------------------------------------------------------- profile

@@ -255,3 +255,51 @@ def test_source_names_print_as_typed_in_prefect_logs(tiny_tokenizer):
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.emit(logging.LogRecord("x", logging.INFO, __file__, 1, lines[0], None, None))
     assert "'c4:train' gives 2 sequences" in stream.getvalue()
+
+
+def test_a_gsm8k_eval_set_beside_the_perplexity_sets(prefect_server, tiny_setup, tmp_path):
+    from sparsekd_core.data import gsm8k_records
+
+    problems = tmp_path / "gsm.jsonl"
+    problems.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records("gsm8k:test")[:3]))
+    values = flow_values(tiny_setup, tmp_path / "w", ce_control=False)
+    values["eval_sets"] = values["eval_sets"] + [{"name": "gsm", "data": str(problems), "kind": "gsm8k",
+                                                  "max_problems": 2, "max_new_tokens": 4}]
+    summary = run_flow("dense-kd", values)
+    assert {"acc_dense_gsm", "acc_dense_kd_gsm", "ref_loglik_dense_gsm"} <= set(summary["metrics"])
+    assert summary["metrics"]["ppl_dense_text"] > 1 and not any("ppl" in k and "gsm" in k for k in summary["metrics"])
+    report = open(summary["report"]).read()
+    assert "## Downstream accuracy (GSM8K)" in report and "| dense+kd | gsm |" in report
+    assert "GSM8K accuracy, first 2 problems" in report
+    with pytest.raises(ValueError, match="max_tokens applies to kind=perplexity"):
+        from flows.configs import EvalSet
+
+        EvalSet(name="g", data="gsm8k:test", kind="gsm8k", max_tokens=10)
+
+
+def test_selfdata_flow_compares_three_recoveries(prefect_server, tiny_setup, tmp_path):
+    def problems(path, start, n):  # short GSM8K-style records: the tiny model has 256 positions
+        path.write_text("".join(json.dumps({"question": f"What is {i} plus {i + 1}?",
+                                            "answer": f"{i} + {i + 1} = {2 * i + 1}\n#### {2 * i + 1}"}) + "\n"
+                                for i in range(start, start + n)))
+        return path
+
+    train, test = problems(tmp_path / "train.jsonl", 0, 6), problems(tmp_path / "test.jsonl", 100, 2)
+    values = flow_values(tiny_setup, tmp_path / "w", instructions=str(train), num_samples=4, drop_blocks=1,
+                         prune={"calibration": str(tiny_setup / "eval.txt"), **PRUNE},
+                         selfdata={"max_new_tokens": 8, "batch_size": 2, "chunk_size": 2, "filter_answers": False},
+                         sft={"max_len": 96})
+    values["distill"] = {**values["distill"], "max_steps": 2, "epochs": 10}
+    values["eval_sets"] = values["eval_sets"] + [{"name": "gsm", "data": str(test), "kind": "gsm8k",
+                                                  "max_problems": 2, "max_new_tokens": 4}]
+    summary = run_flow("selfdata", values)
+    labels = [s["label"] for s in summary["stages"]]
+    assert {"sft original", "sft self-data", "distill logit kd", "selfdata", "instructions"} <= set(labels)
+    for key in ("ppl_dense_text", "ppl_pruned_text", "ppl_sft_original_text", "ppl_sft_self_data_text",
+                "ppl_logit_kd_text", "acc_logit_kd_gsm"):
+        assert key in summary["metrics"], key
+    assert summary["metrics"]["selfdata_kept"] == 4
+    report = open(summary["report"]).read()
+    assert "SFT vs self-data SFT vs logit KD" in report and "depth −1 blocks" in report and "retention" in report
+    again = run_flow("selfdata", values)
+    assert all(s["cached"] for s in again["stages"])
