@@ -78,9 +78,14 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--protocol", help="paper (every token of every window) | standard (each token once)")
     p.add_argument("--max-tokens", type=int, help="keep the first N tokens of the tokenized text")
     p.add_argument("--batch-size", type=int, help="windows (perplexity) or problems (gsm8k) per forward pass")
-    p.add_argument("--kind", choices=["perplexity", "gsm8k"], default="perplexity",
+    p.add_argument("--kind", choices=["perplexity", "gsm8k", "lm-eval"], default="perplexity",
                    help="perplexity (default) | gsm8k: exact-match accuracy by greedy generation on --data "
-                        "(default gsm8k:test) and the reference solutions' log-likelihood")
+                        "(default gsm8k:test) and the reference solutions' log-likelihood | lm-eval: "
+                        "lm-evaluation-harness tasks (--tasks) on the model as sparsekd loads it")
+    p.add_argument("--tasks", help="lm-eval: comma-separated task names (default wikitext2_sparsekd, a local task "
+                                   "on the packaged WikiText-2 test split; any lm-eval task online)")
+    p.add_argument("--include", help="lm-eval: a directory of your own task YAML files")
+    p.add_argument("--limit", type=int, help="lm-eval: at most N documents per task")
     p.add_argument("--max-problems", type=int, help="gsm8k: the first N problems (default 100)")
     p.add_argument("--max-new-tokens", type=int, help="gsm8k: greedy decode budget per problem (default 256)")
     p.add_argument("--config", help="YAML file with sections model/data/eval (flags override it)")
@@ -126,9 +131,40 @@ def cmd_eval_gsm8k(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_lm_eval(args: argparse.Namespace) -> int:
+    from sparsekd_core.harness import LOCAL_TASK, run_lm_eval
+    from sparsekd_core.models import load_model
+
+    sections = _sections(args, {"model": EVAL_FLAGS["model"]})
+    if "model" not in sections["model"]:
+        raise ConfigError("model.model: required; give --model (e.g. --model smollm2-135m)")
+    if args.limit is not None and args.limit <= 0:
+        raise ConfigError(f"eval.limit={args.limit}: allowed: a positive number of documents")
+    model_cfg = build(ModelConfig, "model", sections["model"])
+    tasks = [t.strip() for t in (args.tasks or LOCAL_TASK).split(",") if t.strip()]
+    loaded = load_model(model_cfg, log=log)
+    log(f"eval lm-eval: tasks {', '.join(tasks)} on {model_cfg.model} (as sparsekd loads it)")
+    try:
+        results = run_lm_eval(loaded.model, loaded.tokenizer, tasks, include=args.include, limit=args.limit,
+                              batch_size=args.batch_size or 1)
+    except (KeyError, ValueError) as err:  # lm-eval's way of saying "no such task"
+        raise ConfigError(f"eval.tasks={args.tasks!r}: {str(err).splitlines()[0]}") from None
+    result = {"kind": "lm-eval", "model": model_cfg.model, "tasks": tasks, "results": results,
+              "device": loaded.device.type, "dtype": str(loaded.dtype).removeprefix("torch.")}
+    human = "\n".join(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                               if isinstance(v, (int, float)))
+                      for task, metrics in results.items())
+    _emit(result, args.json, human)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.kind == "gsm8k":
         return cmd_eval_gsm8k(args)
+    if args.kind == "lm-eval":
+        return cmd_eval_lm_eval(args)
+    if args.tasks or args.include or args.limit is not None:
+        raise ConfigError("eval: --tasks, --include and --limit apply to --kind lm-eval only")
     if args.max_problems is not None or args.max_new_tokens is not None:
         raise ConfigError("eval: --max-problems and --max-new-tokens apply to --kind gsm8k only")
     from tqdm.auto import tqdm

@@ -56,6 +56,23 @@ NAMED_MIXTURES: dict[str, dict[str, float]] = {
 }
 
 
+HF_PREFIX = "hf:"  # any Hugging Face dataset, as an instruction source of selfdata/sft: hf:org/name[:config]:split
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str, int | None] | None:
+    """`hf:org/name[:config]:split[@N]` → (repo, config, split, limit); other specs → None; ValueError if malformed."""
+    if not spec.startswith(HF_PREFIX):
+        return None
+    body, _, limit = spec[len(HF_PREFIX):].partition("@")
+    parts = body.split(":")
+    if len(parts) not in (2, 3) or "/" not in parts[0] or not all(parts):
+        raise ValueError(f"{spec!r}: give hf:org/name:split or hf:org/name:config:split (optionally @N documents)")
+    if limit and (not limit.isdigit() or int(limit) <= 0):
+        raise ValueError(f"{spec!r}: the document limit after '@' must be a positive integer")
+    repo, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else tuple(parts)
+    return repo, config, split, int(limit) if limit else None
+
+
 def is_test_split(spec: str) -> bool:
     """True for WikiText-2 test, packaged or from the hub: the evaluation set, never trained or calibrated on."""
     return spec.strip().removeprefix(HUB_PREFIX).partition("@")[0] == "wikitext2:test"
@@ -124,6 +141,8 @@ def check_data_spec(spec: str) -> str:
     existing local file/dir."""
     spec = spec.strip()
     if spec in NAMED_SOURCES or spec in NAMED_MIXTURES or parse_hub_spec(spec) is not None:
+        return spec
+    if parse_hf_spec(spec) is not None:
         return spec
     if ":" in spec and not Path(spec).exists() and not spec.startswith(("/", ".")):
         if spec in HUB_SOURCES:  # a hub-only name without the prefix: say how to ask for it

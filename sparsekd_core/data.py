@@ -38,7 +38,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .config import HUB_PREFIX, HUB_SOURCES, NAMED_SOURCES, STREAMED_HUB_SOURCES, ConfigError, MixtureConfig, parse_hub_spec
+from .config import (HUB_PREFIX, HUB_SOURCES, NAMED_SOURCES, STREAMED_HUB_SOURCES, ConfigError, MixtureConfig,
+                     parse_hf_spec, parse_hub_spec)
 
 
 class DataQualityError(ValueError):
@@ -93,8 +94,9 @@ def gsm8k_text(record: dict) -> str:
 def _record_text(record: dict, where: str) -> str:
     if "question" in record and "answer" in record:
         return gsm8k_text(record)
-    if "prompt" in record and "response" in record:  # instruction data (e.g. `sparsekd selfdata` output)
-        return f"{record['prompt']}\n{record['response']}"
+    for prompt, response in (("prompt", "response"), ("instruction", "output")):  # instruction data
+        if prompt in record and response in record:
+            return f"{record[prompt]}\n{record[response]}"
     for key in ("text", "content", "code"):
         if key in record:
             value = record[key]
@@ -164,6 +166,26 @@ def _hub_rows_for(spec: str, limit: int | None) -> tuple[str, list]:
         )
     path, cfg, split, column = _HUB[name]
     return name, _hub_rows(path, cfg, split, column, hub_limit(spec, limit))
+
+
+def hf_rows(spec: str, limit: int | None = None) -> list[dict]:
+    """Rows of any Hugging Face dataset `hf:org/name[:config]:split[@N]` (online only), streamed: the first `@N`
+    (else ``limit``, else HUB_STREAM_LIMIT) rows."""
+    from .models import hub_reachable
+
+    repo, config, split, spec_limit = parse_hf_spec(spec)
+    if not hub_reachable():
+        raise DataUnavailableError(f"data {spec!r} is a Hugging Face dataset and the hub is not reachable here; "
+                                   "save its records as a .jsonl and give the file")
+    import datasets
+
+    take = spec_limit or limit or HUB_STREAM_LIMIT
+    rows = []
+    for i, row in enumerate(datasets.load_dataset(repo, config, split=split, streaming=True)):
+        if i >= take:
+            break
+        rows.append(dict(row))
+    return rows
 
 
 def _hub_documents(spec: str, limit: int | None) -> list[str | bytes]:
@@ -255,6 +277,8 @@ def load_documents(spec: str, limit: int | None = None) -> list[str | bytes]:
     if spec in HUB_SOURCES:
         raise DataUnavailableError(f"data source {spec!r} has no packaged copy; ask for the hub explicitly with "
                                    f"{HUB_PREFIX + spec!r} (online), or use a packaged source or a local file")
+    if parse_hf_spec(spec) is not None:
+        return [_record_text(r, spec) for r in hf_rows(spec, limit)]
     path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".raw", ".py", ".jsonl", ".parquet"))

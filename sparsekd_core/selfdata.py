@@ -31,20 +31,25 @@ REWRITE = ("{prompt}\n\nHere is a reference solution:\n{response}\n\nRewrite the
 
 def instruction_records(spec: str, limit: int | None = None) -> tuple[list[dict], bool]:
     """[{"prompt", "response"}] of an instruction source, and whether it is GSM8K (answers can be checked)."""
-    from .data import gsm8k_records
+    from .config import parse_hf_spec
+    from .data import gsm8k_records, hf_rows
 
     path = Path(spec).expanduser()
-    if path.suffix.lower() == ".jsonl" and path.is_file():
+    hf = parse_hf_spec(spec)
+    if hf is not None:
+        raw = hf_rows(spec, limit)
+    elif path.suffix.lower() == ".jsonl" and path.is_file():
         raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        for keys, is_gsm8k in ((("question", "answer"), True), (("prompt", "response"), False),
-                               (("instruction", "output"), False)):
-            if raw and all(k in r for r in raw for k in keys):
-                records = [{"prompt": r[keys[0]], "response": r[keys[1]]} for r in raw]
-                return records[:limit], is_gsm8k
-        raise ConfigError(f"selfdata.data={spec!r}: records need prompt/response, question/answer or "
-                          "instruction/output fields")
-    records = [{"prompt": r["question"], "response": r["answer"]} for r in gsm8k_records(spec)]
-    return records[:limit], True
+    else:
+        records = [{"prompt": r["question"], "response": r["answer"]} for r in gsm8k_records(spec)]
+        return records[:limit], True
+    for keys, is_gsm8k in ((("question", "answer"), True), (("prompt", "response"), False),
+                           (("instruction", "output"), False)):
+        if raw and all(k in r for r in raw for k in keys):
+            records = [{"prompt": r[keys[0]], "response": r[keys[1]]} for r in raw]
+            return records[:limit], is_gsm8k
+    raise ConfigError(f"selfdata.data={spec!r}: records need prompt/response, question/answer or "
+                      "instruction/output fields")
 
 
 @dataclass

@@ -69,3 +69,27 @@ def test_cli_eval_gsm8k_json(tmp_path, tiny_model_dir, capsys):
     assert result["reference_loglik"] < 0 and result["examples"][0]["reference"] == "18"
     assert main(["eval", "--model", str(tiny_model_dir), "--max-problems", "3"]) == 2
     assert "--kind gsm8k only" in capsys.readouterr().err
+
+
+def test_lm_eval_scores_a_factored_checkpoint_as_sparsekd_loads_it(tmp_path, tiny_model_dir, capsys):
+    """lm-evaluation-harness on the packaged WikiText-2 task, offline: on a dense model and on an SVD-pruned
+    (factored) one, which it gets as the in-memory module (no dense export)."""
+    import json
+    import math
+
+    from sparsekd.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    assert main(["prune", "--model", str(tiny_model_dir), "--target-reduction", "0.5", "--calibration", str(calib),
+                 "--calibration-samples", "2", "--calibration-seq-len", "16", "--out", str(tmp_path / "p")]) == 0
+    scores = {}
+    for name, model in (("dense", tiny_model_dir), ("pruned", tmp_path / "p")):
+        capsys.readouterr()
+        assert main(["eval", "--kind", "lm-eval", "--model", str(model), "--limit", "2", "--json"]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        metrics = result["results"]["wikitext2_sparsekd"]
+        assert math.isfinite(metrics["word_perplexity"]) and metrics["bits_per_byte"] > 0
+        scores[name] = metrics["bits_per_byte"]
+    assert scores["dense"] != scores["pruned"]  # the factored model itself was scored
+    assert main(["eval", "--kind", "lm-eval", "--model", str(tiny_model_dir), "--tasks", "no_such_task"]) == 2

@@ -84,3 +84,29 @@ def test_config_and_record_errors(tmp_path):
     alpaca = tmp_path / "alpaca.jsonl"
     alpaca.write_text('{"instruction": "Say hi.", "output": "Hi."}\n')
     assert instruction_records(str(alpaca)) == ([{"prompt": "Say hi.", "response": "Hi."}], False)
+
+
+def test_any_hugging_face_dataset_online_and_a_clear_error_offline(monkeypatch):
+    import datasets
+
+    import sparsekd_core.models as models
+    from sparsekd_core.config import check_data_spec
+    from sparsekd_core.data import DataUnavailableError
+    from sparsekd_core.selfdata import instruction_records
+
+    assert check_data_spec("hf:tatsu-lab/alpaca:train@100") == "hf:tatsu-lab/alpaca:train@100"
+    with pytest.raises(ValueError, match="hf:org/name:split"):
+        check_data_spec("hf:alpaca")
+    with pytest.raises(DataUnavailableError, match="hub is not reachable"):
+        instruction_records("hf:tatsu-lab/alpaca:train")
+    calls = []
+
+    def fake_load(repo, config, split, streaming):
+        calls.append((repo, config, split, streaming))
+        return iter({"instruction": f"Say {i}.", "output": f"{i}.", "input": ""} for i in range(10))
+
+    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    records, is_gsm8k = instruction_records("hf:tatsu-lab/alpaca:default:train@3")
+    assert records == [{"prompt": f"Say {i}.", "response": f"{i}."} for i in range(3)] and not is_gsm8k
+    assert calls == [("tatsu-lab/alpaca", "default", "train", True)]
