@@ -44,6 +44,19 @@ def _sections(args: argparse.Namespace, defaults: dict[str, dict[str, str]]) -> 
     return sections
 
 
+def _configs(args: argparse.Namespace, flags: dict, verb: str, cls, required: tuple[str, ...] = (),
+             model_flag: str = "--model") -> tuple[ModelConfig, Any]:
+    """The model config and the verb's stage config from flags and --config, with the required fields checked
+    first (one line each, exit 2)."""
+    sections = _sections(args, flags)
+    if "model" not in sections["model"]:
+        raise ConfigError(f"model.model: required; give {model_flag} (e.g. {model_flag} smollm2-135m)")
+    for field in required:
+        if field not in sections[verb]:
+            raise ConfigError(f"{verb}.{field}: required; give --{field.replace('_', '-')}")
+    return build(ModelConfig, "model", sections["model"]), build(cls, verb, sections[verb])
+
+
 def _emit(result: dict, as_json: bool, human: str) -> None:
     if as_json:
         print(json.dumps(result))
@@ -458,13 +471,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from sparsekd_core.config import CacheConfig
     from sparsekd_core.models import load_model
 
-    sections = _sections(args, CACHE_FLAGS)
-    if "model" not in sections["model"]:
-        raise ConfigError("model.model: required; give --model (e.g. --model smollm2-135m)")
-    if "out" not in sections["cache"]:
-        raise ConfigError("cache.out: required; give --out DIR (where the Zarr store goes)")
-    model_cfg = build(ModelConfig, "model", sections["model"])
-    cache_cfg = build(CacheConfig, "cache", sections["cache"])
+    model_cfg, cache_cfg = _configs(args, CACHE_FLAGS, "cache", CacheConfig, ("out",))
     loaded = load_model(model_cfg, log=log)
     res = run_cache(loaded, cache_cfg, log=log, progress_factory=_progress("cache", "seq"))
     result = res.as_dict() | {"model": model_cfg.model, "data": cache_cfg.data}
@@ -542,14 +549,7 @@ def _train(args: argparse.Namespace, verb: str, flags: dict, config_cls, require
 
     from sparsekd_core.models import load_for_training
 
-    sections = _sections(args, flags)
-    if "model" not in sections["model"]:
-        raise ConfigError("model.model: required; give --student (e.g. --student smollm2-135m)")
-    for field in required:
-        if field not in sections[verb]:
-            raise ConfigError(f"{verb}.{field}: required; give --{field.replace('_', '-')}")
-    model_cfg = build(ModelConfig, "model", sections["model"])
-    cfg = build(config_cls, verb, sections[verb])
+    model_cfg, cfg = _configs(args, flags, verb, config_cls, required, model_flag="--student")
     loaded = load_for_training(model_cfg, log=log)  # fp32 master weights, whatever --dtype says
     bar = None
 
@@ -631,13 +631,7 @@ def cmd_selfdata(args: argparse.Namespace) -> int:
     from sparsekd_core.models import load_model
     from sparsekd_core.selfdata import instruction_records, run_selfdata
 
-    sections = _sections(args, SELFDATA_FLAGS)
-    if "model" not in sections["model"]:
-        raise ConfigError("model.model: required; give --model (the unpruned model, e.g. smollm2-135m)")
-    if "out" not in sections["selfdata"]:
-        raise ConfigError("selfdata.out: required; give --out FILE.jsonl")
-    model_cfg = build(ModelConfig, "model", sections["model"])
-    cfg = build(SelfDataConfig, "selfdata", sections["selfdata"])
+    model_cfg, cfg = _configs(args, SELFDATA_FLAGS, "selfdata", SelfDataConfig, ("out",))
     total = len(instruction_records(cfg.data, cfg.num_samples)[0])
     loaded = load_model(model_cfg, log=log)
     bar = _progress("selfdata", "record")(total)

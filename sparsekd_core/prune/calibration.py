@@ -42,16 +42,27 @@ def input_statistics(model, matrices: list[MlpMatrix], ids: torch.Tensor, diagon
         return hook
 
     handles = [m.module.register_forward_pre_hook(hook_for(m.name)) for m in matrices]
+    tokens = forward_batches(model, ids, handles, batch_size, progress)
+    return stats, tokens
+
+
+@torch.no_grad()
+def forward_batches(model, ids: torch.Tensor, handles: list, batch_size: int = 4, progress=None,
+                    after_batch=None) -> int:
+    """Run ``ids`` [N, T] through ``model`` in batches for the hooks in ``handles`` (removed at the end, also on
+    error); ``after_batch()`` runs after each forward. Returns the number of tokens forwarded."""
     device = next(model.parameters()).device
     tokens = 0
     try:
         for start in range(0, ids.shape[0], batch_size):
             batch = ids[start : start + batch_size].to(device)
             model(input_ids=batch, use_cache=False)
+            if after_batch is not None:
+                after_batch()
             tokens += batch.numel()
             if progress is not None:
                 progress(batch.shape[0])
     finally:
         for h in handles:
             h.remove()
-    return stats, tokens
+    return tokens

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, PruneConfig
+from .calibration import forward_batches
 from .lowrank import count_params
 from .report import PruneReport, dense_mlp_params, next_round, record_round
 
@@ -62,21 +63,13 @@ def angular_distances(model: nn.Module, ids: torch.Tensor, drop: int, batch_size
     handles = [layer.register_forward_pre_hook(keep_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles.append(layers[-1].register_forward_hook(keep_output))
     sums = torch.zeros(n_layers - drop + 1, dtype=torch.float64)
-    tokens = 0
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, ids.shape[0], batch_size):
-            batch = ids[start : start + batch_size].to(device)
-            model(input_ids=batch, use_cache=False)
-            for l in range(n_layers - drop + 1):
-                cos = torch.nn.functional.cosine_similarity(states[l], states[l + drop], dim=-1, eps=1e-12)
-                sums[l] += (torch.arccos(cos.clamp(-1.0, 1.0)).double() / math.pi).sum().cpu()
-            tokens += batch.numel()
-            if progress is not None:
-                progress(batch.shape[0])
-    finally:
-        for h in handles:
-            h.remove()
+
+    def accumulate() -> None:  # per token: arccos of the cosine between the states entering l and l + drop
+        for l in range(n_layers - drop + 1):
+            cos = torch.nn.functional.cosine_similarity(states[l], states[l + drop], dim=-1, eps=1e-12)
+            sums[l] += (torch.arccos(cos.clamp(-1.0, 1.0)).double() / math.pi).sum().cpu()
+
+    tokens = forward_batches(model, ids, handles, batch_size, progress, after_batch=accumulate)
     return (sums / tokens).tolist()
 
 
