@@ -5,11 +5,12 @@ stage configs of sparsekd_core, so a bad value fails before any work starts.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from sparsekd_core.config import (
     CacheConfig,
@@ -96,12 +97,41 @@ def _default_eval_sets() -> list[EvalSet]:
             EvalSet(name="c4_heldout", data="c4:heldout", max_tokens=8192)]
 
 
-def _check_stage(cls, section: str, values: dict[str, Any], **fill: Any) -> dict[str, Any]:
+def _check_stage(cls, section: str, values: Any, **fill: Any) -> Any:
+    """Build the core stage config from a flow's section (plus what the flow fills in), so that every field and
+    cross-field check of the stage runs at validation, before any work. Returns the section unchanged."""
+    fields = values.model_dump() if isinstance(values, BaseModel) else values
     try:
-        cls(**{**fill, **values})
+        cls(**{**fill, **fields})
     except ValidationError as err:
         raise ValueError(format_validation_error(section, err)) from None
     return values
+
+
+def section_model(cls: type[BaseModel], name: str, doc: str, exclude: set[str] = frozenset(),
+                  keep: set[str] | None = None) -> type[BaseModel]:
+    """A flow's typed form section made from a core stage config: the same fields, types, defaults, allowed values
+    and descriptions, less the fields the flow sets itself. The stage's validators run in the flow's validator."""
+    fields = {n: (f.annotation, copy.copy(f)) for n, f in cls.model_fields.items()
+              if n not in exclude and (keep is None or n in keep)}
+    return create_model(name, __base__=_Section, __doc__=doc, **fields)
+
+
+DistillSection = section_model(DistillConfig, "DistillSection", "Distillation: the KD loss and the training loop "
+                               "(sparsekd_core/distill.py). The flow sets the cache, the output and the seed.",
+                               exclude={"cache", "out", "seed"})
+PruneSection = section_model(PruneConfig, "PruneSection", "Pruning (sparsekd_core/prune). The flow sets the "
+                             "reduction of each round.", exclude={"target_reduction", "energy", "drop_blocks"})
+WandaSection = section_model(PruneConfig, "WandaSection", "WANDA calibration (the flow sets the sparsities).",
+                             keep={"calibration", "calibration_samples", "calibration_seq_len"})
+DepthSection = section_model(PruneConfig, "DepthSection", "Depth (and optional SVD) pruning calibration; the flow "
+                             "sets the method, drop_blocks and the SVD target.",
+                             exclude={"method", "drop_blocks", "target_reduction", "energy"})
+SelfDataSection = section_model(SelfDataConfig, "SelfDataSection", "Self-data generation by the dense model "
+                                "(sparsekd_core/selfdata.py); the flow sets its data and output.",
+                                exclude={"data", "out"})
+SFTSection = section_model(SFTConfig, "SFTSection", "SFT-only settings; training settings come from `distill`, "
+                           "so every arm trains the same way.", keep={"max_len"})
 
 
 class FlowConfig(_Section):
@@ -116,10 +146,12 @@ class FlowConfig(_Section):
     tracking_uri: str | None = Field(None, description="MLflow URI; default $MLFLOW_TRACKING_URI or sqlite in workdir.")
     experiment: str | None = Field(None, description="MLflow experiment name (default: sparsekd-<flow>).")
     seed: int = Field(42, ge=0, description="Distillation seed.")
-    corpus: CorpusSpec = Field(default_factory=CorpusSpec)
-    distill: dict[str, Any] = Field(default_factory=dict, description="DistillConfig fields (not cache/out/seed).")
-    eval: dict[str, Any] = Field(default_factory=dict, description="EvalConfig fields: ctx, stride, protocol, batch_size.")
-    eval_sets: list[EvalSet] = Field(default_factory=_default_eval_sets, min_length=1)
+    corpus: CorpusSpec = Field(CorpusSpec(), description="The KD corpus the teacher is cached on.")
+    distill: DistillSection = Field(DistillSection(), description="KD loss and training loop settings.")
+    eval: EvalConfig = Field(EvalConfig(), description="Perplexity protocol: ctx, stride, protocol, batch size.")
+    eval_sets: list[EvalSet] = Field(_default_eval_sets(), min_length=1,
+                                     description="What every model is evaluated on (default: WikiText-2 test and a "
+                                                 "held-out C4 sample, 8192 tokens each).")
     log_models: bool = Field(False, description="Also log model checkpoints to MLflow (large).")
 
     @field_validator("workdir")
@@ -146,24 +178,24 @@ class FlowConfig(_Section):
             raise ValueError(f"eval set names must be unique; repeated: {', '.join(repeated)}")
         return v
 
+    @field_validator("distill", mode="before")
+    @classmethod
+    def _distill_keys(cls, v: Any) -> Any:
+        for key in ("cache", "out", "seed"):
+            if isinstance(v, dict) and key in v:
+                raise ValueError(f"distill.{key} is set by the flow; remove it (use the flow's `seed` for seeds)")
+        return v
+
     @field_validator("distill")
     @classmethod
-    def _distill(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for key in ("cache", "out", "seed"):
-            if key in v:
-                raise ValueError(f"distill.{key} is set by the flow; remove it (use the flow's `seed` for seeds)")
+    def _distill(cls, v: BaseModel) -> BaseModel:
         return _check_stage(DistillConfig, "distill", v, cache="cache", out="out")
-
-    @field_validator("eval")
-    @classmethod
-    def _eval(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _check_stage(EvalConfig, "eval", v)
 
     def model_config_for(self, spec: str) -> ModelConfig:
         return ModelConfig(model=spec, dtype=self.dtype, device=self.device)
 
     def eval_config(self) -> EvalConfig:
-        return EvalConfig(**self.eval)
+        return self.eval
 
 
 class DenseKDConfig(FlowConfig):
@@ -173,20 +205,25 @@ class DenseKDConfig(FlowConfig):
 
 
 class PruningFlowConfig(FlowConfig):
-    prune: dict[str, Any] = Field(default_factory=dict, description="PruneConfig fields (not target_reduction).")
+    prune: PruneSection = Field(PruneSection(), description="Pruning method and schedule (the flow sets the targets).")
+
+    @field_validator("prune", mode="before")
+    @classmethod
+    def _prune_keys(cls, v: Any) -> Any:
+        if isinstance(v, dict) and ("target_reduction" in v or "energy" in v):
+            raise ValueError("prune.target_reduction/energy are set by the flow (targets / sparsities)")
+        return v
 
     @field_validator("prune")
     @classmethod
-    def _prune(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if "target_reduction" in v or "energy" in v:
-            raise ValueError("prune.target_reduction/energy are set by the flow (targets / sparsities)")
+    def _prune(cls, v: BaseModel) -> BaseModel:
         return _check_stage(PruneConfig, "prune", v, target_reduction=0.5)
 
 
 class IterativeConfig(PruningFlowConfig):
     """Rounds of prune → eval (pre-KD) → distill → eval (post-KD) → re-cache the recovered model."""
 
-    targets: list[float] = Field(default_factory=lambda: list(PAPER_TARGETS),
+    targets: list[float] = Field(list(PAPER_TARGETS),
                                  description="Cumulative MLP-parameter reduction after each round.")
     keep_original_teacher: bool = Field(False, description="Distill every round from the dense model's cache.")
 
@@ -215,8 +252,8 @@ class TeacherSwapConfig(PruningFlowConfig):
 class WandaConfig(FlowConfig):
     """WANDA (unstructured) pruning at given sparsities + the same KD."""
 
-    sparsities: list[float] = Field(default_factory=lambda: [0.5], description="Fraction of each MLP matrix zeroed.")
-    prune: dict[str, Any] = Field(default_factory=dict, description="PruneConfig fields for WANDA (calibration...).")
+    sparsities: list[float] = Field([0.5], description="Fraction of each MLP matrix zeroed.")
+    prune: WandaSection = Field(WandaSection(), description="WANDA calibration data.")
 
     @field_validator("sparsities")
     @classmethod
@@ -227,33 +264,8 @@ class WandaConfig(FlowConfig):
 
     @field_validator("prune")
     @classmethod
-    def _prune(cls, v: dict[str, Any]) -> dict[str, Any]:
+    def _prune(cls, v: BaseModel) -> BaseModel:
         return _check_stage(PruneConfig, "prune", v, method="wanda", target_reduction=0.5)
-
-
-class MultiSeedConfig(_Section):
-    """Any other flow over several seeds; reports mean ± std per metric."""
-
-    flow: Literal["dense-kd", "iterative", "cascade", "teacher-swap", "wanda", "selfdata"] = Field("iterative")
-    seeds: list[int] = Field(default_factory=lambda: [42, 123, 456], min_length=1)
-    config: dict[str, Any] = Field(default_factory=dict, description="The inner flow's config (its `seed` is set per run).")
-    fan_out: Literal["subflows", "deployments"] = Field(
-        "subflows", description="subflows: seeds run one after another in this flow run; deployments: one run of "
-                                "the inner flow's deployment per seed, on the work pool, so several GPU workers "
-                                "share the seeds.")
-    deployment: str = Field("gpu", description="With fan_out=deployments: the inner flow's deployment name "
-                                                 "(runs go to '<flow>/<deployment>').")
-    wait_timeout_s: float = Field(7 * 24 * 3600, gt=0, description="With fan_out=deployments: give up waiting "
-                                                                     "for the seeds' runs after this long.")
-
-    @model_validator(mode="after")
-    def _inner(self) -> "MultiSeedConfig":
-        cls = FLOW_CONFIGS[self.flow]
-        try:
-            cls(**{**self.config, "seed": self.seeds[0]})
-        except ValidationError as err:
-            raise ValueError(format_validation_error(f"config({self.flow})", err)) from None
-        return self
 
 
 def _default_selfdata_eval_sets() -> list[EvalSet]:
@@ -271,39 +283,53 @@ class SelfDataFlowConfig(FlowConfig):
     drop_blocks: int = Field(4, gt=0, description="Decoder blocks removed by depth pruning.")
     svd_target: float | None = Field(None, gt=0, lt=1, description="Also SVD-prune the remaining blocks to this "
                                                                    "cumulative MLP reduction (off by default).")
-    prune: dict[str, Any] = Field(default_factory=dict, description="PruneConfig fields for the depth (and SVD) "
-                                                                    "rounds: calibration, calibration_samples, ...")
-    selfdata: dict[str, Any] = Field(default_factory=dict, description="SelfDataConfig fields (max_new_tokens, "
-                                                                       "batch_size, sampling, ...; not data/out).")
-    sft: dict[str, Any] = Field(default_factory=dict, description="SFT-only fields: max_len. Training fields "
-                                                                  "(lr, max_steps, ...) come from `distill`.")
-    eval_sets: list[EvalSet] = Field(default_factory=_default_selfdata_eval_sets, min_length=1)
+    prune: DepthSection = Field(DepthSection(), description="Calibration of the depth (and SVD) rounds.")
+    selfdata: SelfDataSection = Field(SelfDataSection(), description="How the dense model rewrites the responses.")
+    sft: SFTSection = Field(SFTSection(), description="SFT-only settings (max_len); training settings come from "
+                                                      "`distill`.")
+    eval_sets: list[EvalSet] = Field(_default_selfdata_eval_sets(), min_length=1,
+                                     description="Default: WikiText-2 test perplexity and GSM8K accuracy (32 problems).")
 
     @field_validator("instructions")
     @classmethod
     def _instructions(cls, v: str) -> str:
         return check_data_spec(v)
 
+    @field_validator("prune", mode="before")
+    @classmethod
+    def _prune_keys(cls, v: Any) -> Any:
+        if isinstance(v, dict) and {"method", "drop_blocks", "target_reduction", "energy"} & set(v):
+            raise ValueError("prune.method/drop_blocks/target_reduction are set by the flow (drop_blocks, svd_target)")
+        return v
+
     @field_validator("prune")
     @classmethod
-    def _prune(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if {"method", "drop_blocks", "target_reduction", "energy"} & set(v):
-            raise ValueError("prune.method/drop_blocks/target_reduction are set by the flow (drop_blocks, svd_target)")
+    def _prune(cls, v: BaseModel) -> BaseModel:
         return _check_stage(PruneConfig, "prune", v, method="depth", drop_blocks=1)
+
+    @field_validator("selfdata", mode="before")
+    @classmethod
+    def _selfdata_keys(cls, v: Any) -> Any:
+        if isinstance(v, dict) and {"data", "out"} & set(v):
+            raise ValueError("selfdata.data/out are set by the flow (instructions, its workdir)")
+        return v
 
     @field_validator("selfdata")
     @classmethod
-    def _selfdata(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if {"data", "out"} & set(v):
-            raise ValueError("selfdata.data/out are set by the flow (instructions, its workdir)")
+    def _selfdata(cls, v: BaseModel) -> BaseModel:
         return _check_stage(SelfDataConfig, "selfdata", v, out="x.jsonl")
+
+    @field_validator("sft", mode="before")
+    @classmethod
+    def _sft_keys(cls, v: Any) -> Any:
+        if isinstance(v, dict) and set(v) - {"max_len"}:
+            raise ValueError(f"sft: only max_len is set here ({sorted(set(v) - {'max_len'})} given); training "
+                             "fields come from `distill`, so every arm trains the same way")
+        return v
 
     @field_validator("sft")
     @classmethod
-    def _sft(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if set(v) - {"max_len"}:
-            raise ValueError(f"sft: only max_len is set here ({sorted(set(v) - {'max_len'})} given); training "
-                             "fields come from `distill`, so every arm trains the same way")
+    def _sft(cls, v: BaseModel) -> BaseModel:
         return _check_stage(SFTConfig, "sft", v, data="gsm8k:train", out="out")
 
     @model_validator(mode="after")
@@ -316,7 +342,7 @@ class SelfDataFlowConfig(FlowConfig):
     def sft_fields(self) -> dict[str, Any]:
         """The training fields every arm shares (from `distill`, less the KD-only ones) + SFT's own."""
         kd_only = {"alpha", "temperature", "tail"}
-        return {**{k: v for k, v in self.distill.items() if k not in kd_only}, **self.sft}
+        return {**{k: v for k, v in self.distill.model_dump().items() if k not in kd_only}, **self.sft.model_dump()}
 
 
 class PaperConfig(IterativeConfig):
@@ -324,7 +350,7 @@ class PaperConfig(IterativeConfig):
 
     cascade_target: float = Field(0.15, gt=0, lt=1, description="MLP-parameter reduction of the cascade's student.")
     swap_target: float = Field(0.65, gt=0, lt=1, description="MLP-parameter reduction of the teacher-swap student.")
-    sparsities: list[float] = Field(default_factory=lambda: [0.5], description="WANDA sparsities.")
+    sparsities: list[float] = Field([0.5], description="WANDA sparsities.")
 
     @model_validator(mode="after")
     def _every_part(self) -> "PaperConfig":
@@ -354,6 +380,43 @@ def paper_parts(config: PaperConfig, experiment: str | None = None) -> dict[str,
         except ValidationError as err:
             raise ValueError(format_validation_error(name, err)) from None
     return parts
+
+
+InnerFlowConfigs = (DenseKDConfig, IterativeConfig, CascadeConfig, TeacherSwapConfig, WandaConfig,
+                    SelfDataFlowConfig)
+
+
+class MultiSeedConfig(_Section):
+    """Any other flow over several seeds; reports mean ± std per metric."""
+
+    flow: Literal["dense-kd", "iterative", "cascade", "teacher-swap", "wanda", "selfdata"] = Field(
+        "iterative", description="The flow run once per seed.")
+    seeds: list[int] = Field([42, 123, 456], min_length=1, description="One run of the inner flow per seed.")
+    config: Union[InnerFlowConfigs] = Field(  # noqa: UP007 - a Union of the classes renders as a choice in the form
+        IterativeConfig(), union_mode="left_to_right",
+        description="The inner flow's config (its `seed` is set per run); validated as the config of `flow`.")
+    fan_out: Literal["subflows", "deployments"] = Field(
+        "subflows", description="subflows: seeds run one after another in this flow run; deployments: one run of "
+                                "the inner flow's deployment per seed, on the work pool, so several GPU workers "
+                                "share the seeds.")
+    deployment: str = Field("gpu", description="With fan_out=deployments: the inner flow's deployment name "
+                                                 "(runs go to '<flow>/<deployment>').")
+    wait_timeout_s: float = Field(7 * 24 * 3600, gt=0, description="With fan_out=deployments: give up waiting "
+                                                                     "for the seeds' runs after this long.")
+
+    @model_validator(mode="after")
+    def _inner(self) -> "MultiSeedConfig":
+        # The union matched some class; the config is the inner flow's: validate (and keep) it as that class.
+        cls = FLOW_CONFIGS[self.flow]
+        try:
+            self.config = cls(**{**self.inner_values(), "seed": self.seeds[0]})
+        except ValidationError as err:
+            raise ValueError(format_validation_error(f"config({self.flow})", err)) from None
+        return self
+
+    def inner_values(self) -> dict[str, Any]:
+        """The inner config as given (fields left out keep the inner flow's defaults), without its seed."""
+        return {k: v for k, v in self.config.model_dump(exclude_unset=True).items() if k != "seed"}
 
 
 FLOW_CONFIGS: dict[str, type[BaseModel]] = {

@@ -101,7 +101,8 @@ class Run:
         return self._record(cache_teacher(teacher, fields, run_id=run_id, **self.common()), f"cache {label}")
 
     def distill(self, student: dict, cache: dict, run_id: str, label: str, **overrides: Any) -> dict:
-        m = distill(student, cache, {**self.cfg.distill, **overrides}, self.cfg.seed, run_id=run_id, **self.common())
+        m = distill(student, cache, {**self.cfg.distill.model_dump(), **overrides}, self.cfg.seed, run_id=run_id,
+                    **self.common())
         self._record(m, f"distill {label}")
         self._log_model(m, run_id)
         curve = m["result"].get("val_history")
@@ -110,7 +111,8 @@ class Run:
         return m
 
     def prune(self, model: dict, run_id: str, label: str, step: int | None = None, **fields: Any) -> dict:
-        prune_fields = {**getattr(self.cfg, "prune", {}), **fields}
+        section = getattr(self.cfg, "prune", None)
+        prune_fields = {**(section.model_dump() if section is not None else {}), **fields}
         m = self._record(prune(model, prune_fields, run_id=run_id, step=step, **self.common()), f"prune {label}")
         self._log_model(m, run_id)
         return m
@@ -197,11 +199,11 @@ def check_held_out(cfg: FlowConfig) -> dict:
     """Every eval set (and the distillation's validation text) must be disjoint from the KD corpus: an overlap is
     a one-line error before any work (sparsekd_core.data.check_disjoint)."""
     from sparsekd_core.cache import corpus_reads
-    from sparsekd_core.config import CacheConfig, DistillConfig
+    from sparsekd_core.config import CacheConfig
     from sparsekd_core.data import check_disjoint
 
     held_out = {es.name: es.data for es in cfg.eval_sets}
-    held_out["distill.val_data"] = DistillConfig(**cfg.distill, cache="cache", out="out").val_data
+    held_out["distill.val_data"] = cfg.distill.val_data
     return check_disjoint(held_out, corpus_reads(CacheConfig(**cfg.corpus.model_dump(), out="unused")))
 
 
@@ -460,7 +462,8 @@ def selfdata_flow(config: SelfDataFlowConfig, parent_run_id: str | None = None) 
         run.end(rid)
 
         prompts = run._record(instructions(config.instructions, config.num_samples, run.workdir), "instructions")
-        rewrites = run._record(self_data(dense, prompts, config.selfdata, run_id=None, **run.common()), "selfdata")
+        rewrites = run._record(self_data(dense, prompts, config.selfdata.model_dump(), run_id=None, **run.common()),
+                               "selfdata")
         sft_fields = config.sft_fields()
         arms = {}
         for arm, data in (("sft original", prompts), ("sft self-data", rewrites)):
@@ -482,7 +485,7 @@ def selfdata_flow(config: SelfDataFlowConfig, parent_run_id: str | None = None) 
                  *[rep.vs(pre[n], dense_ppl[n]) for n in names]]]
         rows += [[arm, *[ppl[n] for n in names], *[rep.vs(ppl[n], dense_ppl[n]) for n in names]]
                  for arm, ppl in arms.items()]
-        steps = config.distill.get("max_steps", "all")
+        steps = config.distill.max_steps or "all"
         text = (f"## Recovery of a depth-pruned model: SFT vs self-data SFT vs logit KD\n\n"
                 f"Same {config.num_samples} prompts of {config.instructions}, same steps ({steps}) and seed "
                 f"({config.seed}) for every arm. Self-data: the dense model's rewrites, {kept['kept']} of "
@@ -506,12 +509,12 @@ def multi_seed_flow(config: MultiSeedConfig) -> dict:
     after another inside this run; ``fan_out: deployments`` submits one run of the inner flow's deployment per
     seed to the work pool (so several GPU workers share them), waits, and reads their metrics from MLflow."""
     cls = FLOW_CONFIGS[config.flow]
-    base = cls(**{**config.config, "seed": config.seeds[0]})
+    base = cls(**{**config.inner_values(), "seed": config.seeds[0]})
     if config.fan_out == "deployments":
         _check_deployment(f"{config.flow}/{config.deployment}")
     with start(base, "multi-seed") as run:
         # Nested runs must live in the parent's experiment to show under it in MLflow.
-        inner = {seed: cls(**{**config.config, "seed": seed, "experiment": run.tracking["experiment"]})
+        inner = {seed: cls(**{**config.inner_values(), "seed": seed, "experiment": run.tracking["experiment"]})
                  for seed in config.seeds}
         if config.fan_out == "deployments":
             per_seed = _seeds_on_pool(run, config, inner)

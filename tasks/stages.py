@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,51 @@ def run_log():
         return get_run_logger().info
     except Exception:  # noqa: BLE001 - outside a run (direct call in a test)
         return print
+
+
+PROGRESS_SECONDS_ENV = "SPARSEKD_PROGRESS_SECONDS"
+
+
+class SteadyProgress:
+    """Progress of a long stage as log lines at a steady rate (Prefect's logs have no progress bars): at most one
+    line every ``$SPARSEKD_PROGRESS_SECONDS`` (default 30) s, and the last one, with the rate and an ETA.
+
+    Use as ``step(done, total, postfix)`` (training stages: step counts and loss terms) or as a tqdm-like bar
+    (``update(n)``, ``close()``) for caches and generation."""
+
+    def __init__(self, stage: str, unit: str, total: int | None = None):
+        self.stage, self.unit, self.total = stage, unit, total
+        self.every = float(os.environ.get(PROGRESS_SECONDS_ENV, "30"))
+        self.done, self.start_done, self.t0, self.last = 0, None, time.monotonic(), float("-inf")
+        self.log = run_log()
+
+    def step(self, done: int, total: int, postfix: dict | None = None) -> None:
+        self.total, self.done = total, done
+        self._report(postfix or {})
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self._report({})
+
+    def close(self) -> None:
+        pass
+
+    def _report(self, postfix: dict) -> None:
+        now = time.monotonic()
+        if self.start_done is None:  # a resumed stage starts counting where it resumed
+            self.start_done, self.t0 = self.done - 1 if self.done else 0, now - 1e-9
+        finished = self.total is not None and self.done >= self.total
+        if now - self.last < self.every and not finished:
+            return
+        self.last = now
+        rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
+        parts = [f"{self.stage}: {self.unit} {self.done}" + (f"/{self.total} ({100 * self.done / self.total:.0f}%)"
+                                                            if self.total else "")]
+        parts += [f"{k} {v:.4g}" for k, v in postfix.items() if isinstance(v, (int, float))]
+        parts.append(f"{rate:.3g} {self.unit}/s")
+        if self.total and rate > 0 and not finished:
+            parts.append(f"ETA {(self.total - self.done) / rate:.0f} s")
+        self.log(", ".join(parts))
 
 
 def _load(ref: ModelRef, dtype: str, device: str, training: bool = False):
@@ -227,7 +273,8 @@ def cache_teacher(teacher: ModelRef, cache_fields: dict, workdir: str, dtype: st
 
     def produce(directory: Path) -> dict:
         cfg = CacheConfig(**cache_fields, out=str(directory / "teacher.zarr"))
-        return run_cache(_load(teacher, dtype, device), cfg, log=run_log()).as_dict()
+        return run_cache(_load(teacher, dtype, device), cfg, log=run_log(),
+                         progress_factory=lambda total: SteadyProgress("cache", "sequences", total)).as_dict()
 
     digests = corpus_digests(CacheConfig(**cache_fields, out="unused"))
     manifest = _run_heavy_stage(workdir, "cache", {"cache": cache_fields, "data": digests,
@@ -287,7 +334,8 @@ def distill(student: ModelRef, cache: dict, distill_fields: dict, seed: int, wor
     def produce(directory: Path) -> dict:
         cfg = DistillConfig(**distill_fields, seed=seed, cache=cache["cache_path"], out=str(directory / "student"))
         loaded = _load(student, dtype, device, training=True)  # fp32 master weights, whatever the flow's dtype
-        result = run_distill(cfg, loaded.model, loaded.tokenizer, student_spec=student["spec"], log=run_log())
+        result = run_distill(cfg, loaded.model, loaded.tokenizer, student_spec=student["spec"], log=run_log(),
+                             progress=SteadyProgress("distill", "step").step)
         return {**result.as_dict(), "student": str(directory / "student")}
 
     # The flow's dtype does not reach training (the precision policy decides), so it is not in the key.
@@ -339,7 +387,8 @@ def self_data(teacher: ModelRef, prompts: dict, selfdata_fields: dict, workdir: 
 
     def produce(directory: Path) -> dict:
         cfg = SelfDataConfig(**selfdata_fields, data=prompts["data_path"], out=str(directory / "selfdata.jsonl"))
-        return run_selfdata(_load(teacher, dtype, device), cfg, log=run_log()).as_dict()
+        progress = SteadyProgress("selfdata", "records", cfg.num_samples or prompts["result"]["records"])
+        return run_selfdata(_load(teacher, dtype, device), cfg, log=run_log(), progress=progress.update).as_dict()
 
     manifest = _run_heavy_stage(workdir, "selfdata", {"selfdata": selfdata_fields, "runtime": _runtime(dtype, device)},
                                 {"teacher": teacher["fingerprint"], "prompts": prompts["key"]}, produce)
@@ -362,7 +411,8 @@ def sft(student: ModelRef, data: dict, sft_fields: dict, seed: int, workdir: str
     def produce(directory: Path) -> dict:
         cfg = SFTConfig(**sft_fields, seed=seed, data=data["data_path"], out=str(directory / "student"))
         loaded = _load(student, dtype, device, training=True)
-        result = run_sft(cfg, loaded.model, loaded.tokenizer, student_spec=student["spec"], log=run_log())
+        result = run_sft(cfg, loaded.model, loaded.tokenizer, student_spec=student["spec"], log=run_log(),
+                         progress=SteadyProgress("sft", "step").step)
         return {**result.as_dict(), "student": str(directory / "student")}
 
     config = {"sft": sft_fields, "seed": seed, "val_text": text_digest(load_text(check.val_data)),

@@ -60,3 +60,42 @@ def test_setup_refuses_without_a_server(monkeypatch, capsys):
     with temporary_settings({PREFECT_API_URL: None}):
         assert setup.main([]) == 2
     assert "no Prefect server" in capsys.readouterr().err
+
+
+def _untyped_objects(schema: dict) -> list[str]:
+    """Paths of objects in a JSON schema whose fields are not declared (free-form JSON boxes in the UI form)."""
+    found = []
+
+    def visit(node, path):
+        if isinstance(node, dict):
+            if node.get("type") == "object" and not node.get("properties") and "$ref" not in node:
+                found.append(path)
+            for key, value in node.items():
+                visit(value, f"{path}/{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                visit(value, f"{path}[{i}]")
+
+    visit(schema, "")
+    return found
+
+
+def test_every_flow_form_is_typed_all_the_way_down():
+    """The Prefect UI builds the Run form from this schema: every section has named, typed fields with defaults
+    and descriptions (no free-form JSON box), and the defaults a flow applies are in it."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.experiments import ALL_FLOWS
+
+    for name, flow in ALL_FLOWS.items():
+        schema = parameter_schema(flow.fn).model_dump_for_openapi()
+        assert not _untyped_objects(schema), (name, _untyped_objects(schema))
+    schema = parameter_schema(ALL_FLOWS["cascade"].fn).model_dump_for_openapi()
+    distill = schema["definitions"]["DistillSection"]["properties"]
+    for field in ("alpha", "temperature", "tail", "lr", "max_steps"):
+        assert field in distill and distill[field].get("description"), field
+    assert distill["tail"]["enum"] == ["topk", "bucket", "paper"] and distill["alpha"]["default"] == 0.5
+    prune = schema["definitions"]["PruneSection"]["properties"]
+    assert {"method", "schedule", "whiten"} <= set(prune)
+    cascade = schema["definitions"]["CascadeConfig"]["properties"]
+    assert [s["name"] for s in cascade["eval_sets"]["default"]] == ["wikitext2", "c4_heldout"]

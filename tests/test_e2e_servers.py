@@ -1,4 +1,5 @@
-"""End to end on real servers: a Prefect server, an MLflow server and a process worker, all on localhost.
+"""End to end on real servers: a Prefect server and an MLflow server, each on its own PostgreSQL database (as
+docker/compose.yaml runs them in production), and a process worker, all on localhost.
 
 What a user does, in order: start the servers, apply the deployments (`python -m deployments.setup`), start a
 worker on the pool, press Run in the Prefect UI (the same POST /deployments/{id}/create_flow_run the UI sends),
@@ -58,11 +59,51 @@ def _tail(path: Path, n: int = 4000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
 
 
+PG = dict(host=os.environ.get("SPARSEKD_TEST_PGHOST", "127.0.0.1"),
+          port=int(os.environ.get("SPARSEKD_TEST_PGPORT", "5432")),
+          user=os.environ.get("SPARSEKD_TEST_PGUSER", "postgres"))
+
+
+class Databases:
+    """Two PostgreSQL databases, one per server, as docker/compose.yaml runs them in production; created for the
+    test and dropped after (trust auth on the project machines' local server)."""
+
+    def __init__(self):
+        import psycopg2
+
+        self.psycopg2 = psycopg2
+        tag = f"{os.getpid()}_{int(time.time())}"
+        self.names = {"prefect": f"sparsekd_e2e_prefect_{tag}", "mlflow": f"sparsekd_e2e_mlflow_{tag}"}
+        try:
+            self._admin([f'CREATE DATABASE "{name}"' for name in self.names.values()])
+        except psycopg2.OperationalError as err:
+            pytest.fail(f"PostgreSQL at {PG['host']}:{PG['port']} is not reachable ({str(err).strip()}); the "
+                        "project machines run it (see DEVELOPERS.md)")
+
+    def _admin(self, statements: list[str]) -> None:
+        conn = self.psycopg2.connect(dbname="postgres", **PG)
+        conn.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
+        try:
+            with conn.cursor() as cur:
+                for statement in statements:
+                    cur.execute(statement)
+        finally:
+            conn.close()
+
+    def url(self, server: str, driver: str) -> str:
+        return f"postgresql+{driver}://{PG['user']}@{PG['host']}:{PG['port']}/{self.names[server]}" \
+            if driver else f"postgresql://{PG['user']}@{PG['host']}:{PG['port']}/{self.names[server]}"
+
+    def drop(self) -> None:
+        self._admin([f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in self.names.values()])
+
+
 class Stack:
     """The processes of one local stack; stop() ends each process group, worker first."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, db: Databases):
         self.base = base
+        self.db = db
         self.procs: dict[str, tuple[subprocess.Popen, Path]] = {}
         self.prefect_port, self.mlflow_port = _free_port(), _free_port()
         self.api = f"http://127.0.0.1:{self.prefect_port}/api"
@@ -72,7 +113,7 @@ class Stack:
                     "PREFECT_HOME": str(base / "prefect-home"),
                     "PREFECT_API_URL": self.api,
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{base / 'prefect.db'}",
+                    "PREFECT_API_DATABASE_CONNECTION_URL": db.url("prefect", "asyncpg"),
                     "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
                     "PREFECT_WORKER_QUERY_SECONDS": "2",
                     "PREFECT_LOGGING_LEVEL": "INFO",
@@ -107,11 +148,12 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
-    s = Stack(base)
+    db = Databases()
+    s = Stack(base, db)
     try:
         prefect = s.start("prefect", ["prefect", "server", "start", "--host", "127.0.0.1",
                                       "--port", str(s.prefect_port)])
-        mlflow = s.start("mlflow", ["mlflow", "server", "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
+        mlflow = s.start("mlflow", ["mlflow", "server", "--backend-store-uri", db.url("mlflow", ""),
                                     "--artifacts-destination", str(base / "mlartifacts"), "--host", "127.0.0.1",
                                     "--port", str(s.mlflow_port), "--workers", "1"])
         _wait_http(f"{s.api}/health", prefect, base / "prefect.log")
@@ -125,6 +167,7 @@ def stack(tmp_path_factory):
         yield s
     finally:
         s.stop()
+        db.drop()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         for name in ("prefect", "mlflow", "worker"):
             if (base / f"{name}.log").exists():
@@ -166,7 +209,7 @@ def _wait_flow_run(stack: Stack, flow_run_id: str, timeout: float = 900) -> dict
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:  # under load (seeds running on 2 cores) the SQLite-backed server can answer slowly: poll again
+        try:  # under load (seeds running on 2 cores) the server can answer slowly: poll again
             fr = httpx.get(f"{stack.api}/flow_runs/{flow_run_id}", timeout=30).json()
         except httpx.TimeoutException:
             continue
@@ -304,3 +347,16 @@ def test_scheduled_multi_seed_fans_out_on_the_pool(stack, tiny):
     assert sorted(r.data.tags["seed"] for r in nested) == ["7", "8"]
     report = client.download_artifacts(parent.info.run_id, "report/report.md", str(stack.base))
     assert "one deployment run per seed on the work pool" in Path(report).read_text()
+
+
+def test_custom_run_form_shows_typed_fields(stack):
+    """Deployments → cascade/gpu → Run → Custom run: the form has typed fields for the distillation, pruning and
+    evaluation settings, with the default eval sets filled in (rendered by Chromium, screenshot kept)."""
+    import httpx
+
+    dep = httpx.get(f"{stack.api}/deployments/name/cascade/gpu", timeout=30).json()
+    dom = _browse(f"http://127.0.0.1:{stack.prefect_port}/deployments/deployment/{dep['id']}/run",
+                  ARTIFACTS / "prefect-custom-run-form.png")
+    for label in ("Alpha", "Temperature", "Tail", "Lr", "Max Steps", "Method", "Schedule", "Eval Sets"):
+        assert label in dom, f"{label!r} is not in the Custom Run form"
+    assert "c4_heldout" in dom  # the default eval sets are visible, not applied behind the user's back

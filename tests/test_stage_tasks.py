@@ -171,3 +171,20 @@ def test_self_referential_when_the_cache_ran_in_bf16_and_the_student_trains_in_f
         assert distill.fn(dense, cache, run, 0, work, dtype=dtype, device="cpu")["result"]["self_referential"]
     other = cache_teacher.fn(dense_ref(str(project / "teacher")), fields, work, dtype="bf16", device="cpu")
     assert not distill.fn(dense, other, run, 0, work, dtype="bf16", device="cpu")["result"]["self_referential"]
+
+
+def test_long_stages_log_progress_at_a_steady_rate(project, tmp_path, monkeypatch, capsys):
+    """In a flow there is no progress bar: distill and cache log step, loss terms, rate and ETA as they go."""
+    from tasks.stages import cache_teacher, dense_ref, distill
+
+    monkeypatch.setenv("SPARSEKD_PROGRESS_SECONDS", "0")
+    work = str(tmp_path / "w")
+    dense = dense_ref(str(project / "dense"))
+    cache = cache_teacher.fn(dense, {"data": str(project / "corpus.jsonl"), "num_samples": 4, "seq_len": 24,
+                                     "top_k": 8, "chunk_size": 2, "batch_size": 2}, work, device="cpu")
+    distill.fn(dense, cache, dict(max_steps=3, batch_size=1, eval_every=0, val_tokens=32, val_ctx=16,
+                                  val_data=str(project / "valid.txt")), 0, work, device="cpu")
+    out = capsys.readouterr().out
+    assert "cache: sequences 2/4 (50%)" in out and "cache: sequences 4/4 (100%)" in out
+    assert "distill: step 1/3 (33%), loss" in out and " kd " in out and " ce " in out and "ETA" in out
+    assert "distill: step 3/3 (100%)" in out
