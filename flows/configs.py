@@ -17,6 +17,7 @@ from sparsekd_core.config import (
     DistillConfig,
     EvalConfig,
     ModelConfig,
+    ProfileConfig,
     PruneConfig,
     SelfDataConfig,
     SFTConfig,
@@ -130,6 +131,8 @@ DepthSection = section_model(PruneConfig, "DepthSection", "Depth (and optional S
 SelfDataSection = section_model(SelfDataConfig, "SelfDataSection", "Self-data generation by the dense model "
                                 "(sparsekd_core/selfdata.py); the flow sets its data and output.",
                                 exclude={"data", "out"})
+ProfileSection = section_model(ProfileConfig, "ProfileSection", "Inference profiling cells (sparsekd_core/profile.py): "
+                               "TTFT/TPOT per batch size and prompt length, attention vs FFN time.")
 SFTSection = section_model(SFTConfig, "SFTSection", "SFT-only settings; training settings come from `distill`, "
                            "so every arm trains the same way.", keep={"max_len"})
 
@@ -226,6 +229,16 @@ class IterativeConfig(PruningFlowConfig):
     targets: list[float] = Field(list(PAPER_TARGETS),
                                  description="Cumulative MLP-parameter reduction after each round.")
     keep_original_teacher: bool = Field(False, description="Distill every round from the dense model's cache.")
+    profile: bool = Field(False, description="Also profile the dense model and each round's recovered model side by "
+                                             "side (Tables VII-VIII, speedup vs reduction). Off by default: timings "
+                                             "on a shared or busy CPU are not worth the time they take; turn it on "
+                                             "on an idle machine or a GPU worker.")
+    profile_settings: ProfileSection = Field(ProfileSection(), description="The profiling cells when profile is on.")
+
+    @field_validator("profile_settings")
+    @classmethod
+    def _profile_settings(cls, v: BaseModel) -> BaseModel:
+        return _check_stage(ProfileConfig, "profile_settings", v)
 
     @field_validator("targets")
     @classmethod
@@ -362,13 +375,14 @@ class PaperConfig(IterativeConfig):
 def paper_parts(config: PaperConfig, experiment: str | None = None) -> dict[str, FlowConfig]:
     """The sub-flow configs of a paper run, in run order; a bad value raises ValueError naming the part."""
     common = config.model_dump(exclude={"targets", "keep_original_teacher", "cascade_target", "swap_target",
-                                        "sparsities", "prune"})
+                                        "sparsities", "prune", "profile", "profile_settings"})
     if experiment is not None:
         common["experiment"] = experiment  # nested runs live in the parent's experiment
     builders = {
         "dense-kd": lambda: DenseKDConfig(**common),
         "iterative": lambda: IterativeConfig(**common, prune=config.prune, targets=config.targets,
-                                             keep_original_teacher=config.keep_original_teacher),
+                                             keep_original_teacher=config.keep_original_teacher,
+                                             profile=config.profile, profile_settings=config.profile_settings),
         "cascade": lambda: CascadeConfig(**common, prune=config.prune, target=config.cascade_target),
         "teacher-swap": lambda: TeacherSwapConfig(**common, prune=config.prune, target=config.swap_target),
         "wanda": lambda: WandaConfig(**common, sparsities=config.sparsities),
@@ -380,6 +394,25 @@ def paper_parts(config: PaperConfig, experiment: str | None = None) -> dict[str,
         except ValidationError as err:
             raise ValueError(format_validation_error(name, err)) from None
     return parts
+
+
+class ProfileFlowConfig(FlowConfig):
+    """Inference profiling of several models side by side: `model` is the baseline, `compare` the others."""
+
+    compare: list[str] = Field([], description="Models profiled after the baseline `model` (aliases, hub ids, "
+                                               "local directories such as pruned checkpoints).")
+    profile: ProfileSection = Field(ProfileSection(), description="Batch sizes, prompt lengths, decode steps, "
+                                                                  "repeats. Run it on an idle machine.")
+
+    @field_validator("compare")
+    @classmethod
+    def _compare(cls, v: list[str]) -> list[str]:
+        return [check_model_spec(m) for m in v]
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v: BaseModel) -> BaseModel:
+        return _check_stage(ProfileConfig, "profile", v)
 
 
 InnerFlowConfigs = (DenseKDConfig, IterativeConfig, CascadeConfig, TeacherSwapConfig, WandaConfig,
@@ -428,6 +461,7 @@ FLOW_CONFIGS: dict[str, type[BaseModel]] = {
     "multi-seed": MultiSeedConfig,
     "paper": PaperConfig,
     "selfdata": SelfDataFlowConfig,
+    "profile": ProfileFlowConfig,
 }
 
 

@@ -8,7 +8,9 @@ makes on every eval set of its config, and writes a Markdown report with plots i
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +21,8 @@ from prefect import flow
 from sparsekd_core import report as rep
 from sparsekd_core.downstream import retention
 from sparsekd_core.files import write_json_atomic, write_text_atomic
-from tasks.stages import (MODEL_COUNTS, cache_teacher, dense_ref, distill, eval_results, evaluate, instructions, prune,
-                          run_log, self_data, sft)
+from tasks.stages import (MODEL_COUNTS, cache_teacher, dense_ref, distill, eval_results, evaluate, instructions,
+                          profile, prune, run_log, self_data, sft)
 from tasks.tracking import Tracker, default_tracking_uri
 
 from .configs import (
@@ -31,6 +33,7 @@ from .configs import (
     IterativeConfig,
     MultiSeedConfig,
     PaperConfig,
+    ProfileFlowConfig,
     SelfDataFlowConfig,
     TeacherSwapConfig,
     WandaConfig,
@@ -54,6 +57,7 @@ class Run:
     counts: dict[str, dict] = field(default_factory=dict)  # eval label -> counts of the model evaluated
     accuracy: dict[str, dict] = field(default_factory=dict)  # eval label -> {gsm8k set name: accuracy result}
     open_runs: list[str] = field(default_factory=list)  # MLflow runs to mark FAILED if the flow raises
+    registered: list[dict] = field(default_factory=list)  # model versions this run registered (for the report)
 
     # -- the flow run's life: a flow that raises leaves no MLflow run RUNNING -------------------------------------
     def __enter__(self) -> "Run":
@@ -122,6 +126,39 @@ class Run:
         if self.cfg.log_models and run_id:
             self.tracker.log_artifact(run_id, manifest["model"]["spec"], "model")
 
+    def register(self, model: str, trained: dict, run_id: str, evals: dict[str, float], parent: dict | None = None,
+                 pruned: dict | None = None) -> None:
+        """Register a final model in the MLflow Model Registry (``sparsekd-<flow>-<model>``, a version per run) with
+        its lineage as tags: the parent checkpoint, the teacher cache, the pruning that made the student, the
+        training config, the eval results and the checkpoint's path on the storage root. The version's source is the
+        arm run's ``model/`` artifacts: a pointer file (always) and the weights (with `log_models`)."""
+        result = trained["result"]
+        lineage = {
+            "sparsekd.flow": self.flow_name,
+            "sparsekd.checkpoint_path": result["student"],
+            "sparsekd.stage_key": trained["key"],
+            "sparsekd.parent_checkpoint": (parent or {}).get("spec", trained["inputs"].get("student")),
+            "sparsekd.parent_fingerprint": trained["inputs"].get("student"),
+            "sparsekd.teacher_cache_key": trained["inputs"].get("teacher_cache", "none (SFT)"),
+            "sparsekd.training": trained["stage"],
+            "sparsekd.training_config": json.dumps(trained["config"].get(trained["stage"], {}), sort_keys=True),
+            "sparsekd.seed": trained["config"].get("seed"),
+            "sparsekd.weights_uploaded": bool(self.cfg.log_models),
+            "sparsekd.model": self.cfg.model,
+            **{f"sparsekd.eval.{name}": value for name, value in evals.items()},
+        }
+        if pruned is not None:
+            lineage.update({"sparsekd.pruning_method": pruned["result"].get("method"),
+                            "sparsekd.mlp_reduction": pruned["result"].get("mlp_reduction"),
+                            "sparsekd.pruning_key": pruned["key"]})
+        pointer = Path(self.report_dir()) / f".registry-{run_id}" / "sparsekd_checkpoint.json"
+        write_json_atomic(pointer, lineage)
+        self.tracker.log_artifact(run_id, pointer, "model")
+        name = "sparsekd-" + re.sub(r"[^A-Za-z0-9_-]+", "-", f"{self.flow_name}-{model}").strip("-")
+        version = self.tracker.register_model(name, run_id, lineage, description=f"{model} of a {self.flow_name} run")
+        self.registered.append({"name": name, "version": version, "model": model,
+                                "url": self.tracker.model_url(name, version), "checkpoint": result["student"]})
+
     def end(self, run_id: str) -> None:
         self.tracker.end_run(run_id)
         if run_id in self.open_runs:
@@ -154,16 +191,31 @@ class Run:
                 "higher is better, it moves where accuracy cannot).\n\n"
                 + rep.table(["model", "set", "accuracy", "correct", "retention", "ref. log-lik"], rows))
 
-    def finish(self, sections: list[str], metrics: dict[str, float], plots: list[Path] = ()) -> dict:
+    def registry_section(self) -> str:
+        if not self.registered:
+            return ""
+        rows = [[r["name"], r["version"], f"[open]({r['url']})" if r["url"] else "—", r["checkpoint"]]
+                for r in self.registered]
+        return ("## Registered models\n\nIn the MLflow Model Registry, with their lineage as tags (parent "
+                "checkpoint, teacher cache, pruning, training config, eval results, checkpoint path).\n\n"
+                + rep.table(["registered model", "version", "MLflow", "checkpoint"], rows))
+
+    def profile(self, models: list[dict], run_id: str | None, label: str, settings: dict) -> dict:
+        """Profile ``models`` side by side (the first is the baseline); the table and plots join the report."""
+        m = self._record(profile(models, settings, run_id=run_id, **self.common()), f"profile {label}")
+        for name in ("profile.md", "speedup.png"):
+            shutil.copy(Path(m["path"]) / name, self.report_dir() / name)
+        return m
+
+    def finish(self, sections: list[str], metrics: dict[str, float], plots: list[Path] = (),
+               header: str | None = None) -> dict:
         d = self.report_dir()
-        accuracy = self.accuracy_section(metrics)
-        if accuracy:
-            sections = [*sections, accuracy]
+        sections = [*sections, *(x for x in (self.accuracy_section(metrics), self.registry_section()) if x)]
         if self.curves:
             rep.plot_recovery(self.curves, d / "recovery.png")
             plots = [*plots, d / "recovery.png"]
         ran = sum(not s["cached"] for s in self.stages)
-        header = (f"# {self.flow_name}: {self.cfg.model} (seed {self.cfg.seed})\n\n"
+        header = header or (f"# {self.flow_name}: {self.cfg.model} (seed {self.cfg.seed})\n\n"
                   f"Perplexity: {self.cfg.eval_config().protocol} protocol, ctx {self.cfg.eval_config().ctx}, "
                   f"stride {self.cfg.eval_config().stride}; eval sets: "
                   + ", ".join(f"`{es.name}` = {es.data}" + (f" (first {es.max_tokens} tokens)" if es.max_tokens else "")
@@ -176,6 +228,7 @@ class Run:
         text = header + "\n".join(sections) + "\n## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n\n" for p in plots) \
             + f"## Stages ({ran} ran, {len(self.stages) - ran} reused from cache)\n\n" + stages
         write_text_atomic(d / "report.md", text)
+        markdown_artifact(self.flow_name, text)
         write_json_atomic(d / "metrics.json", metrics)
         write_text_atomic(d / "config.json", self.cfg.model_dump_json(indent=1))
         self.tracker.log_metrics(self.parent_id, metrics)
@@ -184,7 +237,21 @@ class Run:
         self.tracker.log_artifact(self.parent_id, d, "report")
         self.end(self.parent_id)
         return {"flow": self.flow_name, "report": str(d / "report.md"), "metrics": metrics, "stages": self.stages,
+                "registered": self.registered,
                 "mlflow_run_id": self.parent_id, "tracking_uri": self.tracking["uri"]}
+
+
+def markdown_artifact(flow_name: str, text: str) -> None:
+    """The report as a Markdown artifact of the Prefect flow run (shown on its Artifacts tab)."""
+    try:
+        from prefect.artifacts import create_markdown_artifact
+        from prefect.runtime import flow_run
+
+        if flow_run.id is None:
+            return
+        create_markdown_artifact(markdown=text, key=f"{flow_name}-report", description=f"sparsekd {flow_name} report")
+    except Exception as err:  # noqa: BLE001 - the report on disk and in MLflow is the record; say it, go on
+        run_log()(f"report: could not attach the Markdown artifact to the flow run ({err})")
 
 
 def disjoint_line(checked: dict) -> str:
@@ -207,10 +274,10 @@ def check_held_out(cfg: FlowConfig) -> dict:
     return check_disjoint(held_out, corpus_reads(CacheConfig(**cfg.corpus.model_dump(), out="unused")))
 
 
-def start(cfg: FlowConfig, flow_name: str, parent_run_id: str | None = None) -> Run:
+def start(cfg: FlowConfig, flow_name: str, parent_run_id: str | None = None, check_data: bool = True) -> Run:
     """Check the data, open the flow's MLflow parent run; use as ``with start(...) as run:`` so that a flow that
     raises marks its parent and open arm runs FAILED."""
-    checked = check_held_out(cfg)
+    checked = check_held_out(cfg) if check_data else {}
     workdir = str(Path(cfg.workdir).expanduser().resolve())
     Path(workdir).mkdir(parents=True, exist_ok=True)
     uri = cfg.tracking_uri or default_tracking_uri(workdir)
@@ -266,6 +333,7 @@ def _dense_kd_arms(run: Run, ce_control: bool) -> dict:
     rid = run.arm("dense+kd")
     kd = run.distill(dense, dense_cache, rid, "dense+kd")
     kd_ppl = run.evaluate(kd["model"], rid, "dense+kd")
+    run.register("dense-kd", kd, rid, kd_ppl, parent=dense)
     run.end(rid)
     out = {"dense": dense, "dense_ppl": dense_ppl, "dense_cache": dense_cache, "kd": kd, "kd_ppl": kd_ppl}
     if ce_control:
@@ -314,10 +382,11 @@ def iterative_flow(config: IterativeConfig, parent_run_id: str | None = None) ->
             pre = run.evaluate(p["model"], rid, f"R{r} pre-KD", prefix="pre_kd_", step=r)
             d = run.distill(p["model"], teacher_cache, rid, f"R{r}")
             post = run.evaluate(d["model"], rid, f"R{r} post-KD", prefix="post_kd_", step=r)
+            run.register(f"R{r}-pruned-kd", d, rid, post, parent=current, pruned=p)
             run.tracker.log_metrics(run.parent_id, {**_flat("pre_kd_ppl", pre), **_flat("post_kd_ppl", post)}, step=r)
             run.end(rid)
             rounds.append({"round": r, "target": target, "mlp_reduction": p["result"].get("mlp_reduction", target),
-                           "pre": pre, "post": post})
+                           "pre": pre, "post": post, "model": d["model"]})
             current = d["model"]
             if not config.keep_original_teacher and r < len(config.targets):
                 teacher_cache = run.cache(current, None, f"R{r} post-KD")
@@ -338,7 +407,35 @@ def iterative_flow(config: IterativeConfig, parent_run_id: str | None = None) ->
         for x in rounds:
             metrics.update(_flat(f"R{x['round']}_pre_kd", x["pre"]))
             metrics.update(_flat(f"R{x['round']}_post_kd", x["post"]))
-        return run.finish([text], metrics, plots)
+        sections = [text]
+        if config.profile:
+            section, profile_plots = _profile_rounds(run, config, dense, rounds, metrics)
+            sections.append(section)
+            plots += profile_plots
+        return run.finish(sections, metrics, plots)
+
+
+def _profile_rounds(run: Run, config: IterativeConfig, dense: dict, rounds: list[dict],
+                    metrics: dict) -> tuple[str, list[Path]]:
+    """Dense vs each round's recovered model, side by side: Tables VII-VIII and speedup vs MLP reduction."""
+    models = [{**dense, "label": "dense"}] + [{**x["model"], "label": f"R{x['round']}"} for x in rounds]
+    rid = run.arm("profile")
+    m = run.profile(models, rid, "dense vs rounds", config.profile_settings.model_dump())
+    run.end(rid)
+    results = m["result"]["results"]
+    reduction = {0: 0.0, **{i: x["mlp_reduction"] for i, x in enumerate(rounds, 1)}}
+    points = [{**r, "mlp_reduction": reduction[r["model_index"]]} for r in results]
+    path = run.report_dir() / "speedup_vs_reduction.png"
+    rep.plot_speedup_vs_reduction(points, path)
+    for r in results:
+        if r["model_index"]:
+            metrics[f"{r['model']}_b{r['batch_size']}_s{r['seq_len']}_prefill_speedup"] = r["speedup"]
+    device = results[0]["device"] if results else "?"
+    text = (f"## Inference profile (Tables VII-VIII): dense vs each round, on {device}\n\n"
+            "Prefill (TTFT) and per-token decode (TPOT) latency, time by module, FLOP ratio and the Amdahl bound "
+            "(speedup if only the FFN shrinks). Timings are measurements of this machine at this moment: on a "
+            "shared CPU they are noisy.\n\n" + (Path(m["path"]) / "profile.md").read_text())
+    return text, [run.report_dir() / "speedup.png", path]
 
 
 def _swap_rows(names, student_pre, from_dense, from_kd, dense_ppl):
@@ -363,7 +460,9 @@ def cascade_flow(config: CascadeConfig, parent_run_id: str | None = None) -> dic
         pre = run.evaluate(p["model"], rid, "pruned pre-KD")
         run.end(rid)
         rid = run.arm("pruned+kd (teacher dense+kd)")
-        pkd = run.evaluate(run.distill(p["model"], kd_cache, rid, "pruned+kd")["model"], rid, "pruned+kd")
+        trained = run.distill(p["model"], kd_cache, rid, "pruned+kd")
+        pkd = run.evaluate(trained["model"], rid, "pruned+kd")
+        run.register("pruned-kd", trained, rid, pkd, parent=arms["kd"]["model"], pruned=p)
         run.end(rid)
         metrics.update({**_flat("ppl_pruned_pre_kd", pre), **_flat("ppl_pruned_kd", pkd)})
         sections = [text]
@@ -373,8 +472,9 @@ def cascade_flow(config: CascadeConfig, parent_run_id: str | None = None) -> dic
                 ["Pruned+KD (teacher Dense+KD)", *[pkd[n] for n in names]]]
         if config.teacher_swap:
             rid = run.arm("pruned+kd (teacher dense)")
-            swap = run.evaluate(run.distill(p["model"], arms["dense_cache"], rid, "pruned+kd teacher dense")["model"],
-                                rid, "pruned+kd teacher dense")
+            trained = run.distill(p["model"], arms["dense_cache"], rid, "pruned+kd teacher dense")
+            swap = run.evaluate(trained["model"], rid, "pruned+kd teacher dense")
+            run.register("pruned-kd-teacher-dense", trained, rid, swap, parent=arms["kd"]["model"], pruned=p)
             run.end(rid)
             rows.append(["Pruned+KD (teacher Dense)", *[swap[n] for n in names]])
             metrics.update(_flat("ppl_pruned_kd_teacher_dense", swap))
@@ -398,7 +498,9 @@ def teacher_swap_flow(config: TeacherSwapConfig, parent_run_id: str | None = Non
         out = {}
         for label, cache in (("teacher dense", arms["dense_cache"]), ("teacher dense+kd", kd_cache)):
             rid = run.arm(f"pruned+kd ({label})")
-            out[label] = run.evaluate(run.distill(p["model"], cache, rid, f"pruned+kd {label}")["model"], rid, label)
+            trained = run.distill(p["model"], cache, rid, f"pruned+kd {label}")
+            out[label] = run.evaluate(trained["model"], rid, label)
+            run.register(f"pruned-kd-{label}", trained, rid, out[label], parent=arms["dense"], pruned=p)
             run.end(rid)
         text = (f"## Teacher swap (Table IV): one student pruned to {100 * p['result'].get('mlp_reduction', config.target):.1f}% "
                 "MLP reduction\n\n" + rep.table(["student", *[f"PPL {n}" for n in names], *[f"vs dense {n}" for n in names]],
@@ -420,8 +522,9 @@ def wanda_flow(config: WandaConfig, parent_run_id: str | None = None) -> dict:
             rid = run.arm(f"wanda-{s}", sparsity=s)
             p = run.prune(dense, rid, f"wanda {s}", method="wanda", target_reduction=s)
             pre = run.evaluate(p["model"], rid, f"wanda {s} pre-KD", prefix="pre_kd_")
-            post = run.evaluate(run.distill(p["model"], dense_cache, rid, f"wanda {s}")["model"], rid,
-                                f"wanda {s} post-KD", prefix="post_kd_")
+            trained = run.distill(p["model"], dense_cache, rid, f"wanda {s}")
+            post = run.evaluate(trained["model"], rid, f"wanda {s} post-KD", prefix="post_kd_")
+            run.register(f"wanda-{s}-kd", trained, rid, post, parent=dense, pruned=p)
             run.end(rid)
             # The sparsity of the models that were evaluated, counted on them (not the pruning target).
             zeros_pre = run.counts[f"wanda {s} pre-KD"].get("mlp_zero_fraction")
@@ -472,11 +575,14 @@ def selfdata_flow(config: SelfDataFlowConfig, parent_run_id: str | None = None) 
             run._record(m, arm)
             run.curves[arm] = [(int(p[0]), float(p[1])) for p in m["result"].get("val_history", [])]
             arms[arm] = run.evaluate(m["model"], rid, arm)
+            run.register(arm, m, rid, arms[arm], parent=pruned["model"], pruned=pruned)
             run.end(rid)
         rid = run.arm("logit kd")
         cache_fields = {**config.corpus.model_dump(), "data": prompts["data_path"], "num_samples": None}
         cache = run._record(cache_teacher(dense, cache_fields, **run.common()), "cache dense (same prompts)")
-        arms["logit kd"] = run.evaluate(run.distill(pruned["model"], cache, rid, "logit kd")["model"], rid, "logit kd")
+        trained = run.distill(pruned["model"], cache, rid, "logit kd")
+        arms["logit kd"] = run.evaluate(trained["model"], rid, "logit kd")
+        run.register("logit kd", trained, rid, arms["logit kd"], parent=pruned["model"], pruned=pruned)
         run.end(rid)
 
         kept = rewrites["result"]
@@ -497,6 +603,24 @@ def selfdata_flow(config: SelfDataFlowConfig, parent_run_id: str | None = None) 
         for arm, ppl in arms.items():
             metrics.update(_flat("ppl_" + re.sub(r"[^A-Za-z0-9]+", "_", arm), ppl))
         return run.finish([text], metrics)
+
+
+@flow(name="profile")
+def profile_flow(config: ProfileFlowConfig, parent_run_id: str | None = None) -> dict:
+    """Several models profiled side by side (the baseline first): Tables VII-VIII and the speedup plot."""
+    with start(config, "profile", parent_run_id, check_data=False) as run:
+        models = [{**dense_ref(spec), "label": spec} for spec in [config.model, *config.compare]]
+        rid = run.arm("profile")
+        m = run.profile(models, rid, "models", config.profile.model_dump())
+        run.end(rid)
+        results = m["result"]["results"]
+        metrics = {f"m{r['model_index']}_b{r['batch_size']}_s{r['seq_len']}_{k}": r[k] for r in results
+                   for k in ("ttft_ms", "tpot_ms", "speedup")}
+        header = (f"# profile: {config.model} vs {', '.join(config.compare) or 'nothing else'}\n\n"
+                  f"Baseline: {config.model}. Timings are measurements of this machine at this moment "
+                  f"({results[0]['device'] if results else '?'}); run it alone on an idle machine.\n\n")
+        text = "## Inference profile (Tables VII-VIII)\n\n" + (Path(m["path"]) / "profile.md").read_text()
+        return run.finish([text], metrics, [run.report_dir() / "speedup.png"], header=header)
 
 
 FLOWS = {"dense-kd": dense_kd_flow, "iterative": iterative_flow, "cascade": cascade_flow,
@@ -619,4 +743,4 @@ def paper_flow(config: PaperConfig) -> dict:
         return run.finish(sections, metrics)
 
 
-ALL_FLOWS = {**FLOWS, "multi-seed": multi_seed_flow, "paper": paper_flow}
+ALL_FLOWS = {**FLOWS, "multi-seed": multi_seed_flow, "paper": paper_flow, "profile": profile_flow}

@@ -73,6 +73,24 @@ def plot_recovery(curves: dict[str, list[tuple[int, float]]], path: str | Path) 
     _save(fig, path)
 
 
+def plot_speedup_vs_reduction(points: list[dict], path: str | Path) -> None:
+    """Prefill speedup vs MLP reduction, one line per batch size, beside its Amdahl bound (dashed).
+    ``points``: {"mlp_reduction", "batch_size", "speedup", "amdahl_bound"} per model and batch size."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for batch in sorted({p["batch_size"] for p in points}):
+        cells = sorted((p for p in points if p["batch_size"] == batch), key=lambda p: p["mlp_reduction"])
+        xs = [100 * p["mlp_reduction"] for p in cells]
+        line, = ax.plot(xs, [p["speedup"] for p in cells], "o-", label=f"batch {batch} measured")
+        ax.plot(xs, [p["amdahl_bound"] for p in cells], "--", color=line.get_color(), label=f"batch {batch} bound")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("MLP parameter reduction (%)")
+    ax.set_ylabel("prefill speedup vs dense")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> None:
     fig.tight_layout()
     write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -428,31 +429,33 @@ def sft(student: ModelRef, data: dict, sft_fields: dict, seed: int, workdir: str
 @task(name="profile", **STAGE_TASK)
 def profile(models: list[ModelRef], profile_fields: dict, workdir: str, dtype: str = "auto", device: str = "auto",
             tracking: dict | None = None, run_id: str | None = None) -> dict:
-    """TTFT/TPOT/memory/breakdown of several models side by side; profile.json, profile.md, speedup.png."""
+    """TTFT/TPOT/memory/breakdown of several models side by side (the first is the baseline); profile.json,
+    profile.md, speedup.png. A ModelRef may carry a ``label`` (the name in the tables; default its spec)."""
     from sparsekd_core.config import ProfileConfig
     from sparsekd_core.profile import add_speedups, markdown_table, profile_model, speedup_plot
+    from sparsekd_core.provenance import machine
 
     def produce(directory: Path) -> dict:
         cfg = ProfileConfig(**profile_fields)
         results = []
         for index, ref in enumerate(models):
-            results += profile_model(ref["spec"], _load(ref, dtype, device).model, cfg, index)
+            results += profile_model(ref.get("label", ref["spec"]), _load(ref, dtype, device).model, cfg, index)
         add_speedups(results)
         write_json_atomic(directory / "profile.json", {"results": results})
         write_text_atomic(directory / "profile.md", markdown_table(results))
         speedup_plot(results, directory / "speedup.png")
         return {"results": results}
 
-    # Timings are measurements of this machine: keyed by the models and settings, reused like other stages.
-    from sparsekd_core.provenance import machine
-
+    # Timings are measurements of this machine: keyed by the models, labels, settings and the hardware.
     manifest = _run_heavy_stage(workdir, "profile", {"profile": profile_fields, "runtime": _runtime(dtype, device),
-                                                     "machine": machine(device)},
+                                                     "machine": machine(device),
+                                                     "labels": [m.get("label", m["spec"]) for m in models]},
                                 {"models": ",".join(m["fingerprint"] for m in models)}, produce)
     if tracking and run_id:
         tracker = Tracker(tracking["uri"], tracking["experiment"], tracking.get("artifact_root"))
         for r in manifest["result"]["results"]:
-            tag = f"{Path(r['model']).name}_b{r['batch_size']}_s{r['seq_len']}"
+            tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"m{r['model_index']}_{Path(r['model']).name}")
+            tag = f"{tag}_b{r['batch_size']}_s{r['seq_len']}"
             tracker.log_metrics(run_id, {f"{tag}_{k}": r[k] for k in ("ttft_ms", "tpot_ms", "speedup", "amdahl_bound")})
         for name in ("profile.json", "profile.md", "speedup.png"):
             tracker.log_artifact(run_id, Path(manifest["path"]) / name)

@@ -116,6 +116,29 @@ class Tracker:
                                            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                                            max_results=1000)
 
+    def register_model(self, name: str, run_id: str, tags: dict[str, Any], description: str = "") -> int:
+        """A new version of registered model ``name`` whose source is the run's ``model`` artifact directory
+        (a pointer file, plus the weights when they were logged), with ``tags``; returns the version number."""
+        from mlflow.exceptions import MlflowException
+
+        with _LOCK:
+            try:
+                self.client.create_registered_model(name, description="sparsekd: " + description if description
+                                                    else None)
+            except MlflowException as err:
+                if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+                    raise
+            version = self.client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id,
+                                                       tags={k: str(v)[:5000] for k, v in tags.items()},
+                                                       description=description or None)
+        return int(version.version)
+
+    def model_url(self, name: str, version: int) -> str | None:
+        """The registered model version's page in the MLflow UI (a tracking server), else None."""
+        if self.tracking_uri.split(":", 1)[0] in ("http", "https"):
+            return f"{self.tracking_uri.rstrip('/')}/#/models/{name}/versions/{version}"
+        return None
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         with _LOCK:
             self.client.set_terminated(run_id, status=status)

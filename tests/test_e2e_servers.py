@@ -286,6 +286,10 @@ def test_ui_run_button_to_worker_to_mlflow(stack, tiny):
     served = list((stack.base / "mlartifacts").rglob("report.md"))
     assert served, "the report did not reach the MLflow server's artifact store"
     assert "Dense+KD vs its CE-only twin" in served[0].read_text()
+    # The Dense+KD student is in the server's Model Registry with its lineage (no weights uploaded).
+    version = client.get_latest_versions("sparsekd-dense-kd-dense-kd")[0]
+    assert version.run_id == kd.info.run_id and version.tags["sparsekd.weights_uploaded"] == "False"
+    assert version.tags["sparsekd.checkpoint_path"].startswith(str(stack.storage))
     assert parent.data.tags["prefect_flow_run_id"] == flow_run["id"]
     assert parent.data.tags["prefect_flow_run_url"].startswith(f"http://127.0.0.1:{stack.prefect_port}/")
     # The stages wrote under the worker's storage root, and held the worker's GPU slot.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,6 +84,28 @@ def test_cascade_completes_tracks_and_reuses_cache(prefect_server, tiny_setup, t
     assert len(client.get_metric_history(arms["dense+kd"].info.run_id, "val_ppl")) >= 2
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
     assert "report/report.md" in artifacts
+
+    # The students are in the Model Registry with their lineage; the report links them.
+    names = {r["name"] for r in first["registered"]}
+    assert names == {"sparsekd-cascade-dense-kd", "sparsekd-cascade-pruned-kd", "sparsekd-cascade-pruned-kd-teacher-dense"}
+    version = client.get_model_version("sparsekd-cascade-pruned-kd", "1")
+    tags = version.tags
+    assert tags["sparsekd.teacher_cache_key"] and tags["sparsekd.pruning_method"] == "svd-whitened"
+    assert float(tags["sparsekd.mlp_reduction"]) == pytest.approx(0.3, abs=0.01)
+    assert tags["sparsekd.checkpoint_path"].endswith("/student") and tags["sparsekd.weights_uploaded"] == "False"
+    assert float(tags["sparsekd.eval.text"]) == pytest.approx(first["metrics"]["ppl_pruned_kd_text"])
+    assert json.loads(tags["sparsekd.training_config"])["max_steps"] == 4
+    assert version.source.endswith("/model") and "## Registered models" in report
+    pruned_arm = arms["pruned+kd (teacher dense+kd)"]
+    assert [a.path for a in client.list_artifacts(pruned_arm.info.run_id, "model")] == ["model/sparsekd_checkpoint.json"]
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect_client:  # the flow run shows the report as a Markdown artifact
+        artifacts = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["cascade-report"])))
+    assert artifacts and artifacts[0].type == "markdown" and "## Registered models" in artifacts[0].data
 
     second = run_flow("cascade", values)  # nothing is recomputed
     assert all(s["cached"] for s in second["stages"]), [s for s in second["stages"] if not s["cached"]]
@@ -303,3 +326,29 @@ def test_selfdata_flow_compares_three_recoveries(prefect_server, tiny_setup, tmp
     assert "SFT vs self-data SFT vs logit KD" in report and "depth −1 blocks" in report and "retention" in report
     again = run_flow("selfdata", values)
     assert all(s["cached"] for s in again["stages"])
+
+
+TINY_PROFILE = {"batch_sizes": [1], "seq_len": [8], "new_tokens": 2, "warmup": 0, "repeats": 1}
+
+
+def test_iterative_with_profiling_reports_the_speedup_table_and_plot(prefect_server, tiny_setup, tmp_path):
+    values = flow_values(tiny_setup, tmp_path / "w", prune=PRUNE, targets=[0.3], profile=True,
+                         profile_settings=TINY_PROFILE)
+    summary = run_flow("iterative", values)
+    report = open(summary["report"]).read()
+    assert "## Inference profile (Tables VII-VIII): dense vs each round" in report
+    assert "| dense | 1 | 8 |" in report and "| R1 | 1 | 8 |" in report
+    assert "speedup_vs_reduction.png" in report and (Path(summary["report"]).parent / "speedup_vs_reduction.png").is_file()
+    assert "R1_b1_s8_prefill_speedup" in summary["metrics"]
+    client, parent, children = mlflow_runs(summary)
+    arm = next(r for r in children if r.data.tags["arm"] == "profile")
+    assert {a.path for a in client.list_artifacts(arm.info.run_id)} >= {"profile.md", "speedup.png"}
+
+
+def test_profile_flow_puts_models_side_by_side(prefect_server, tiny_setup, tmp_path):
+    values = {"model": str(tiny_setup / "model"), "workdir": str(tmp_path / "w"), "compare": [str(tiny_setup / "model")],
+              "profile": TINY_PROFILE}
+    summary = run_flow("profile", values)
+    report = open(summary["report"]).read()
+    assert report.startswith("# profile:") and report.count("| 1 | 8 |") == 2
+    assert summary["metrics"]["m0_b1_s8_speedup"] == 1.0 and "m1_b1_s8_speedup" in summary["metrics"]
