@@ -301,6 +301,8 @@ def test_ui_run_button_to_worker_to_mlflow(stack, tiny):
     mlflow_dom = _browse(f"{stack.mlflow}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}",
                          ARTIFACTS / "mlflow-run.png")
     assert parent.info.run_name in mlflow_dom, "MLflow UI page does not show the run"
+    models_dom = _browse(f"{stack.mlflow}/#/models", ARTIFACTS / "mlflow-models.png")
+    assert "sparsekd-dense-kd-dense-kd" in models_dom, "MLflow's Models page does not list the registered student"
     prefect_dom = _browse(f"http://127.0.0.1:{stack.prefect_port}/runs/flow-run/{flow_run['id']}",
                           ARTIFACTS / "prefect-flow-run.png")
     assert flow_run["name"] in prefect_dom, "Prefect UI page does not show the flow run"
