@@ -45,6 +45,9 @@ class CorpusSpec(_Section):
     max_sequences_per_document: int = Field(
         1, gt=0, description="A document gives at most this many sequences (default 1: a sample is a document).")
     top_k: int = Field(32, gt=0, description="Teacher top-k cached per position.")
+    shards: int = Field(1, gt=0, le=64, description="Write each teacher cache as this many concurrent task runs, "
+                                                    "each a disjoint chunk range of one store (same bytes as one; "
+                                                    "on a host with several GPUs, one GPU each).")
 
     @field_validator("data")
     @classmethod
@@ -466,8 +469,8 @@ FLOW_CONFIGS: dict[str, type[BaseModel]] = {
 
 
 def cache_config_fields(corpus: CorpusSpec) -> dict[str, Any]:
-    """CacheConfig fields for a corpus (the flow sets `out`)."""
-    fields = corpus.model_dump()
+    """CacheConfig fields for a corpus (the flow sets `out`; `shards` is how the flow writes it, not what)."""
+    fields = corpus.model_dump(exclude={"shards"})
     fields["data"] = corpus.data
     return fields
 

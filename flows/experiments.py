@@ -21,8 +21,8 @@ from prefect import flow
 from sparsekd_core import report as rep
 from sparsekd_core.downstream import retention
 from sparsekd_core.files import write_json_atomic, write_text_atomic
-from tasks.stages import (MODEL_COUNTS, cache_teacher, dense_ref, distill, eval_results, evaluate, instructions,
-                          profile, prune, run_log, self_data, sft)
+from tasks.stages import (MODEL_COUNTS, cache_teacher, cache_teacher_shard, dense_ref, distill, eval_results, evaluate,
+                          instructions, profile, prune, run_log, self_data, sft)
 from tasks.tracking import Tracker, default_tracking_uri
 
 from .configs import (
@@ -37,6 +37,7 @@ from .configs import (
     SelfDataFlowConfig,
     TeacherSwapConfig,
     WandaConfig,
+    cache_config_fields,
     paper_parts,
 )
 
@@ -102,6 +103,13 @@ class Run:
 
     def cache(self, teacher: dict, run_id: str | None, label: str) -> dict:
         fields = self.cfg.corpus.model_dump()
+        shards = fields.pop("shards", 1)
+        if shards > 1:  # fan out: one task run per disjoint chunk range of the same store, then check and record
+            place = dict(workdir=self.workdir, dtype=self.cfg.dtype, device=self.cfg.device)
+            futures = [cache_teacher_shard.submit(teacher, fields, shard_index=i, num_shards=shards, **place)
+                       for i in range(shards)]
+            for future in futures:
+                future.result()
         return self._record(cache_teacher(teacher, fields, run_id=run_id, **self.common()), f"cache {label}")
 
     def distill(self, student: dict, cache: dict, run_id: str, label: str, **overrides: Any) -> dict:
@@ -271,7 +279,7 @@ def check_held_out(cfg: FlowConfig) -> dict:
 
     held_out = {es.name: es.data for es in cfg.eval_sets}
     held_out["distill.val_data"] = cfg.distill.val_data
-    return check_disjoint(held_out, corpus_reads(CacheConfig(**cfg.corpus.model_dump(), out="unused")))
+    return check_disjoint(held_out, corpus_reads(CacheConfig(**cache_config_fields(cfg.corpus), out="unused")))
 
 
 def start(cfg: FlowConfig, flow_name: str, parent_run_id: str | None = None, check_data: bool = True) -> Run:

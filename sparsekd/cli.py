@@ -438,8 +438,20 @@ CACHE_FLAGS = {
     "model": EVAL_FLAGS["model"],
     "cache": {"out": "out", "data": "data", "num_samples": "num_samples", "seq_len": "seq_len", "seed": "seed",
               "max_sequences_per_document": "max_sequences_per_document", "top_k": "top_k",
-              "batch_size": "batch_size", "chunk_size": "chunk_size"},
+              "batch_size": "batch_size", "chunk_size": "chunk_size", "shard_index": "shard_index",
+              "num_shards": "num_shards"},
 }
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``I/N`` (0-based I) -> (I, N), for --shard."""
+    try:
+        index, shards = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 0/2: the first of two shards)") from None
+    if not 0 <= index < shards:
+        raise argparse.ArgumentTypeError(f"{text!r}: I must be 0..N-1 (e.g. 0/2 and 1/2 for two shards)")
+    return index, shards
 
 
 def add_cache_parser(sub) -> None:
@@ -455,6 +467,9 @@ def add_cache_parser(sub) -> None:
     p.add_argument("--top-k", type=int, help="ids kept per position (default 32)")
     p.add_argument("--batch-size", type=int, help="sequences per forward pass (default 1; divides --chunk-size)")
     p.add_argument("--chunk-size", type=int, help="sequences per Zarr chunk (default 16)")
+    p.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="write shard I (0-based) of N: a disjoint chunk range of the same --out, for N processes "
+                        "or hosts at once; the store is complete when every shard has finished")
     p.add_argument("--config", help="YAML file with sections model/cache (flags override it)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.set_defaults(func=cmd_cache)
@@ -471,13 +486,17 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from sparsekd_core.config import CacheConfig
     from sparsekd_core.models import load_model
 
+    if args.shard is not None:
+        args.shard_index, args.num_shards = args.shard
     model_cfg, cache_cfg = _configs(args, CACHE_FLAGS, "cache", CacheConfig, ("out",))
     loaded = load_model(model_cfg, log=log)
-    res = run_cache(loaded, cache_cfg, log=log, progress_factory=_progress("cache", "seq"))
+    desc = "cache" if cache_cfg.num_shards == 1 else f"cache {cache_cfg.shard_index}/{cache_cfg.num_shards}"
+    res = run_cache(loaded, cache_cfg, log=log, progress_factory=_progress(desc, "seq"))
     result = res.as_dict() | {"model": model_cfg.model, "data": cache_cfg.data}
+    size = (f"{res.bytes_per_token:.1f} bytes/token" if res.complete
+            else f"store {res.chunks_done}/{res.chunks} chunks done (other shards pending)")
     _emit(result, args.json, f"cache {res.path}: {res.sequences} sequences from {res.documents} documents, "
-          f"{res.tokens} tokens, top-{res.top_k}, "
-          f"{res.bytes_per_token:.1f} bytes/token, {res.tokens_per_s:.0f} tokens/s, "
+          f"{res.tokens} tokens, top-{res.top_k}, {size}, {res.tokens_per_s:.0f} tokens/s, "
           f"{res.resumed_chunks} chunks resumed")
     return 0
 

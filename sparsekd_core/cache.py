@@ -19,6 +19,11 @@ digest, k, seq_len, dtype, code version. Opening an existing store whose fingerp
 cannot say what is done; ``chunk_done`` is written after a chunk's data, so a kill -9 loses at most the chunk in
 flight, and a rerun recomputes exactly the chunks not marked done. Batches never cross a chunk and the computation
 is deterministic, so a resumed store holds the same bytes as an uninterrupted one.
+
+Shards (``num_shards`` > 1, ``sparsekd cache --shard I/N``): N processes, on one host or several sharing the store,
+each build the same corpus and write a disjoint contiguous range of chunks (``shard_chunks``); the arrays are
+created by whichever comes first and never overwritten, so any mix of shards finished, killed and rerun (or one
+process finishing what the shards left) gives the bytes of a one-process cache. A reader needs every chunk done.
 """
 
 from __future__ import annotations
@@ -143,9 +148,55 @@ class CacheResult:
     computed_chunks: int
     seconds: float
     documents: int | None = None  # distinct source documents in the corpus (set by run_cache)
+    shard: str = "0/1"  # shard_index/num_shards this process wrote
+    chunks: int = 0  # chunks in the store
+    chunks_done: int = 0  # chunks done in the store (all shards) when this process finished
+    complete: bool = True  # every chunk of the store is done (bytes/token is of the finished store only then)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def shard_chunks(n_chunks: int, index: int, shards: int) -> range:
+    """The chunks shard ``index`` of ``shards`` writes: a contiguous range, the ranges disjoint and covering all."""
+    return range(index * n_chunks // shards, (index + 1) * n_chunks // shards)
+
+
+def _open_store(url: str, specs: dict, fingerprint: dict):
+    """Open the store at ``url`` for writing, creating its arrays if it has none; safe with concurrent writers
+    (shards starting at once): an array is never overwritten once it exists, so no shard can erase another's
+    chunks. A store with another fingerprint, or arrays of another layout, is an error."""
+    from zarr.errors import ContainsArrayError
+
+    group = _open_group(url, "a")
+
+    def check(have: dict) -> None:
+        diff = _differences(have, fingerprint)
+        if diff:
+            raise CacheMismatchError(f"cache.out={url!r} holds a cache for something else ({'; '.join(diff)}); "
+                                     "give another --out or delete that store")
+
+    existing = group.attrs.asdict().get("sparsekd_cache")
+    if existing is not None:
+        check(existing)
+        return group
+    members = set(group.array_keys())
+    for name, (shape, dtype, codec, rows) in specs.items():
+        if name not in members:
+            try:
+                group.create_array(name, shape=shape, dtype=dtype, chunks=(rows,) + shape[1:], fill_value=0,
+                                   compressors=codec if codec is not None else "auto", overwrite=False)
+                continue
+            except ContainsArrayError:  # another shard made it between the listing and here
+                pass
+        array = group[name]
+        if tuple(array.shape) != shape or array.dtype != np.dtype(dtype) or array.chunks[0] != rows:
+            raise CacheMismatchError(
+                f"cache.out={url!r} has an array {name!r} of shape {tuple(array.shape)}, not {shape}, and no "
+                "fingerprint (a write of another cache that was killed at its start?); delete that store")
+    group.attrs["sparsekd_cache"] = fingerprint  # written after the arrays: a store with attrs has all of them
+    check(_open_group(url, "r").attrs.asdict()["sparsekd_cache"])  # a concurrent writer of another cache
+    return group
 
 
 def store_bytes(url: str) -> int:
@@ -178,37 +229,28 @@ def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: d
     id_dtype = np.uint16 if vocab_size <= 65536 else np.int32
     n_chunks = -(-n // chunk)
 
-    group = _open_group(cfg.out, "a")
-    existing = group.attrs.asdict().get("sparsekd_cache")
-    if existing is not None:
-        diff = _differences(existing, fingerprint)
-        if diff:
-            raise CacheMismatchError(
-                f"cache.out={cfg.out!r} holds a cache for something else ({'; '.join(diff)}); "
-                "give another --out or delete that store"
-            )
-    else:
-        shuffle = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
-        plain = BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle")
-        specs = {
-            "input_ids": ((n, seq_len), np.int32, shuffle),
-            "topk_ids": ((n, seq_len, k), id_dtype, plain),
-            "topk_logprobs": ((n, seq_len, k), np.float16, shuffle),
-            "tail_logmass": ((n, seq_len), np.float16, shuffle),
-        }
-        for name, (shape, dtype, codec) in specs.items():
-            group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:], compressors=codec,
-                               fill_value=0, overwrite=True)
-        group.create_array("chunk_done", shape=(n_chunks,), dtype=np.uint8, chunks=(1,), fill_value=0, overwrite=True)
-        group.attrs["sparsekd_cache"] = fingerprint  # written last: a store with attrs has all its arrays
-
+    shuffle = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+    plain = BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle")
+    specs = {
+        "input_ids": ((n, seq_len), np.int32, shuffle, chunk),
+        "topk_ids": ((n, seq_len, k), id_dtype, plain, chunk),
+        "topk_logprobs": ((n, seq_len, k), np.float16, shuffle, chunk),
+        "tail_logmass": ((n, seq_len), np.float16, shuffle, chunk),
+        "chunk_done": ((n_chunks,), np.uint8, None, 1),
+    }
+    group = _open_store(cfg.out, specs, fingerprint)
+    mine = shard_chunks(n_chunks, cfg.shard_index, cfg.num_shards)
     done = group["chunk_done"][:]
-    todo = [c for c in range(n_chunks) if not done[c]]
-    resumed = n_chunks - len(todo)
+    todo = [c for c in mine if not done[c]]
+    resumed = len(mine) - len(todo)
+    who = f"cache shard {cfg.shard_index + 1}/{cfg.num_shards}" if cfg.num_shards > 1 else "cache"
+    if cfg.num_shards > 1:
+        span = f"chunks {mine.start}-{mine.stop - 1}" if len(mine) else "no chunks (more shards than chunks)"
+        log(f"{who}: {span} of {n_chunks}")
     if resumed:
-        log(f"cache: resuming, {resumed} of {n_chunks} chunks already done")
+        log(f"{who}: resuming, {resumed} of {len(mine)} chunks already done")
         if progress is not None:
-            progress(min(n, resumed * chunk))
+            progress(sum(min(n, (c + 1) * chunk) - c * chunk for c in mine if done[c]))
     device = next(model.parameters()).device
     computed_tokens = 0
     t0 = time.perf_counter()
@@ -227,14 +269,19 @@ def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: d
         group["topk_logprobs"][lo:hi] = logprobs.numpy().astype(np.float16)
         group["tail_logmass"][lo:hi] = tail.clamp_min(-60000.0).numpy().astype(np.float16)
         group["chunk_done"][c] = 1  # only now is chunk c trusted by a rerun
+        if cfg.num_shards > 1:  # overall progress: every shard's chunks, as the store says
+            log(f"{who}: chunk {c} done; store {int(group['chunk_done'][:].sum())}/{n_chunks} chunks")
         if on_chunk is not None:
             on_chunk(c)
     seconds = time.perf_counter() - t0
     size = store_bytes(cfg.out)
     tokens = int(n * seq_len)
+    chunks_done = int(group["chunk_done"][:].sum())
     return CacheResult(path=cfg.out, sequences=int(n), tokens=tokens, top_k=k, bytes=size,
                        bytes_per_token=size / tokens, tokens_per_s=computed_tokens / seconds if seconds > 0 else 0.0,
-                       resumed_chunks=resumed, computed_chunks=len(todo), seconds=seconds)
+                       resumed_chunks=resumed, computed_chunks=len(todo), seconds=seconds,
+                       shard=f"{cfg.shard_index}/{cfg.num_shards}", chunks=n_chunks, chunks_done=chunks_done,
+                       complete=chunks_done == n_chunks)
 
 
 def cache_fingerprint(loaded, cfg: CacheConfig, input_ids: torch.Tensor) -> dict:
@@ -295,7 +342,10 @@ def run_cache(loaded, cfg: CacheConfig, log=print, progress_factory=None) -> Cac
     fingerprint = cache_fingerprint(loaded, cfg, input_ids)
     log(f"cache: {input_ids.shape[0]} sequences from {corpus.documents} documents x {input_ids.shape[1]} tokens, "
         f"top-{cfg.top_k} -> {cfg.out}")
-    bar = progress_factory(input_ids.shape[0]) if progress_factory else None
+    n_chunks = -(-input_ids.shape[0] // cfg.chunk_size)
+    mine = shard_chunks(n_chunks, cfg.shard_index, cfg.num_shards)
+    share = max(0, min(input_ids.shape[0], mine.stop * cfg.chunk_size) - mine.start * cfg.chunk_size)
+    bar = progress_factory(share) if progress_factory else None
     try:
         result = write_cache(loaded.model, input_ids, cfg, fingerprint, int(loaded.model.config.vocab_size),
                              log=log, progress=bar.update if bar else None)

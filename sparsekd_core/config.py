@@ -443,6 +443,9 @@ class CacheConfig(StageConfig):
     top_k: int = Field(32, gt=0, description="Token ids kept per position.")
     batch_size: int = Field(1, gt=0, description="Sequences per forward pass (divides chunk_size).")
     chunk_size: int = Field(16, gt=0, description="Sequences per Zarr chunk along N (a crash loses at most one).")
+    shard_index: int = Field(0, ge=0, description="This process writes shard shard_index of num_shards (0-based).")
+    num_shards: int = Field(1, gt=0, description="Processes sharing the store: each writes a disjoint, chunk-aligned "
+                                                 "range of it; any mix of them gives the bytes of one process.")
 
     @field_validator("out")
     @classmethod
@@ -465,6 +468,9 @@ class CacheConfig(StageConfig):
             )
         if self.data in NAMED_MIXTURES and self.num_samples is None:
             raise ValueError(f"data={self.data!r} is a mixture: give num_samples (e.g. --num-samples 64)")
+        if self.shard_index >= self.num_shards:
+            raise ValueError(f"shard_index={self.shard_index} is not below num_shards={self.num_shards}; "
+                             f"allowed: 0..{self.num_shards - 1}")
         return self
 
 

@@ -265,25 +265,65 @@ def eval_results(manifest: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------- cache
 
 
+def _cache_stage(teacher: ModelRef, cache_fields: dict, dtype: str, device: str) -> tuple[dict, dict, dict]:
+    """(the cache fields less `shards`, the stage's key config, its inputs): how many shards wrote a store does
+    not change its bytes, so it is not part of the key."""
+    from sparsekd_core.cache import corpus_digests
+    from sparsekd_core.config import CacheConfig
+
+    fields = {k: v for k, v in cache_fields.items() if k != "shards"}
+    digests = corpus_digests(CacheConfig(**fields, out="unused"))
+    config = {"cache": fields, "data": digests, "runtime": _runtime(dtype, device)}
+    return fields, config, {"teacher": teacher["fingerprint"]}
+
+
 @task(name="cache-teacher", **STAGE_TASK)
 def cache_teacher(teacher: ModelRef, cache_fields: dict, workdir: str, dtype: str = "auto", device: str = "auto",
                   tracking: dict | None = None, run_id: str | None = None) -> dict:
-    """The teacher's top-k distribution over the KD corpus, as a Zarr store (resumes a crashed run in place)."""
-    from sparsekd_core.cache import corpus_digests, run_cache
+    """The teacher's top-k distribution over the KD corpus, as a Zarr store (resumes a crashed run in place, and
+    finishes what ``cache_teacher_shard`` runs wrote: after a fan-out it only checks and records the store)."""
+    from sparsekd_core.cache import run_cache
     from sparsekd_core.config import CacheConfig
 
+    fields, config, inputs = _cache_stage(teacher, cache_fields, dtype, device)
+
     def produce(directory: Path) -> dict:
-        cfg = CacheConfig(**cache_fields, out=str(directory / "teacher.zarr"))
+        cfg = CacheConfig(**fields, out=str(directory / "teacher.zarr"))
         return run_cache(_load(teacher, dtype, device), cfg, log=run_log(),
                          progress_factory=lambda total: SteadyProgress("cache", "sequences", total)).as_dict()
 
-    digests = corpus_digests(CacheConfig(**cache_fields, out="unused"))
-    manifest = _run_heavy_stage(workdir, "cache", {"cache": cache_fields, "data": digests,
-                                                   "runtime": _runtime(dtype, device)},
-                                {"teacher": teacher["fingerprint"]}, produce)
+    manifest = _run_heavy_stage(workdir, "cache", config, inputs, produce)
     _track(tracking, run_id, {f"cache_{k}": v for k, v in manifest["result"].items()
                               if k in ("bytes_per_token", "tokens_per_s", "seconds", "tokens", "documents")})
     return {**manifest, "cache_path": str(Path(manifest["path"]) / "teacher.zarr")}
+
+
+@task(name="cache-teacher-shard", **STAGE_TASK)
+def cache_teacher_shard(teacher: ModelRef, cache_fields: dict, workdir: str, shard_index: int, num_shards: int,
+                        dtype: str = "auto", device: str = "auto") -> dict:
+    """Shard ``shard_index`` of ``num_shards`` of the cache stage: its disjoint chunk range of the stage's store
+    (sparsekd_core/cache.py), no manifest; ``cache_teacher`` afterwards finishes and records the stage. With
+    device ``auto`` on a host with several GPUs, shard i takes GPU i mod count."""
+    from sparsekd_core.cache import run_cache
+    from sparsekd_core.config import CacheConfig
+
+    from .store import load_manifest, stage_dir
+
+    fields, config, inputs = _cache_stage(teacher, cache_fields, dtype, device)
+    directory = stage_dir(workdir, "cache", config, inputs)
+    if load_manifest(directory) is not None:
+        return {"shard": f"{shard_index}/{num_shards}", "cached": True}
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = CacheConfig(**fields, out=str(directory / "teacher.zarr"), shard_index=shard_index, num_shards=num_shards)
+    if device == "auto":
+        import torch
+
+        if torch.cuda.device_count() > 1:
+            device = f"cuda:{shard_index % torch.cuda.device_count()}"
+    with gpu_slot():
+        result = run_cache(_load(teacher, dtype, device), cfg, log=run_log(), progress_factory=lambda total:
+                           SteadyProgress(f"cache shard {shard_index}/{num_shards}", "sequences", total))
+    return {**result.as_dict(), "cached": False}
 
 
 # ---------------------------------------------------------------------------------------------------------------- prune

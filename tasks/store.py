@@ -42,6 +42,11 @@ def stage_key(stage: str, config: dict[str, Any], inputs: dict[str, str]) -> str
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+def stage_dir(root: str | os.PathLike, stage: str, config: dict[str, Any], inputs: dict[str, str]) -> Path:
+    """Where the stage with this config and these inputs lives (``run_stage`` computes it there)."""
+    return Path(root).expanduser().resolve() / stage / stage_key(stage, config, inputs)
+
+
 def _file_sizes(directory: Path) -> dict[str, int]:
     return {
         str(p.relative_to(directory)): p.stat().st_size
@@ -86,7 +91,7 @@ def run_stage(
     fingerprint that consumers pass on in their ``inputs``.
     """
     key = stage_key(stage, config, inputs)
-    directory = Path(root).expanduser().resolve() / stage / key
+    directory = stage_dir(root, stage, config, inputs)
     found = load_manifest(directory)
     if found is not None:
         log(f"{stage}: cached ({directory})")

@@ -1,4 +1,4 @@
-"""Teacher cache: round trip, fingerprint mismatch, resume after kill -9 gives identical arrays, CLI JSON."""
+"""Teacher cache: round trip, fingerprint mismatch, resume after kill -9 gives identical arrays, CLI JSON, shards."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TRAIN_TEXT
+
 from sparsekd.cli import main
-from sparsekd_core.cache import CacheMismatchError, TeacherCache, teacher_topk, write_cache
+from sparsekd_core.cache import (CacheIncompleteError, CacheMismatchError, TeacherCache, shard_chunks, teacher_topk,
+                                 write_cache)
 from sparsekd_core.config import CacheConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ KILLER = textwrap.dedent("""
     import sparsekd_core.cache as cache_mod
     model = make_model("llama", len(make_tokenizer()))
     ids = torch.randint(0, model.config.vocab_size, (10, 12), generator=torch.Generator().manual_seed(0))
-    cfg = CacheConfig(out={out!r}, data={tests!r}, top_k=5, chunk_size=4, seq_len=12)
+    cfg = CacheConfig(out={out!r}, data={tests!r}, top_k=5, chunk_size=4, seq_len=12, **{shard!r})
     calls = []
     real = cache_mod.teacher_topk
     def dying(model, x, k):  # die mid-chunk: after chunk 0 is marked done, inside chunk 1
@@ -81,7 +82,7 @@ KILLER = textwrap.dedent("""
 def test_resume_after_kill_gives_identical_arrays(tmp_path, tiny_llama):
     vocab = tiny_llama.config.vocab_size
     killed = tmp_path / "killed.zarr"
-    script = KILLER.format(tests=str(ROOT / "tests"), out=str(killed), fp=FP)
+    script = KILLER.format(tests=str(ROOT / "tests"), out=str(killed), fp=FP, shard={})
     proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
     assert proc.returncode == -9
     cfg = CacheConfig(out=str(killed), data=str(tmp_path), top_k=5, chunk_size=4, seq_len=12)
@@ -95,6 +96,74 @@ def test_resume_after_kill_gives_identical_arrays(tmp_path, tiny_llama):
         assert a == b
         for rel in a:  # the same bytes in every chunk file
             assert (killed / rel).read_bytes() == (Path(clean.out) / rel).read_bytes()
+
+
+def same_arrays(a: Path, b: Path) -> None:
+    """Two stores hold the same chunk files with the same bytes, array for array (chunk_done included)."""
+    for name in ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "chunk_done"):
+        files_a = sorted(p.relative_to(a) for p in (a / name).rglob("*") if p.is_file())
+        files_b = sorted(p.relative_to(b) for p in (b / name).rglob("*") if p.is_file())
+        assert files_a == files_b and files_a, name
+        for rel in files_a:
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_shard_ranges_are_disjoint_and_cover_every_chunk():
+    for chunks in (1, 2, 5, 7, 16):
+        for shards in (1, 2, 3, 4, 9):
+            ranges = [shard_chunks(chunks, i, shards) for i in range(shards)]
+            assert [c for r in ranges for c in r] == list(range(chunks))
+
+
+def test_killed_shard_rerun_and_other_shard_equal_one_process(tmp_path, tiny_llama):
+    """Shard 0/2 killed with kill -9 mid-chunk, shard 1/2 finished, the store is refused as incomplete; rerunning
+    shard 0/2 completes it, and it equals a one-process cache byte for byte."""
+    vocab = tiny_llama.config.vocab_size
+    store = tmp_path / "sharded.zarr"
+    # 10 sequences / chunk 4 = 3 chunks: shard 0 has chunk 0, shard 1 has chunks 1-2. Die at its 6th forward
+    # pass would be past shard 0's 4 sequences, so die on the 3rd: chunk 0 half done, nothing marked.
+    script = KILLER.format(tests=str(ROOT / "tests"), out=str(store), fp=FP,
+                           shard={"shard_index": 0, "num_shards": 2}).replace("len(calls) == 6", "len(calls) == 3")
+    proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert proc.returncode == -9
+    cfg = CacheConfig(out=str(store), data=str(tmp_path), top_k=5, chunk_size=4, seq_len=12, num_shards=2)
+    other = write_cache(tiny_llama, corpus(vocab), cfg.model_copy(update={"shard_index": 1}), FP, vocab)
+    assert (other.computed_chunks, other.chunks_done, other.complete) == (2, 2, False)
+    with pytest.raises(CacheIncompleteError, match="2 of 3 chunks"):
+        TeacherCache(str(store))
+    rerun = write_cache(tiny_llama, corpus(vocab), cfg, FP, vocab)
+    assert (rerun.resumed_chunks, rerun.computed_chunks, rerun.complete) == (0, 1, True)
+    clean = tmp_path / "clean.zarr"
+    write_cache(tiny_llama, corpus(vocab), cfg.model_copy(update={"out": str(clean), "num_shards": 1}), FP, vocab)
+    same_arrays(store, clean)
+    assert TeacherCache(str(store)).fingerprint == TeacherCache(str(clean)).fingerprint
+
+
+def test_two_concurrent_cli_shards_equal_one_process(tmp_path, tiny_model_dir, capsys):
+    """`sparsekd cache --shard 0/2` and `--shard 1/2` started at once on one store give a one-process cache."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Document {i}. {t}" for i in range(4) for t in TRAIN_TEXT))
+    common = ["--model", str(tiny_model_dir), "--data", str(text), "--seq-len", "16", "--top-k", "4",
+              "--chunk-size", "2", "--batch-size", "1", "--json"]
+    sharded = tmp_path / "sharded.zarr"
+    procs = [subprocess.Popen([sys.executable, "-m", "sparsekd", "cache", *common, "--out", str(sharded),
+                               "--shard", f"{i}/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT))) for i in range(2)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["shard"] for r in results) == ["0/2", "1/2"]
+    chunks = results[0]["chunks"]
+    assert chunks >= 3 and sum(r["computed_chunks"] for r in results) == chunks  # no chunk computed twice
+    assert any(r["complete"] for r in results)  # whichever finished last saw the whole store
+    clean = tmp_path / "clean.zarr"
+    assert main(["cache", *common, "--out", str(clean)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["computed_chunks"] == chunks
+    same_arrays(sharded, clean)
+    assert main(["cache", *common, "--out", str(clean), "--shard", "2/2"]) == 2
+    assert "I must be 0..N-1" in capsys.readouterr().err
 
 
 def test_cli_cache_json(tmp_path, tiny_model_dir, capsys):

@@ -352,3 +352,22 @@ def test_profile_flow_puts_models_side_by_side(prefect_server, tiny_setup, tmp_p
     report = open(summary["report"]).read()
     assert report.startswith("# profile:") and report.count("| 1 | 8 |") == 2
     assert summary["metrics"]["m0_b1_s8_speedup"] == 1.0 and "m1_b1_s8_speedup" in summary["metrics"]
+
+
+def test_sharded_cache_fan_out_gives_the_one_process_store(prefect_server, tiny_setup, tmp_path, capsys):
+    """`corpus.shards: 2`: two shard task runs write disjoint chunk ranges of the stage's store, the cache stage
+    then only checks and records it, and the store equals `sparsekd cache` in one process, byte for byte."""
+    from test_cache import same_arrays
+
+    corpus = {"data": str(tiny_setup / "corpus.jsonl"), "num_samples": 40, "seq_len": 32, "top_k": 8}
+    summary = run_flow("dense-kd", flow_values(tiny_setup, tmp_path / "w", corpus={**corpus, "shards": 2}))
+    cache_dir = next(Path(p) for p in (tmp_path / "w" / "cache").iterdir() if p.is_dir())
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["config"]["cache"].get("shards") is None  # how it was written is not part of the key
+    assert (manifest["result"]["computed_chunks"], manifest["result"]["resumed_chunks"]) == (0, 3)
+    assert [s["cached"] for s in summary["stages"] if s["stage"] == "cache"] == [False]
+    one = tmp_path / "one.zarr"
+    assert main(["cache", "--model", str(tiny_setup / "model"), "--data", corpus["data"], "--num-samples", "40",
+                 "--seq-len", "32", "--top-k", "8", "--out", str(one), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["computed_chunks"] == 3
+    same_arrays(cache_dir / "teacher.zarr", one)
