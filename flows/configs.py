@@ -147,8 +147,9 @@ class FlowConfig(_Section):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     workdir: str = Field(default_factory=lambda: os.environ.get(STORAGE_ROOT_ENV) or "runs",
-                         description="Storage root for caches, checkpoints, reports: a path every worker sees "
-                                     "(a shared volume). Default: $SPARSEKD_STORAGE_ROOT, else ./runs.")
+                         description="Storage root for caches, checkpoints, manifests, reports: a path every "
+                                     "worker sees (a shared volume), or an object-store URL (s3://bucket/prefix; "
+                                     "credentials from the environment). Default: $SPARSEKD_STORAGE_ROOT, else ./runs.")
     tracking_uri: str | None = Field(None, description="MLflow URI; default $MLFLOW_TRACKING_URI or sqlite in workdir.")
     experiment: str | None = Field(None, description="MLflow experiment name (default: sparsekd-<flow>).")
     seed: int = Field(42, ge=0, description="Distillation seed.")
@@ -163,12 +164,9 @@ class FlowConfig(_Section):
     @field_validator("workdir")
     @classmethod
     def _workdir(cls, v: str) -> str:
-        scheme = v.split("://", 1)[0] if "://" in v else ""
-        if scheme and scheme != "file":
-            raise ValueError(f"workdir={v!r}: the storage root must be a filesystem path that every worker sees "
-                             f"(NFS, a shared volume, or the bucket mounted with e.g. mountpoint-s3 / gcsfuse); "
-                             f"{scheme}:// URLs are not supported yet")
-        return v[len("file://"):] if scheme == "file" else v
+        from tasks.store import check_root
+
+        return check_root(v.strip())
 
     @field_validator("model")
     @classmethod

@@ -23,6 +23,7 @@ from sparsekd_core.downstream import retention
 from sparsekd_core.files import write_json_atomic, write_text_atomic
 from tasks.stages import (MODEL_COUNTS, cache_teacher, cache_teacher_shard, dense_ref, distill, eval_results, evaluate,
                           instructions, profile, prune, run_log, self_data, sft)
+from tasks.store import is_url, local_root, remote_path, upload_dir
 from tasks.tracking import Tracker, default_tracking_uri
 
 from .configs import (
@@ -143,7 +144,7 @@ class Run:
         result = trained["result"]
         lineage = {
             "sparsekd.flow": self.flow_name,
-            "sparsekd.checkpoint_path": result["student"],
+            "sparsekd.checkpoint_path": remote_path(self.workdir, Path(result["student"])),
             "sparsekd.stage_key": trained["key"],
             "sparsekd.parent_checkpoint": (parent or {}).get("spec", trained["inputs"].get("student")),
             "sparsekd.parent_fingerprint": trained["inputs"].get("student"),
@@ -174,7 +175,8 @@ class Run:
 
     # -- report ---------------------------------------------------------------------------------------------------
     def report_dir(self) -> Path:
-        d = Path(self.workdir).expanduser().resolve() / "reports" / f"{self.flow_name}-{self.parent_id[:8]}"
+        """The report's directory on this worker (under a URL root: its mirror; ``finish`` uploads it)."""
+        d = local_root(self.workdir) / "reports" / f"{self.flow_name}-{self.parent_id[:8]}"
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -243,8 +245,11 @@ class Run:
         self.tracker.set_tags(self.parent_id, {"sparsekd.report": d / "report.md", "sparsekd.stages_ran": ran,
                                                "sparsekd.stages_cached": len(self.stages) - ran})
         self.tracker.log_artifact(self.parent_id, d, "report")
+        if is_url(self.workdir):  # the report lives beside the stages, for every worker and reader of the bucket
+            upload_dir(d, remote_path(self.workdir, d))
         self.end(self.parent_id)
         return {"flow": self.flow_name, "report": str(d / "report.md"), "metrics": metrics, "stages": self.stages,
+                "report_url": remote_path(self.workdir, d / "report.md"),
                 "registered": self.registered,
                 "mlflow_run_id": self.parent_id, "tracking_uri": self.tracking["uri"]}
 
@@ -286,14 +291,15 @@ def start(cfg: FlowConfig, flow_name: str, parent_run_id: str | None = None, che
     """Check the data, open the flow's MLflow parent run; use as ``with start(...) as run:`` so that a flow that
     raises marks its parent and open arm runs FAILED."""
     checked = check_held_out(cfg) if check_data else {}
-    workdir = str(Path(cfg.workdir).expanduser().resolve())
-    Path(workdir).mkdir(parents=True, exist_ok=True)
-    uri = cfg.tracking_uri or default_tracking_uri(workdir)
+    workdir = cfg.workdir if is_url(cfg.workdir) else str(local_root(cfg.workdir))
+    local = local_root(workdir)  # under a URL root: this worker's mirror (the SQLite default stays per worker)
+    local.mkdir(parents=True, exist_ok=True)
+    uri = cfg.tracking_uri or default_tracking_uri(local)
     # A local store keeps artifacts beside it in the workdir; a tracking server decides where they go
     # (`mlflow server --artifacts-destination ...`, proxied to every client).
     remote = uri.split(":", 1)[0] in ("http", "https", "databricks")
     tracking = {"uri": uri, "experiment": cfg.experiment or f"sparsekd-{flow_name}",
-                "artifact_root": None if remote else str(Path(workdir) / "mlartifacts")}
+                "artifact_root": None if remote else str(local / "mlartifacts")}
     tracker = Tracker(tracking["uri"], tracking["experiment"], tracking["artifact_root"])
     tags = {"flow": flow_name, "model": cfg.model, "seed": cfg.seed}
     try:

@@ -207,6 +207,7 @@ def store_bytes(url: str) -> int:
     import fsspec
 
     fs, path = fsspec.url_to_fs(url)
+    fs.invalidate_cache()  # a listing cached before this process (or another) wrote chunks would be stale
     return int(fs.du(path))
 
 

@@ -25,7 +25,7 @@ from prefect.tasks import exponential_backoff
 from sparsekd_core.config import ConfigError
 from sparsekd_core.files import write_json_atomic, write_text_atomic
 
-from .store import run_stage
+from .store import remote_path, run_stage
 from .tracking import Tracker
 
 ModelRef = dict[str, str]  # {"spec", "fingerprint"} and, for a hub model, "revision" (the pinned commit)
@@ -288,14 +288,15 @@ def cache_teacher(teacher: ModelRef, cache_fields: dict, workdir: str, dtype: st
     fields, config, inputs = _cache_stage(teacher, cache_fields, dtype, device)
 
     def produce(directory: Path) -> dict:
-        cfg = CacheConfig(**fields, out=str(directory / "teacher.zarr"))
+        # Under a URL root the store is written straight to the bucket: a killed worker's chunks are not lost.
+        cfg = CacheConfig(**fields, out=remote_path(workdir, directory / "teacher.zarr"))
         return run_cache(_load(teacher, dtype, device), cfg, log=run_log(),
                          progress_factory=lambda total: SteadyProgress("cache", "sequences", total)).as_dict()
 
     manifest = _run_heavy_stage(workdir, "cache", config, inputs, produce)
     _track(tracking, run_id, {f"cache_{k}": v for k, v in manifest["result"].items()
                               if k in ("bytes_per_token", "tokens_per_s", "seconds", "tokens", "documents")})
-    return {**manifest, "cache_path": str(Path(manifest["path"]) / "teacher.zarr")}
+    return {**manifest, "cache_path": remote_path(workdir, Path(manifest["path"]) / "teacher.zarr")}
 
 
 @task(name="cache-teacher-shard", **STAGE_TASK)
@@ -314,7 +315,8 @@ def cache_teacher_shard(teacher: ModelRef, cache_fields: dict, workdir: str, sha
     if load_manifest(directory) is not None:
         return {"shard": f"{shard_index}/{num_shards}", "cached": True}
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = CacheConfig(**fields, out=str(directory / "teacher.zarr"), shard_index=shard_index, num_shards=num_shards)
+    cfg = CacheConfig(**fields, out=remote_path(workdir, directory / "teacher.zarr"), shard_index=shard_index,
+                      num_shards=num_shards)
     if device == "auto":
         import torch
 

@@ -7,6 +7,16 @@ and the library versions (``sparsekd_core.provenance`` says what a key covers). 
 same directory), and ``manifest.json`` is written last, atomically, with every file's size. A manifest whose
 files are all present with those sizes is a finished stage; anything else is rerun.
 A consumer's key includes its producer's key, so a change anywhere upstream changes every key downstream.
+
+The root may be an fsspec URL (``s3://bucket/prefix``; any protocol fsspec has an installed implementation for),
+so that workers on different hosts share stages without a shared filesystem. Each worker then computes in a
+local mirror (``$SPARSEKD_MIRROR``, default ``~/.cache/sparsekd/mirror/<scheme>/<bucket>/<prefix>``), uploads a
+finished stage's files and then its manifest, last; a worker that needs a stage another one finished downloads it
+(its manifest verified against the objects' sizes first) instead of computing it. Stages that must survive a
+worker (the teacher cache) write straight to the URL (``remote_path``). Credentials come from the environment
+(``AWS_*`` / the provider's usual variables); a URL that carries them is refused, and none is ever logged.
+Two hosts may compute the same stage at once (object stores have no lock); both produce the same files and the
+last upload wins.
 """
 
 from __future__ import annotations
@@ -42,9 +52,70 @@ def stage_key(stage: str, config: dict[str, Any], inputs: dict[str, str]) -> str
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+MIRROR_ENV = "SPARSEKD_MIRROR"
+
+
+def is_url(root: str | os.PathLike) -> bool:
+    """True for an object-store (fsspec) root such as s3://bucket/prefix; a path or file:// is local."""
+    text = str(root)
+    return "://" in text and not text.startswith("file://")
+
+
+def check_root(root: str) -> str:
+    """The storage root as the flows keep it: a local path (file:// stripped), or a URL whose protocol fsspec can
+    open here and which carries no credentials. Raises ValueError with what to do."""
+    from urllib.parse import urlsplit
+
+    if not is_url(root):
+        return root.removeprefix("file://")
+    scheme = root.split("://", 1)[0]
+    if "@" in urlsplit(root).netloc:
+        raise ValueError("the storage root URL must not carry credentials; give them in the environment "
+                         "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL for S3)")
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as err:
+        raise ValueError(f"{scheme}:// needs its fsspec implementation (s3fs for s3://, gcsfs for gs://, adlfs "
+                         f"for az://): {err}") from None
+    return root.rstrip("/")
+
+
+def local_root(root: str | os.PathLike) -> Path:
+    """Where this worker keeps stage directories: the root itself, or its local mirror for a URL root."""
+    if not is_url(root):
+        return Path(str(root).removeprefix("file://")).expanduser().resolve()
+    scheme, rest = str(root).rstrip("/").split("://", 1)
+    base = Path(os.environ.get(MIRROR_ENV) or "~/.cache/sparsekd/mirror").expanduser().resolve()
+    return base / scheme / rest
+
+
+def remote_path(root: str | os.PathLike, local: Path) -> str:
+    """The URL of a local mirror path under a URL root (the path itself under a local root)."""
+    if not is_url(root):
+        return str(local)
+    return str(root).rstrip("/") + "/" + Path(local).resolve().relative_to(local_root(root)).as_posix()
+
+
+def _fs(url: str):
+    import fsspec
+
+    fs, path = fsspec.url_to_fs(url)
+    return fs, path
+
+
+def upload_dir(local: Path, url: str) -> None:
+    """Copy every file under ``local`` to ``url`` (same relative names)."""
+    fs, base = _fs(url)
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            fs.put_file(str(p), f"{base}/{p.relative_to(local).as_posix()}")
+
+
 def stage_dir(root: str | os.PathLike, stage: str, config: dict[str, Any], inputs: dict[str, str]) -> Path:
-    """Where the stage with this config and these inputs lives (``run_stage`` computes it there)."""
-    return Path(root).expanduser().resolve() / stage / stage_key(stage, config, inputs)
+    """Where the stage with this config and these inputs lives on this worker (``run_stage`` computes it there)."""
+    return local_root(root) / stage / stage_key(stage, config, inputs)
 
 
 def _file_sizes(directory: Path) -> dict[str, int]:
@@ -103,7 +174,62 @@ def run_stage(
         if found is not None:
             log(f"{stage}: cached ({directory}, made by another run while this one waited)")
             return {**found, "cached": True}
-        return _produce(stage, key, directory, config, inputs, produce)
+        if is_url(root):
+            found = fetch_stage(root, directory)
+            if found is not None:
+                log(f"{stage}: cached (fetched {found['remote']}, made by another worker)")
+                return {**found, "cached": True}
+        manifest = _produce(stage, key, directory, config, inputs, produce,
+                            remote=remote_path(root, directory) if is_url(root) else None)
+        if is_url(root):
+            publish_stage(directory, manifest["remote"])
+            log(f"{stage}: uploaded to {manifest['remote']}")
+        return manifest
+
+
+def publish_stage(directory: Path, url: str) -> None:
+    """Upload a finished stage: its files, then its manifest (last: its presence means the stage is whole)."""
+    fs, base = _fs(url)
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            fs.put_file(str(p), f"{base}/{p.relative_to(directory).as_posix()}")
+    fs.put_file(str(directory / MANIFEST), f"{base}/{MANIFEST}")
+
+
+def fetch_stage(root: str | os.PathLike, directory: Path) -> dict[str, Any] | None:
+    """Download the stage at ``directory``'s URL if another worker finished it (its manifest there, and every file
+    it lists with its size); the manifest is rewritten for this worker's paths. None if it is not there."""
+    url = remote_path(root, directory)
+    fs, base = _fs(url)
+    fs.invalidate_cache()  # another worker may have written here since this process last listed it
+    try:
+        manifest = json.loads(fs.cat_file(f"{base}/{MANIFEST}"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    try:
+        sizes = {p[len(base) + 1:]: info["size"] for p, info in fs.find(base, detail=True).items()}
+    except FileNotFoundError:
+        return None
+    if any(sizes.get(rel) != size for rel, size in manifest.get("files", {}).items()):
+        return None  # an upload in progress or cut short: compute it here instead
+    for rel in manifest.get("files", {}):
+        target = directory / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f"{base}/{rel}", str(target))
+    manifest = _relocate(manifest, manifest["path"], str(directory))
+    write_json_atomic(directory / MANIFEST, manifest)
+    return manifest
+
+
+def _relocate(value: Any, old: str, new: str) -> Any:
+    """``value`` with every string under the path ``old`` moved under ``new`` (another worker's mirror)."""
+    if isinstance(value, str):
+        return new + value[len(old):] if value == old or value.startswith(old + "/") else value
+    if isinstance(value, dict):
+        return {k: _relocate(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relocate(v, old, new) for v in value]
+    return value
 
 
 @contextmanager
@@ -124,13 +250,14 @@ def _stage_lock(directory: Path, log: Callable[[str], None]):
 
 
 def _produce(stage: str, key: str, directory: Path, config: dict[str, Any], inputs: dict[str, str],
-             produce: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+             produce: Callable[[Path], dict[str, Any]], remote: str | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = produce(directory)
     manifest = {
         "stage": stage,
         "key": key,
         "path": str(directory),
+        "remote": remote,
         "config": config,
         "inputs": inputs,
         "result": result,

@@ -171,7 +171,7 @@ def test_bad_flow_config_fails_before_any_work(tiny_setup, tmp_path, capsys):
     assert main(["run", "no-such-flow"]) == 2
 
 
-def test_storage_root_defaults_to_env_and_refuses_urls(monkeypatch, tiny_setup):
+def test_storage_root_defaults_to_env_and_takes_object_store_urls(monkeypatch, tiny_setup):
     from flows.configs import CascadeConfig
 
     monkeypatch.setenv("SPARSEKD_STORAGE_ROOT", "/mnt/shared/sparsekd")
@@ -179,8 +179,10 @@ def test_storage_root_defaults_to_env_and_refuses_urls(monkeypatch, tiny_setup):
     assert CascadeConfig(model=str(tiny_setup / "model"), workdir="file:///x/y").workdir == "/x/y"
     monkeypatch.delenv("SPARSEKD_STORAGE_ROOT")
     assert CascadeConfig(model=str(tiny_setup / "model")).workdir == "runs"
-    with pytest.raises(ValueError, match="s3:// URLs are not supported"):
-        CascadeConfig(model=str(tiny_setup / "model"), workdir="s3://bucket/sparsekd")
+    assert CascadeConfig(model=str(tiny_setup / "model"), workdir="s3://bucket/sparsekd/").workdir == \
+        "s3://bucket/sparsekd"
+    with pytest.raises(ValueError, match="must not carry credentials"):
+        CascadeConfig(model=str(tiny_setup / "model"), workdir="s3://AKIA:secret@bucket/sparsekd")
 
 
 def test_multi_seed_fan_out_needs_the_deployment(prefect_server, tiny_setup, tmp_path):
