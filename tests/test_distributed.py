@@ -1,8 +1,8 @@
 """Distributed training under torchrun (2 gloo ranks on CPU): the same losses and weights as one process at the same
 global batch, each rank on its own contiguous slice, resume on another number of ranks, FSDP2, the batch rule.
 
-The launched command is `sparsekd distill` itself (tests/…/launch.py runs sparsekd.cli.main after installing a spy
-that records which sequences each rank reads, and optionally a SIGKILL at a step or a NaN on rank 1).
+The launched command is `sparsekd distill` itself: LAUNCH (written next to the test data) runs sparsekd.cli.main
+after installing a spy that records which sequences each rank reads, and an optional SIGKILL or NaN on rank 1.
 """
 
 from __future__ import annotations
