@@ -524,6 +524,7 @@ TRAIN_OPTIONS = {  # flag dest -> (type, help); the field of the same name in Tr
     "checkpoint_every": (int, "resumable checkpoint every N steps (default 10)"),
     "max_bad_steps": (int, "abort after N NaN/inf steps in a row (default 5)"),
     "autocast": (str, "auto (bf16 autocast on CUDA, none on CPU) | bf16 | off; weights are always fp32"),
+    "parallel": (str, "under torchrun: auto (= ddp) | ddp | fsdp; --batch-size is the global micro-batch"),
 }
 DISTILL_OPTIONS = {  # the fields DistillConfig adds
     "cache": (str, "teacher cache written by `sparsekd cache` (any model with the student's tokenizer)"),
@@ -563,13 +564,16 @@ def add_sft_parser(sub) -> None:
 
 
 def _train(args: argparse.Namespace, verb: str, flags: dict, config_cls, required: tuple[str, ...], run) -> tuple:
-    """Shared by distill and sft: configs, the student under the precision policy, a progress bar, the run."""
+    """Shared by distill and sft: configs, the student under the precision policy, a progress bar, the run.
+    Under torchrun every rank runs this; the run's core logs and reports progress on rank 0 only."""
     from tqdm.auto import tqdm
 
+    from sparsekd_core import dist
     from sparsekd_core.models import load_for_training
 
     model_cfg, cfg = _configs(args, flags, verb, config_cls, required, model_flag="--student")
-    loaded = load_for_training(model_cfg, log=log)  # fp32 master weights, whatever --dtype says
+    dist.bind_cuda_device()  # under torchrun each rank loads onto its own GPU
+    loaded = load_for_training(model_cfg, log=log if dist.rank() == 0 else lambda m: None)  # fp32 master weights
     bar = None
 
     def progress(step: int, total: int, postfix: dict) -> None:
@@ -598,21 +602,25 @@ def _train_summary(verb: str, res) -> str:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from sparsekd_core.config import DistillConfig
+    from sparsekd_core.dist import rank
     from sparsekd_core.distill import distill
 
     cfg, model_cfg, res = _train(args, "distill", DISTILL_FLAGS, DistillConfig, ("cache", "out"), distill)
     result = res.as_dict() | {"student": model_cfg.model, "cache": cfg.cache, "alpha": cfg.alpha,
                               "temperature": cfg.temperature, "tail": cfg.tail}
-    _emit(result, args.json, _train_summary("distilled", res))
+    if rank() == 0:  # under torchrun: one JSON line for the run, not one per rank
+        _emit(result, args.json, _train_summary("distilled", res))
     return 0
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from sparsekd_core.config import SFTConfig
+    from sparsekd_core.dist import rank
     from sparsekd_core.sft import sft
 
     cfg, model_cfg, res = _train(args, "sft", SFT_FLAGS, SFTConfig, ("data", "out"), sft)
-    _emit(res.as_dict() | {"student": model_cfg.model, "data": cfg.data}, args.json, _train_summary("sft", res))
+    if rank() == 0:
+        _emit(res.as_dict() | {"student": model_cfg.model, "data": cfg.data}, args.json, _train_summary("sft", res))
     return 0
 
 

@@ -499,6 +499,11 @@ class TrainConfig(StageConfig):
     autocast: Literal["auto", "bf16", "off"] = Field(
         "auto", description="Forward-pass precision; weights are always fp32 masters. auto = bf16 autocast on "
                             "CUDA, none on CPU; bf16 = also on CPU; off = fp32 throughout.")
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="Under torchrun (N processes): ddp = a full replica per rank, gradients all-reduced; "
+                            "fsdp = FSDP2, parameters, gradients and optimizer state sharded; auto = ddp. batch_size "
+                            "is the global micro-batch (divisible by N). Ignored in one process; not part of the run's "
+                            "identity (a run resumes under another strategy or rank count).")
 
     @field_validator("val_data")
     @classmethod

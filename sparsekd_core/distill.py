@@ -9,10 +9,12 @@ Output directory ``out``:
     checkpoint/   model.safetensors, optimizer.pt, state.pt (step, data position, RNG, history): resume point
     best/         HF directory of the best-validation model so far (while training)
     config.json, model.safetensors, tokenizer files   the final student = the best-validation model (HF-loadable)
-    distill.json  the run's figures (the `sparsekd distill` JSON); written last: its presence means done
+    distill.json  the run's figures (the `sparsekd distill` JSON, plus loss_history: [step, loss, kd, ce] of every
+                  update); written last: its presence means done
 Directories are swapped in with ``files.replace_dir`` and recovered at start, so a kill at any point (inside a
 step, a checkpoint, the final publication) leaves a state that the same command resumes to the same weights.
 Precision: fp32 master weights, bf16 autocast on CUDA, saved fp32 (``precision.py``), whatever the caller loaded.
+Under torchrun the same loop runs on every rank, DDP or FSDP2, at the same global batch; rank 0 writes (``dist.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import precision
+from . import dist, precision
 from .cache import TeacherCache, tokenizer_digest
 from .config import ConfigError, DistillConfig, EvalConfig, TrainConfig
 from .files import recover_dir, remove_stale_tmp, replace_dir, write_file_atomic, write_json_atomic
@@ -42,23 +44,24 @@ class DistillError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------------- files
 
 
-def save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
+def save_checkpoint(path: Path, model, optimizer_state: dict, state: dict) -> None:
     from safetensors.torch import save_model
 
     def build(tmp: Path) -> None:
         save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(state, tmp / "state.pt")
 
     replace_dir(build, path)
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
+def load_checkpoint(path: Path, model) -> tuple[dict, dict]:
+    """Load the weights into ``model`` (unwrapped); return (the optimizer's state dict, the loop state)."""
     from safetensors.torch import load_model
 
     load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    return torch.load(path / "state.pt", weights_only=True)
+    return (torch.load(path / "optimizer.pt", weights_only=True),
+            torch.load(path / "state.pt", weights_only=True))
 
 
 def save_hf(path: Path, model, tokenizer) -> None:
@@ -142,7 +145,7 @@ def should_stop(history: list[tuple[int, float]], patience: int, min_delta: floa
 
 def run_key(cfg: TrainConfig, data_fingerprint: dict, student_spec: str) -> str:
     """What a checkpoint must match to be resumed: the config (less `out`), the training data and the student."""
-    keep = cfg.model_dump(exclude={"out"})
+    keep = cfg.model_dump(exclude={"out", "parallel"})  # how many ranks, and how, changes no result
     blob = json.dumps([keep, data_fingerprint, student_spec], sort_keys=True, default=str)
     return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
@@ -220,21 +223,42 @@ def train(cfg: TrainConfig, model, tokenizer, data, loss_fn, key: str, stage: st
           on_step=None, self_referential: bool = False, extra: dict | None = None) -> DistillResult:
     """The training loop every training stage shares (distill, SFT): ``data[indices]`` gives a batch dict with
     ``input_ids`` [B, L]; ``loss_fn(logits, batch)`` gives (loss, kd or None, ce). Writes ``cfg.out`` with
-    ``<stage>.json`` last; resumes from ``cfg.out/checkpoint``; see the module docstring for the rest."""
+    ``<stage>.json`` last; resumes from ``cfg.out/checkpoint``; see the module docstring for the rest.
+
+    Under torchrun every rank calls it with the same arguments and returns the same result (``dist.py``: each rank
+    trains on its slice of every global batch; rank 0 alone logs, reports progress and writes files). Under FSDP
+    the ``model`` passed in is left sharded; under DDP it holds the trained weights, as in one process."""
+    if cfg.batch_size % dist.world_size():
+        raise ConfigError(f"{stage}.batch_size={cfg.batch_size} is the global micro-batch, split over "
+                          f"{dist.world_size()} processes; allowed: a multiple of {dist.world_size()}")
+    ranks = dist.setup(cfg.parallel, model)
+    result = _train(ranks, cfg, model, tokenizer, data, loss_fn, key, stage, log, progress, on_step,
+                    self_referential, extra)
+    ranks.close()  # after an error the process's exit takes the process group down (and torchrun the other ranks)
+    return result
+
+
+def _train(ranks: dist.Ranks, cfg: TrainConfig, model, tokenizer, data, loss_fn, key, stage, log, progress, on_step,
+           self_referential, extra) -> DistillResult:
     from .data import load_text
     from .eval import perplexity, tokenize_text
     from .prune.masks import MaskGuard, measured_compression, unstructured_masks
 
+    if not ranks.is_main:  # rank 0 speaks for the run
+        log, progress = (lambda message: None), None
     out = Path(cfg.out).expanduser()
     ckpt_dir, best_dir = out / "checkpoint", out / "best"
     done_file = out / f"{stage}.json"
-    for work_dir in (ckpt_dir, best_dir):  # finish or undo a directory swap a kill interrupted
-        recover_dir(work_dir)
+    if ranks.is_main:
+        for work_dir in (ckpt_dir, best_dir):  # finish or undo a directory swap a kill interrupted
+            recover_dir(work_dir)
+    ranks.barrier()  # from here on every rank sees the same files
     if done_file.is_file():
         finished = json.loads(done_file.read_text())
         if finished.get("run_key") == key:
-            shutil.rmtree(best_dir, ignore_errors=True)  # a kill after the JSON, before the clean-up
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            if ranks.is_main:
+                shutil.rmtree(best_dir, ignore_errors=True)  # a kill after the JSON, before the clean-up
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
             log(f"{stage}: {out} already holds this finished run; nothing to do")
             return DistillResult(**{k: finished[k] for k in DistillResult.__dataclass_fields__})
         raise ConfigError(f"{stage}.out={cfg.out!r} holds a different finished run; give another --out")
@@ -250,26 +274,23 @@ def train(cfg: TrainConfig, model, tokenizer, data, loss_fn, key: str, stage: st
     precision.ensure_master_weights(model, log=log)
     device = next(model.parameters()).device
     autocast = lambda: precision.autocast(device, cfg.autocast)  # noqa: E731 - a fresh context each use
-    guard = MaskGuard(model, unstructured_masks(model))
-    if guard.pairs:
-        log(f"{stage}: holding {guard.masked_entries:,} pruned MLP entries at zero (unstructured mask of "
-            f"{len(guard.pairs)} matrices)")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    masks = unstructured_masks(model)  # the pruned checkpoint's zeros, taken before a checkpoint is loaded
     val_ids = tokenize_text(tokenizer, load_text(cfg.val_data), cfg.val_tokens)
     val_cfg = EvalConfig(ctx=cfg.val_ctx, stride=cfg.val_ctx, protocol="standard", batch_size=1)
-    log(f"{stage}: {precision.describe(device, cfg.autocast)} on {device.type}, {total} steps")
+    parallel = f", {ranks.world_size} processes ({ranks.strategy})" if ranks.world_size > 1 else ""
+    log(f"{stage}: {precision.describe(device, cfg.autocast)} on {device.type}{parallel}, {total} steps")
 
     # Everything the loop carries from step to step; it is the checkpoint (with model and optimizer).
     state = dict(step=0, micro_index=0, best_ppl=None, best_step=None, best_counts=None, history=[], kd_first=None,
                  ce_first=None, kd_last=None, ce_last=None, bad_in_row=0, bad_total=0, tokens=0, train_seconds=0.0,
-                 rng=None, run_key=key, finished=False, stop_reason=None)
+                 rng=None, run_key=key, finished=False, stop_reason=None, loss_history=[])
     resumed_from = 0
+    saved_optimizer = None
     if (ckpt_dir / "state.pt").is_file():
-        saved = load_checkpoint(ckpt_dir, model, optimizer)
+        saved_optimizer, saved = load_checkpoint(ckpt_dir, model)
         if saved.get("run_key") != key:
             raise ConfigError(f"{stage}.out={cfg.out!r} holds a checkpoint of a different run (config, data or "
                               "student differ); give another --out or delete it")
-        guard.apply()
         state.update(saved)
         state["history"] = [tuple(h) for h in state["history"]]
         _set_rng_state(state["rng"])
@@ -279,16 +300,34 @@ def train(cfg: TrainConfig, model, tokenizer, data, loss_fn, key: str, stage: st
     else:
         torch.manual_seed(cfg.seed)
 
+    # What forward/backward run through: a DDP wrapper, or `model` itself (one process; FSDP2 shards it in place).
+    # Wrapped after loading, so every rank starts from the checkpoint's weights; the optimizer and the mask guard
+    # then hold the parameters as trained (FSDP: this rank's shards).
+    trained = ranks.wrap(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if saved_optimizer is not None:
+        ranks.load_optimizer_state(model, optimizer, saved_optimizer)
+    guard = MaskGuard(model, masks)
+    if guard.pairs:
+        log(f"{stage}: holding {guard.masked_entries:,} pruned MLP entries at zero (unstructured mask of "
+            f"{len(guard.pairs)} matrices)")
+
     def evaluate() -> float:
+        """Every rank evaluates (an FSDP forward needs them all); rank 0's figure is the one every rank keeps, so
+        every rank takes the same stopping decision."""
         model.eval()
         with autocast():
             ppl = perplexity(model, val_ids, val_cfg).ppl
         model.train()
-        return ppl
+        return ranks.broadcast(ppl)
 
     def checkpoint() -> None:
+        """Every rank takes part (FSDP gathers the full state); rank 0 writes; nobody goes on before it is whole."""
         state["rng"] = _rng_state()
-        save_checkpoint(ckpt_dir, model, optimizer, state)
+        weights, optimizer_state = ranks.full_model(model), ranks.optimizer_state(model, optimizer)
+        if ranks.is_main:
+            save_checkpoint(ckpt_dir, weights, optimizer_state, state)
+        ranks.barrier()
 
     stop_reason = "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "epochs"
     try:
@@ -307,8 +346,10 @@ def train(cfg: TrainConfig, model, tokenizer, data, loss_fn, key: str, stage: st
                     log(f"{stage}: step {step}: validation ppl {ppl:.3f}")
                     if state["best_ppl"] is None or ppl < state["best_ppl"]:
                         state["best_ppl"], state["best_step"] = ppl, step
-                        state["best_counts"] = measured_compression(model)
-                        save_hf(best_dir, model, tokenizer)
+                        weights = ranks.full_model(model)
+                        if ranks.is_main:
+                            state["best_counts"] = measured_compression(weights)
+                            save_hf(best_dir, weights, tokenizer)
                         # best/ and the state that describes it move together: a replay of the steps since the
                         # last checkpoint need not give the same weights on a GPU.
                         if 0 < step < total:
@@ -326,24 +367,29 @@ def train(cfg: TrainConfig, model, tokenizer, data, loss_fn, key: str, stage: st
             kd_sum = ce_sum = loss_sum = 0.0
             has_kd = False
             finite = True
-            for _ in range(cfg.grad_accum):
-                batch = data[batch_indices(state["micro_index"], n, cfg.batch_size, cfg.seed)]
+            for micro in range(cfg.grad_accum):
+                # This rank's contiguous slice of the global micro-batch: N ranks together see what one process would.
+                indices = ranks.shard(batch_indices(state["micro_index"], n, cfg.batch_size, cfg.seed))
                 state["micro_index"] += 1
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = {k: v.to(device) for k, v in data[indices].items()}
+                ranks.sync_gradients(trained, micro == cfg.grad_accum - 1)  # reduce gradients once per step
                 with autocast():
-                    logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+                    logits = trained(input_ids=batch["input_ids"], use_cache=False).logits
                 out_loss = loss_fn(logits, batch)
-                if not torch.isfinite(out_loss.loss):
+                # The global micro-batch's terms, the same on every rank (one all-reduce; dist.Ranks.mean_terms).
+                all_finite, loss_value, kd_value, ce_value, scale = ranks.mean_terms(out_loss)
+                if not all_finite:
                     finite = False  # keep consuming this step's data so the data position stays step-aligned
                     continue
-                (out_loss.loss / cfg.grad_accum).backward()
-                has_kd = out_loss.kd is not None
-                kd_sum += out_loss.kd.item() / cfg.grad_accum if has_kd else 0.0
-                ce_sum += out_loss.ce.item() / cfg.grad_accum
-                loss_sum += out_loss.loss.item() / cfg.grad_accum
-                state["tokens"] += batch["input_ids"].numel()
+                (out_loss.loss * scale / cfg.grad_accum).backward()
+                has_kd = kd_value is not None
+                kd_sum += kd_value / cfg.grad_accum if has_kd else 0.0
+                ce_sum += ce_value / cfg.grad_accum
+                loss_sum += loss_value / cfg.grad_accum
+                state["tokens"] += batch["input_ids"].numel() * ranks.world_size  # equal slices: the global count
+            guard.mask_grads()  # FSDP's sharded gradients bypass the guard's hooks
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            norm = ranks.clip_grad_norm(model.parameters(), clip)  # of the global gradient, on every rank
             if finite and torch.isfinite(norm):
                 optimizer.step()
                 guard.apply()  # weight decay and rounding must not bring a pruned entry back
@@ -352,6 +398,7 @@ def train(cfg: TrainConfig, model, tokenizer, data, loss_fn, key: str, stage: st
                 if state["ce_first"] is None:
                     state["kd_first"], state["ce_first"] = kd_value, ce_sum
                 state["kd_last"], state["ce_last"] = kd_value, ce_sum
+                state["loss_history"].append((step + 1, loss_sum, kd_value, ce_sum))
             else:  # NaN/inf guard: skip the update, count it, give up after max_bad_steps in a row
                 state["bad_in_row"] += 1
                 state["bad_total"] += 1
@@ -383,21 +430,27 @@ def train(cfg: TrainConfig, model, tokenizer, data, loss_fn, key: str, stage: st
 
     # The final student is the best-validation model: its files go to `out`; distill.json marks the run done;
     # only then are the work directories removed (a rerun after a kill anywhere here redoes this part only).
-    _publish_final(best_dir, out)
-    counts = state["best_counts"]
-    result = DistillResult(
-        steps=state["step"], kd_loss_first=state["kd_first"], kd_loss_last=state["kd_last"],
-        ce_loss_first=state["ce_first"], ce_loss_last=state["ce_last"], val_ppl_best=state["best_ppl"],
-        tokens_per_s=state["tokens"] / state["train_seconds"] if state["train_seconds"] > 0 else 0.0,
-        resumed_from_step=resumed_from, val_ppl_start=state["history"][0][1] if state["history"] else None,
-        best_step=state["best_step"], stop_reason=state["stop_reason"], bad_steps=state["bad_total"],
-        val_history=[list(h) for h in state["history"]], self_referential=self_referential, out=str(out),
-        precision=precision.describe(device, cfg.autocast), mlp_params=counts["mlp_params"],
-        mlp_nonzero=counts["mlp_nonzero"], mlp_zero_fraction=counts["mlp_zero_fraction"],
-        mlp_reduction=counts["mlp_reduction"], total_params=counts["total_params"],
-        masked_entries=guard.masked_entries,
-    )
-    write_json_atomic(done_file, result.as_dict() | {"run_key": key, "config": cfg.model_dump(), **(extra or {})})
-    shutil.rmtree(best_dir, ignore_errors=True)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return result
+    # Rank 0 alone touches the files; every rank returns its result.
+    result = None
+    if ranks.is_main:
+        _publish_final(best_dir, out)
+        counts = state["best_counts"]
+        result = DistillResult(
+            steps=state["step"], kd_loss_first=state["kd_first"], kd_loss_last=state["kd_last"],
+            ce_loss_first=state["ce_first"], ce_loss_last=state["ce_last"], val_ppl_best=state["best_ppl"],
+            tokens_per_s=state["tokens"] / state["train_seconds"] if state["train_seconds"] > 0 else 0.0,
+            resumed_from_step=resumed_from, val_ppl_start=state["history"][0][1] if state["history"] else None,
+            best_step=state["best_step"], stop_reason=state["stop_reason"], bad_steps=state["bad_total"],
+            val_history=[list(h) for h in state["history"]], self_referential=self_referential, out=str(out),
+            precision=precision.describe(device, cfg.autocast), mlp_params=counts["mlp_params"],
+            mlp_nonzero=counts["mlp_nonzero"], mlp_zero_fraction=counts["mlp_zero_fraction"],
+            mlp_reduction=counts["mlp_reduction"], total_params=counts["total_params"],
+            masked_entries=guard.masked_entries,
+        )
+        # loss_history: [step, loss, kd, ce] of every update, the global micro-batch's means (not in the CLI JSON).
+        write_json_atomic(done_file, result.as_dict() | {
+            "run_key": key, "config": cfg.model_dump(), "loss_history": [list(h) for h in state["loss_history"]],
+            **(extra or {})})
+        shutil.rmtree(best_dir, ignore_errors=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return ranks.broadcast(result)

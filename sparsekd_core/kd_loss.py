@@ -104,6 +104,9 @@ class KDLossOutput:
     loss: torch.Tensor  # α·kd + (1−α)·ce, the quantity to backpropagate
     kd: torch.Tensor  # T²·KL, mean over positions
     ce: torch.Tensor  # next-token cross-entropy, mean over positions with a target
+    # What the means are over, where it varies between batches of one shape (SFT: response tokens); None = the same
+    # for every batch of the same shape (KD). Data-parallel training weights each rank's means by it (dist.py).
+    weight: torch.Tensor | None = None
 
 
 class KDLoss(torch.nn.Module):

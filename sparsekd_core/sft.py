@@ -73,7 +73,7 @@ def response_loss(logits: torch.Tensor, batch: dict) -> KDLossOutput:
     nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                           reduction="none").reshape(targets.shape)
     ce = (nll * weight).sum() / weight.sum().clamp(min=1.0)
-    return KDLossOutput(loss=ce, kd=None, ce=ce)
+    return KDLossOutput(loss=ce, kd=None, ce=ce, weight=weight.sum())
 
 
 def sft(cfg: SFTConfig, model, tokenizer, student_spec: str = "", log=print, progress=None, on_step=None):

@@ -42,7 +42,9 @@ class MaskGuard:
     """Keep masked entries of parameters at exactly zero through training (see the module docstring).
 
     ``MaskGuard(model, masks)`` registers the gradient hooks; call ``apply()`` after every optimizer step and after
-    loading weights; ``remove()`` drops the hooks. With no masks it does nothing.
+    loading weights; ``remove()`` drops the hooks. With no masks it does nothing. FSDP2-sharded parameters (DTensors)
+    get their shard of the mask; their gradients are written by FSDP's reduce-scatter, outside autograd, where no
+    hook sees them, so call ``mask_grads()`` before clipping (for other parameters the hooks have done it already).
     """
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]):
@@ -50,8 +52,10 @@ class MaskGuard:
         unknown = sorted(set(masks) - set(params))
         if unknown:
             raise ValueError(f"masks name parameters the model does not have: {unknown[:3]}")
-        self.pairs = [(params[name], mask.to(params[name].device)) for name, mask in masks.items()]
-        self.handles = [p.register_hook(lambda g, m=mask: g.masked_fill(m, 0)) for p, mask in self.pairs]
+        self.masked_entries = sum(int(mask.sum()) for mask in masks.values())
+        self.pairs = [(params[name], _laid_out_like(mask, params[name])) for name, mask in masks.items()]
+        self.handles = [p.register_hook(lambda g, m=mask: g.masked_fill(m, 0)) for p, mask in self.pairs
+                        if not _is_sharded(p)]
         self.apply()
 
     @torch.no_grad()
@@ -59,14 +63,32 @@ class MaskGuard:
         for p, mask in self.pairs:
             p.masked_fill_(mask, 0)
 
-    @property
-    def masked_entries(self) -> int:
-        return sum(int(mask.sum()) for _, mask in self.pairs)
+    @torch.no_grad()
+    def mask_grads(self) -> None:
+        for p, mask in self.pairs:
+            if p.grad is not None:
+                p.grad.masked_fill_(mask, 0)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def _laid_out_like(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``mask`` on ``p``'s device; for an FSDP2 parameter, this rank's shard of it (every rank holds the same
+    mask, so each takes its shard locally: no communication)."""
+    if not _is_sharded(p):
+        return mask.to(p.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(mask.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
 
 
 def measured_compression(model: nn.Module) -> dict:
