@@ -122,8 +122,9 @@ def section_model(cls: type[BaseModel], name: str, doc: str, exclude: set[str] =
 
 
 DistillSection = section_model(DistillConfig, "DistillSection", "Distillation: the KD loss and the training loop "
-                               "(sparsekd_core/distill.py). The flow sets the cache, the output and the seed.",
-                               exclude={"cache", "out", "seed"})
+                               "(sparsekd_core/distill.py). The flow sets the cache, the output and the seed; a "
+                               "flow's stage trains in one process (torchrun is for `sparsekd distill`).",
+                               exclude={"cache", "out", "seed", "parallel"})
 PruneSection = section_model(PruneConfig, "PruneSection", "Pruning (sparsekd_core/prune). The flow sets the "
                              "reduction of each round.", exclude={"target_reduction", "energy", "drop_blocks"})
 WandaSection = section_model(PruneConfig, "WandaSection", "WANDA calibration (the flow sets the sparsities).",
