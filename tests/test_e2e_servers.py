@@ -343,6 +343,9 @@ def test_scheduled_multi_seed_fans_out_on_the_pool(stack, tiny):
     assert sorted(r["name"] for r in seeds) == ["dense-kd-seed7", "dense-kd-seed8"]
     assert {r["state_type"] for r in seeds} == {"COMPLETED"}
     assert {r["work_pool_name"] for r in seeds} == {"sparsekd-gpu"}
+    # The two seeds ran at the same time (as two workers would), both logging to the PostgreSQL-backed MLflow.
+    spans = sorted((datetime.fromisoformat(r["start_time"]), datetime.fromisoformat(r["end_time"])) for r in seeds)
+    assert spans[1][0] < spans[0][1], f"the seeds did not overlap: {spans}"
 
     # MLflow: the multi-seed parent with mean ± std, the seeds' runs nested under it.
     client, exp, runs, parents = _mlflow_runs_of(stack, "sparsekd-multi-seed", flow_run["id"])
