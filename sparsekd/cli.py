@@ -437,7 +437,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 CACHE_FLAGS = {
     "model": EVAL_FLAGS["model"],
     "cache": {"out": "out", "data": "data", "num_samples": "num_samples", "seq_len": "seq_len", "seed": "seed",
-              "max_sequences_per_document": "max_sequences_per_document", "top_k": "top_k",
+              "max_sequences_per_document": "max_sequences_per_document", "top_k": "top_k", "format": "format", "logprob_step": "logprob_step",
+              "teacher_sample": "teacher_sample", "sample_temperature": "sample_temperature",
               "batch_size": "batch_size", "chunk_size": "chunk_size", "shard_index": "shard_index",
               "num_shards": "num_shards"},
 }
@@ -465,6 +466,14 @@ def add_cache_parser(sub) -> None:
     p.add_argument("--max-sequences-per-document", type=int,
                    help="sequences one document may give (default 1: a sample is a document)")
     p.add_argument("--top-k", type=int, help="ids kept per position (default 32)")
+    p.add_argument("--format", type=int, choices=(1, 2),
+                   help="top-k store format: 2 (default; log-probs in steps below the top-1) or 1 (fp16 log-probs)")
+    p.add_argument("--logprob-step", type=float, help="format 2: log-prob step in nats (default 0.04)")
+    p.add_argument("--teacher-sample", type=int, metavar="N",
+                   help="store N classes sampled per position from the teacher (unbiased KD; distill --tail sampled) "
+                        "instead of the top-k")
+    p.add_argument("--sample-temperature", type=float, help="temperature the classes are sampled at (default 2.0; "
+                                                            "= the distillation temperature)")
     p.add_argument("--batch-size", type=int, help="sequences per forward pass (default 1; divides --chunk-size)")
     p.add_argument("--chunk-size", type=int, help="sequences per Zarr chunk (default 16)")
     p.add_argument("--shard", type=_shard, metavar="I/N",
@@ -496,7 +505,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     size = (f"{res.bytes_per_token:.1f} bytes/token" if res.complete
             else f"store {res.chunks_done}/{res.chunks} chunks done (other shards pending)")
     _emit(result, args.json, f"cache {res.path}: {res.sequences} sequences from {res.documents} documents, "
-          f"{res.tokens} tokens, top-{res.top_k}, {size}, {res.tokens_per_s:.0f} tokens/s, "
+          f"{res.tokens} tokens, " + (f"top-{res.top_k}" if res.top_k else f"{res.teacher_sample} sampled classes")
+          + f", {size}, {res.tokens_per_s:.0f} tokens/s, "
           f"{res.resumed_chunks} chunks resumed")
     return 0
 
@@ -530,7 +540,7 @@ DISTILL_OPTIONS = {  # the fields DistillConfig adds
     "cache": (str, "teacher cache written by `sparsekd cache` (any model with the student's tokenizer)"),
     "alpha": (float, "KD weight (default 0.5; 0 = CE-only control)"),
     "temperature": (float, "KD temperature T (default 2.0)"),
-    "tail": (str, "topk (default) | bucket | paper: mass outside the cached top-k"),
+    "tail": (str, "topk (default) | bucket | paper: mass outside the cached top-k; sampled: a --teacher-sample cache"),
     **TRAIN_OPTIONS,
 }
 SFT_OPTIONS = {  # the fields SFTConfig adds

@@ -1,17 +1,29 @@
-"""Teacher cache: a model's top-k next-token distribution over a token corpus, in a Zarr v3 store.
+"""Teacher cache: a model's top-k (or sampled) next-token distribution over a token corpus, in a Zarr v3 store.
 
 Layout (one group; every array chunked along N by ``chunk_size`` sequences, Blosc-zstd compressed):
 
     input_ids      [N, L]     int32    the corpus
+    chunk_done     [C]        uint8    1 once chunk c of every other array is written (our progress record)
+  format 2 (the default top-k cache):
     topk_ids       [N, L, k]  uint16   (int32 when the vocabulary exceeds 65,536), by descending probability
-    topk_logprobs  [N, L, k]  float16  log p_i of the full-vocabulary softmax at T = 1
+    topk_top       [N, L]     float16  log p of the top-1 (full-vocabulary softmax at T = 1)
+    topk_codes     [N, L, k]  uint16   each log-prob as whole ``logprob_step``s below the previous one (see
+                                       encode_logprobs: decoded error ≤ step/2, not accumulated)
     tail_logmass   [N, L]     float16  log(1 − Σ_topk p_i), to ~1e-3 relative in mass (see teacher_topk)
-    chunk_done     [C]        uint8    1 once chunk c of every array above is written (our progress record)
+  format 1 (still read and written with format: 1): topk_ids, topk_logprobs [N, L, k] float16, tail_logmass.
+  format 3, a sampled-class cache (``teacher_sample`` N): per position N draws from softmax(z / T) as distinct ids
+    sample_ids [N, L, n] (ascending, padded with 0), sample_counts [N, L, n] uint8 (0 = padding), and
+    sample_logprobs [N, L, n] float16, the tempered log-probabilities log softmax(z / T) of those ids; drawn with
+    a generator seeded by (seed, chunk), so a resumed or sharded chunk draws the same classes. kd_loss.py's
+    ``tail="sampled"`` turns them into an unbiased estimate of the full-vocabulary KD loss and gradient.
 
 Position l holds the distribution that predicts token l+1 (the last position's predicts past the sequence).
-On SmolLM2-135M at k=32 this is ~92 bytes/token on disk (uint16 ids ~51, fp16 log-probs ~38 after byte-shuffle
-zstd); fp16 log-probs keep the KD term within ~0.01% of an fp32 cache (benchmarks/cache_kd_agreement.py), so no
-lossier encoding is used.
+Readers (``TeacherCache``) decode every top-k format to float32 ``topk_logprobs``.
+Measured on SmolLM2-135M, k = 32 (benchmarks/cache_formats.py, README): format 1 ~92 bytes/token (uint16 ids ~51,
+fp16 log-probs ~38 after byte-shuffle zstd); format 2 at step 0.04 keeps the KD term and its parameter gradient
+within 0.1% of an fp32 teacher. The ids are the floor: their zero-order entropy in descending order is ~44 bytes,
+and neither sorting them (then the log-probs cost more), tie-aware orders, frequency remaps nor zstd level 19 did
+better than raw uint16 + zstd (~52); a position-context model would be needed to go lower.
 
 The group attribute ``sparsekd_cache`` is the fingerprint: weights digest, tokenizer digest, data spec + content
 digest, k, seq_len, dtype, code version. Opening an existing store whose fingerprint differs is an error
@@ -40,8 +52,7 @@ import torch
 from . import __version__
 from .config import NAMED_MIXTURES, CacheConfig, ConfigError, MixtureComponent, MixtureConfig
 
-FORMAT = 1
-ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass")
+FORMATS = {1: "top-k, fp16 log-probs", 2: "top-k, log-probs as steps below the top-1", 3: "sampled classes"}
 TAIL_EXACT_BELOW = math.log(1e-3)  # tail log-mass below which teacher_topk recomputes it exactly
 
 
@@ -124,6 +135,51 @@ def teacher_topk(model, input_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     return ids, logprobs, tail
 
 
+def logprob_encoding(cfg: CacheConfig) -> str:
+    if cfg.teacher_sample is not None:
+        return "float16 tempered log-probs of the sampled ids"
+    return "float16" if cfg.format == 1 else f"top-1 float16 + uint16 steps of {cfg.logprob_step} nats"
+
+
+def encode_logprobs(logprobs: torch.Tensor, step: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Format 2: the top-1 log-prob rounded to fp16, and each log-prob as whole steps below the previous one (the
+    ids are in descending order, so the codes are small non-negative integers that compress well). The error of a
+    decoded log-prob is at most step/2 (plus the top-1's fp16 rounding), not accumulated: codes are differences of
+    rounded offsets from the top-1."""
+    top = logprobs[..., 0].to(torch.float16)
+    offsets = torch.round((top.float()[..., None] - logprobs) / step).clamp_min(0).to(torch.int64)
+    codes = torch.diff(offsets, dim=-1, prepend=torch.zeros_like(offsets[..., :1]))
+    return top, codes.clamp(0, 65535)
+
+
+def decode_logprobs(top: np.ndarray, codes: np.ndarray, step: float) -> np.ndarray:
+    """Inverse of ``encode_logprobs``: float32 log-probs [..., k]."""
+    return top.astype(np.float32)[..., None] - step * np.cumsum(codes.astype(np.int64), axis=-1).astype(np.float32)
+
+
+@torch.inference_mode()
+def teacher_sample(model, input_ids: torch.Tensor, n: int, temperature: float, generator) -> tuple[torch.Tensor, ...]:
+    """n class ids per position drawn (with replacement) from the teacher's softened distribution
+    softmax(z / temperature), as distinct ids (ascending, padded with id 0 / count 0), their counts and their
+    tempered log-probabilities log softmax(z / T): what the unbiased sampled KD estimator needs (kd_loss.py)."""
+    return sample_classes(model(input_ids=input_ids, use_cache=False).logits, n, temperature, generator)
+
+
+def sample_classes(logits: torch.Tensor, n: int, temperature: float, generator) -> tuple[torch.Tensor, ...]:
+    """``teacher_sample`` from logits [B, L, V] (fp32 math)."""
+    B, L, V = logits.shape
+    logp = torch.log_softmax(logits.float() / temperature, -1).reshape(B * L, V)
+    draws = torch.multinomial(logp.exp(), n, replacement=True, generator=generator)  # [B*L, n]
+    draws, _ = draws.sort(-1)
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = first.long().cumsum(-1) - 1  # the distinct id's slot, 0..unique-1
+    ids = torch.zeros_like(draws).scatter_(1, slot, draws)
+    counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
+    logprobs = logp.gather(1, ids).masked_fill(counts == 0, 0.0)
+    return ids.reshape(B, L, n), counts.reshape(B, L, n), logprobs.reshape(B, L, n)
+
+
 def _open_group(url: str, mode: str):
     import zarr
 
@@ -140,7 +196,7 @@ class CacheResult:
     path: str
     sequences: int
     tokens: int
-    top_k: int
+    top_k: int | None  # None for a sampled-class cache
     bytes: int
     bytes_per_token: float
     tokens_per_s: float
@@ -152,6 +208,8 @@ class CacheResult:
     chunks: int = 0  # chunks in the store
     chunks_done: int = 0  # chunks done in the store (all shards) when this process finished
     complete: bool = True  # every chunk of the store is done (bytes/token is of the finished store only then)
+    format: int = 2  # 1, 2: top-k (fp16 / stepped log-probs); 3: sampled classes
+    teacher_sample: int | None = None  # classes sampled per position (format 3)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -223,22 +281,44 @@ def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: d
 
     n, seq_len = input_ids.shape
     k, chunk = cfg.top_k, cfg.chunk_size
-    if k > vocab_size:
+    sampled = cfg.teacher_sample is not None
+    if not sampled and k > vocab_size:
         raise ConfigError(f"cache.top_k={k} is larger than the vocabulary ({vocab_size})")
-    fingerprint = dict(fingerprint, format=FORMAT, top_k=k, seq_len=int(seq_len), sequences=int(n),
-                       chunk_size=chunk, code_version=__version__, logprob_encoding="float16")
+    fingerprint = dict(fingerprint, format=3 if sampled else cfg.format, top_k=None if sampled else k,
+                       seq_len=int(seq_len), sequences=int(n), chunk_size=chunk, code_version=__version__,
+                       logprob_encoding=logprob_encoding(cfg))
+    if sampled:
+        fingerprint.update(kind="sampled", teacher_sample=cfg.teacher_sample,
+                           sample_temperature=cfg.sample_temperature, sample_seed=cfg.seed)
     id_dtype = np.uint16 if vocab_size <= 65536 else np.int32
     n_chunks = -(-n // chunk)
 
     shuffle = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
     plain = BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle")
-    specs = {
-        "input_ids": ((n, seq_len), np.int32, shuffle, chunk),
-        "topk_ids": ((n, seq_len, k), id_dtype, plain, chunk),
-        "topk_logprobs": ((n, seq_len, k), np.float16, shuffle, chunk),
-        "tail_logmass": ((n, seq_len), np.float16, shuffle, chunk),
-        "chunk_done": ((n_chunks,), np.uint8, None, 1),
-    }
+    m = cfg.teacher_sample or k
+    body = {  # name -> (trailing shape, dtype, codec)
+        1: {"topk_ids": ((k,), id_dtype, plain), "topk_logprobs": ((k,), np.float16, shuffle),
+            "tail_logmass": ((), np.float16, shuffle)},
+        2: {"topk_ids": ((k,), id_dtype, plain), "topk_top": ((), np.float16, shuffle),
+            "topk_codes": ((k,), np.uint16, shuffle), "tail_logmass": ((), np.float16, shuffle)},
+        3: {"sample_ids": ((m,), id_dtype, shuffle), "sample_counts": ((m,), np.uint8, shuffle),
+            "sample_logprobs": ((m,), np.float16, shuffle)},
+    }[fingerprint["format"]]
+    specs = {"input_ids": ((n, seq_len), np.int32, shuffle, chunk),
+             **{name: ((n, seq_len) + tail, dtype, codec, chunk) for name, (tail, dtype, codec) in body.items()},
+             "chunk_done": ((n_chunks,), np.uint8, None, 1)}
+
+    def compute(x: torch.Tensor, generator) -> dict[str, torch.Tensor]:
+        if sampled:
+            ids, counts, logprobs = teacher_sample(model, x, cfg.teacher_sample, cfg.sample_temperature, generator)
+            return {"sample_ids": ids, "sample_counts": counts, "sample_logprobs": logprobs}
+        ids, logprobs, tail = teacher_topk(model, x, k)
+        tail = tail.clamp_min(-60000.0)
+        if cfg.format == 1:
+            return {"topk_ids": ids, "topk_logprobs": logprobs, "tail_logmass": tail}
+        top, codes = encode_logprobs(logprobs, cfg.logprob_step)
+        return {"topk_ids": ids, "topk_top": top, "topk_codes": codes, "tail_logmass": tail}
+
     group = _open_store(cfg.out, specs, fingerprint)
     mine = shard_chunks(n_chunks, cfg.shard_index, cfg.num_shards)
     done = group["chunk_done"][:]
@@ -257,18 +337,18 @@ def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: d
     t0 = time.perf_counter()
     for c in todo:
         lo, hi = c * chunk, min(n, (c + 1) * chunk)
+        # Sampling is seeded per chunk, so a resumed or sharded chunk draws exactly what one process would.
+        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + c) if sampled else None
         parts = []
         for b in range(lo, hi, cfg.batch_size):
             x = input_ids[b : min(hi, b + cfg.batch_size)].to(device)
-            parts.append([t.cpu() for t in teacher_topk(model, x, k)])
+            parts.append({name: t.cpu() for name, t in compute(x, generator).items()})
             computed_tokens += x.numel()
             if progress is not None:
                 progress(x.shape[0])
-        ids, logprobs, tail = (torch.cat(p) for p in zip(*parts))
         group["input_ids"][lo:hi] = input_ids[lo:hi].numpy().astype(np.int32)
-        group["topk_ids"][lo:hi] = ids.numpy().astype(id_dtype)
-        group["topk_logprobs"][lo:hi] = logprobs.numpy().astype(np.float16)
-        group["tail_logmass"][lo:hi] = tail.clamp_min(-60000.0).numpy().astype(np.float16)
+        for name in body:
+            group[name][lo:hi] = torch.cat([part[name] for part in parts]).numpy().astype(specs[name][1])
         group["chunk_done"][c] = 1  # only now is chunk c trusted by a rerun
         if cfg.num_shards > 1:  # overall progress: every shard's chunks, as the store says
             log(f"{who}: chunk {c} done; store {int(group['chunk_done'][:].sum())}/{n_chunks} chunks")
@@ -278,11 +358,12 @@ def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: d
     size = store_bytes(cfg.out)
     tokens = int(n * seq_len)
     chunks_done = int(group["chunk_done"][:].sum())
-    return CacheResult(path=cfg.out, sequences=int(n), tokens=tokens, top_k=k, bytes=size,
+    return CacheResult(path=cfg.out, sequences=int(n), tokens=tokens, top_k=None if sampled else k, bytes=size,
                        bytes_per_token=size / tokens, tokens_per_s=computed_tokens / seconds if seconds > 0 else 0.0,
                        resumed_chunks=resumed, computed_chunks=len(todo), seconds=seconds,
                        shard=f"{cfg.shard_index}/{cfg.num_shards}", chunks=n_chunks, chunks_done=chunks_done,
-                       complete=chunks_done == n_chunks)
+                       complete=chunks_done == n_chunks, format=fingerprint["format"],
+                       teacher_sample=cfg.teacher_sample)
 
 
 def cache_fingerprint(loaded, cfg: CacheConfig, input_ids: torch.Tensor) -> dict:
@@ -319,17 +400,33 @@ class TeacherCache:
             )
         self.url, self.group, self.fingerprint = url, group, info
         self.num_sequences, self.seq_len = group["input_ids"].shape
-        self.top_k = int(info["top_k"])
+        self.format = int(info.get("format", 1))
+        self.kind = info.get("kind", "topk")  # "topk" (formats 1, 2) or "sampled" (format 3)
+        self.top_k = int(info["top_k"]) if self.kind == "topk" else None
+        self.teacher_sample = info.get("teacher_sample")
+        self.sample_temperature = info.get("sample_temperature")
+        self.step = float(info["logprob_encoding"].split("steps of ")[1].split()[0]) if self.format == 2 else None
 
     def __len__(self) -> int:
         return self.num_sequences
 
+    def _read(self, name: str, rows: np.ndarray) -> np.ndarray:
+        return self.group[name].get_orthogonal_selection((rows,))
+
     def __getitem__(self, indices) -> dict[str, torch.Tensor]:
+        """Sequences ``indices``: input_ids and, for a top-k cache, topk_ids / topk_logprobs (float, decoded) /
+        tail_logmass; for a sampled cache, sample_ids / sample_counts / sample_logprobs."""
         rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        names = {"topk": ("input_ids", "topk_ids", "tail_logmass"),
+                 "sampled": ("input_ids", "sample_ids", "sample_counts", "sample_logprobs")}[self.kind]
         out = {}
-        for name in ARRAYS:
-            arr = self.group[name].get_orthogonal_selection((rows,))
-            out[name] = torch.from_numpy(arr.astype(np.int64) if arr.dtype in (np.uint16, np.int32) else arr)
+        for name in names:
+            arr = self._read(name, rows)
+            out[name] = torch.from_numpy(arr.astype(np.int64) if arr.dtype.kind in "iu" else arr)
+        if self.kind == "topk":
+            logprobs = self._read("topk_logprobs", rows) if self.format == 1 else \
+                decode_logprobs(self._read("topk_top", rows), self._read("topk_codes", rows), self.step)
+            out["topk_logprobs"] = torch.from_numpy(logprobs)
         return out
 
 
@@ -341,8 +438,10 @@ def run_cache(loaded, cfg: CacheConfig, log=print, progress_factory=None) -> Cac
     if max_pos is not None and cfg.seq_len > max_pos:
         raise ConfigError(f"cache.seq_len={cfg.seq_len} exceeds the model's max_position_embeddings ({max_pos})")
     fingerprint = cache_fingerprint(loaded, cfg, input_ids)
+    what = f"{cfg.teacher_sample} sampled classes at T={cfg.sample_temperature}" if cfg.teacher_sample \
+        else f"top-{cfg.top_k}, format {cfg.format}"
     log(f"cache: {input_ids.shape[0]} sequences from {corpus.documents} documents x {input_ids.shape[1]} tokens, "
-        f"top-{cfg.top_k} -> {cfg.out}")
+        f"{what} -> {cfg.out}")
     n_chunks = -(-input_ids.shape[0] // cfg.chunk_size)
     mine = shard_chunks(n_chunks, cfg.shard_index, cfg.num_shards)
     share = max(0, min(input_ids.shape[0], mine.stop * cfg.chunk_size) - mine.start * cfg.chunk_size)

@@ -441,6 +441,15 @@ class CacheConfig(StageConfig):
     max_sequences_per_document: int = Field(
         1, gt=0, description="A document gives at most this many sequences (default 1: a sample is a document).")
     top_k: int = Field(32, gt=0, description="Token ids kept per position.")
+    format: Literal[1, 2] = Field(2, description="Top-k store format: 2 (log-probs as whole steps of logprob_step "
+                                                  "below the position's top-1, ~20% smaller) or 1 (fp16 log-probs).")
+    logprob_step: float = Field(0.04, gt=0, le=0.5, description="Format 2: log-prob quantisation step (nats); the "
+                                "default keeps the KD term and its gradient within 0.1% of an fp32 cache.")
+    teacher_sample: int | None = Field(None, gt=0, le=255, description="Instead of the top-k: this many classes "
+                                       "sampled per position from the teacher's distribution at sample_temperature "
+                                       "(an unbiased KD target; distill with tail=sampled at the same temperature).")
+    sample_temperature: float = Field(2.0, gt=0, description="Temperature the classes are sampled at (= the "
+                                                             "distillation temperature).")
     batch_size: int = Field(1, gt=0, description="Sequences per forward pass (divides chunk_size).")
     chunk_size: int = Field(16, gt=0, description="Sequences per Zarr chunk along N (a crash loses at most one).")
     shard_index: int = Field(0, ge=0, description="This process writes shard shard_index of num_shards (0-based).")
@@ -519,7 +528,9 @@ class DistillConfig(TrainConfig):
     cache: str = Field(description="Teacher cache written by `sparsekd cache` (path or URL).")
     alpha: float = Field(0.5, ge=0, le=1, description="KD weight; 0 = the CE-only control.")
     temperature: float = Field(2.0, gt=0, description="KD temperature T (loss is scaled by T²).")
-    tail: Literal["topk", "bucket", "paper"] = Field("topk", description="Treatment of the mass outside the top-k.")
+    tail: Literal["topk", "bucket", "paper", "sampled"] = Field(
+        "topk", description="Treatment of the mass outside the top-k; sampled = the unbiased estimator on a sampled-"
+                            "class cache (`sparsekd cache --teacher-sample N`).")
 
 
 class SFTConfig(TrainConfig):

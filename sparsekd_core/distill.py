@@ -209,9 +209,21 @@ def distill(cfg: DistillConfig, model, tokenizer, student_spec: str = "", log=pr
     cache_dtype = getattr(torch, str(cache.fingerprint.get("dtype", "float32")), None)
     self_referential = weights_digest(model, cache_dtype if isinstance(cache_dtype, torch.dtype) else None) \
         == cache.fingerprint.get("weights_digest")
+    if (cache.kind == "sampled") != (cfg.tail == "sampled"):
+        raise ConfigError(
+            f"distill.tail={cfg.tail!r} does not fit the {cache.kind} cache {cfg.cache!r}: a sampled-class cache "
+            "(sparsekd cache --teacher-sample N) needs tail=sampled, and tail=sampled needs such a cache")
+    if cache.kind == "sampled" and abs(cache.sample_temperature - cfg.temperature) > 1e-9:
+        raise ConfigError(
+            f"distill.temperature={cfg.temperature} differs from the temperature the cache's classes were sampled at "
+            f"({cache.sample_temperature}); the sampled estimator is unbiased only at that temperature: give "
+            f"--temperature {cache.sample_temperature} or re-cache with --sample-temperature {cfg.temperature}")
     kd_loss = KDLoss(alpha=cfg.alpha, temperature=cfg.temperature, tail=cfg.tail)
 
     def loss_fn(logits, batch):
+        if cache.kind == "sampled":
+            return kd_loss(logits, batch["input_ids"], batch["sample_ids"], batch["sample_logprobs"],
+                           counts=batch["sample_counts"])
         return kd_loss(logits, batch["input_ids"], batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"])
 
     return train(cfg, model, tokenizer, cache, loss_fn, run_key(cfg, cache.fingerprint, student_spec), "distill",

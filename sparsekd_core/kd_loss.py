@@ -23,6 +23,14 @@ their log-probabilities lp_i = log p_i (full-vocabulary softmax at T = 1) and th
   q does not sum to one over S, so a dense model on its own cache does NOT start at zero and is pushed to move its
   mass onto its top-k. Kept only to replicate the paper.
 
+* ``sampled`` — an unbiased estimate of the full-vocabulary KD loss from a sampled-class cache: per position the
+  teacher's softened distribution p̃ = softmax(z_teacher / T) was sampled N times (ids v_j with counts c_j, and the
+  cached log p̃_{v_j}); with the empirical weights w_j = c_j / N,
+      KL̂ = Σ_j w_j (log p̃_{v_j} − log q̃_{v_j}),   q̃ = softmax(z / T) over the full vocabulary.
+  E[KL̂] = KL(p̃ ‖ q̃) and E[∂(T²·KL̂)/∂z] = T·(q̃ − p̃), the full-vocabulary T²·KL gradient (the samples are drawn at
+  the same T as the loss; the distill stage checks it). A dense model on its own sampled cache has zero expected
+  gradient; one batch's gradient is noise around it.
+
 The KD term (``kd``) is T²·KL averaged over all B·L positions; the CE term (``ce``) is the mean next-token
 cross-entropy over the B·(L−1) positions that have a next token; both in fp32 (fp64 if the logits are fp64).
 
@@ -39,8 +47,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Tail = Literal["topk", "bucket", "paper"]
-TAILS: tuple[str, ...] = ("topk", "bucket", "paper")
+Tail = Literal["topk", "bucket", "paper", "sampled"]
+TAILS: tuple[str, ...] = ("topk", "bucket", "paper")  # the treatments of a top-k cache
+SAMPLED = "sampled"  # the estimator on a sampled-class cache
 NEG_FLOOR = -1e4  # stands in for log(0) (an empty tail) so that 0·log 0 terms stay finite
 
 
@@ -118,13 +127,15 @@ class KDLoss(torch.nn.Module):
 
     def __init__(self, alpha: float = 0.5, temperature: float = 2.0, tail: Tail = "topk", chunk: int = 128):
         super().__init__()
-        if tail not in TAILS:
-            raise ValueError(f"tail={tail!r}; allowed: {', '.join(TAILS)}")
+        if tail not in (*TAILS, SAMPLED):
+            raise ValueError(f"tail={tail!r}; allowed: {', '.join((*TAILS, SAMPLED))}")
         if not 0.0 <= alpha <= 1.0 or temperature <= 0:
             raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got alpha={alpha}, temperature={temperature}")
         self.alpha, self.temperature, self.tail, self.chunk = alpha, temperature, tail, chunk
 
-    def forward(self, logits, input_ids, topk_ids, topk_logprobs, tail_logmass) -> KDLossOutput:
+    def forward(self, logits, input_ids, topk_ids, topk_logprobs, tail_logmass=None, counts=None) -> KDLossOutput:
+        """``tail="sampled"``: topk_ids / topk_logprobs are the sampled ids and their tempered teacher log-probs,
+        ``counts`` [B, L, N] how often each was drawn (0 = padding); tail_logmass is not used."""
         T = self.temperature
         k = topk_ids.shape[-1]
         topk_ids = topk_ids.long()
@@ -132,13 +143,21 @@ class KDLoss(torch.nn.Module):
         targets = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1).long()
         ids = torch.cat([topk_ids, targets[..., None]], dim=-1)
         gathered, lse1, lse_t, lse_tail = _LogitStats.apply(
-            logits, ids, topk_ids, T, self.chunk, self.tail == "paper", self.tail == "bucket"
+            logits, ids, topk_ids, T, self.chunk, self.tail in ("paper", "sampled"), self.tail == "bucket"
         )
         z_top, z_target = gathered[..., :k], gathered[..., k]
 
         ce = (lse1 - z_target)[:, :-1].mean()
 
         teacher_lp = topk_logprobs.to(gathered.dtype)
+        if self.tail == "sampled":
+            if counts is None:
+                raise ValueError("tail='sampled' needs the sample counts (a cache written with --teacher-sample)")
+            weights = counts.to(gathered.dtype)
+            weights = weights / weights.sum(-1, keepdim=True)
+            kl = (weights * (teacher_lp - (z_top / T - lse_t[..., None]))).sum(-1)
+            kd = (T * T) * kl.mean()
+            return KDLossOutput(loss=self.alpha * kd + (1.0 - self.alpha) * ce, kd=kd, ce=ce)
         if self.tail == "bucket":
             teacher_tail = tail_logmass.to(gathered.dtype).nan_to_num(neginf=NEG_FLOOR).clamp_min(NEG_FLOOR)
             student_tail = torch.where(torch.isfinite(lse_tail), lse_tail - lse1, NEG_FLOOR).clamp_min(NEG_FLOOR)

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,9 @@ def load_for_training(cfg: ModelConfig, log=print) -> LoadedModel:
     return load_model(cfg.model_copy(update={"dtype": dtype}), log=log)
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 def load_model(cfg: ModelConfig, log=print) -> LoadedModel:
     """Load model + tokenizer as `cfg` says, in eval mode, on the resolved device and dtype.
 
@@ -227,11 +231,14 @@ def load_model(cfg: ModelConfig, log=print) -> LoadedModel:
     source, local_only = resolve_source(cfg, log=log)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, local_files_only=local_only)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        if is_compressed_dir(source):  # a sparsekd pruned checkpoint: low-rank layers need their own structure
-            model = load_compressed(source, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        # transformers builds the model on the meta device under process-wide patches: two threads loading at once
+        # (the shard tasks of one flow run) break each other ("Cannot copy out of meta tensor"), so one at a time.
+        with _LOAD_LOCK:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            if is_compressed_dir(source):  # a sparsekd pruned checkpoint: low-rank layers need their own structure
+                model = load_compressed(source, dtype=dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as err:
         raise ModelLoadError(f"could not load model {cfg.model!r}: {str(err).splitlines()[0]}") from None
     model.to(device).eval()

@@ -27,10 +27,12 @@ def corpus(vocab: int, n: int = 10, seq_len: int = 12) -> torch.Tensor:
     return torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(0))
 
 
-def test_round_trip(tmp_path, tiny_llama):
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_round_trip(tmp_path, tiny_llama, fmt):
     vocab = tiny_llama.config.vocab_size
     ids = corpus(vocab)
-    cfg = CacheConfig(out=str(tmp_path / "c.zarr"), data=str(tmp_path), top_k=5, chunk_size=4, batch_size=2, seq_len=12)
+    cfg = CacheConfig(out=str(tmp_path / "c.zarr"), data=str(tmp_path), top_k=5, chunk_size=4, batch_size=2, seq_len=12,
+                      format=fmt)
     res = write_cache(tiny_llama, ids, cfg, FP, vocab)
     assert (res.sequences, res.tokens, res.resumed_chunks, res.computed_chunks) == (10, 120, 0, 3)
     cache = TeacherCache(cfg.out)
@@ -38,11 +40,17 @@ def test_round_trip(tmp_path, tiny_llama):
     top, lp, tail = teacher_topk(tiny_llama, ids[[7, 1]], 5)
     assert torch.equal(got["input_ids"], ids[[7, 1]])
     assert torch.equal(got["topk_ids"], top)
-    assert torch.allclose(got["topk_logprobs"].float(), lp, atol=1e-2, rtol=1e-3)
+    if fmt == 1:
+        assert torch.allclose(got["topk_logprobs"].float(), lp, atol=1e-2, rtol=1e-3)
+    else:  # at most half a step off, plus the top-1's fp16 rounding; never above the top-1
+        error = (got["topk_logprobs"].float() - lp).abs()
+        assert error.max() <= cfg.logprob_step / 2 + lp.abs().max() * 2 ** -11
+        assert (got["topk_logprobs"][..., 1:] <= got["topk_logprobs"][..., :1]).all()
     # top-k mass + tail mass = 1
     total = got["topk_logprobs"].float().exp().sum(-1) + got["tail_logmass"].float().exp()
-    assert torch.allclose(total, torch.ones_like(total), atol=5e-3)
+    assert torch.allclose(total, torch.ones_like(total), atol=5e-3 if fmt == 1 else cfg.logprob_step)
     assert cache.fingerprint["top_k"] == 5 and cache.fingerprint["weights_digest"] == "w"
+    assert cache.fingerprint["format"] == fmt and cache.format == fmt
 
 
 def test_fingerprint_mismatch_is_an_error(tmp_path, tiny_llama):
@@ -90,7 +98,7 @@ def test_resume_after_kill_gives_identical_arrays(tmp_path, tiny_llama):
     assert res.resumed_chunks == 1 and res.computed_chunks == 2
     clean = cfg.model_copy(update={"out": str(tmp_path / "clean.zarr")})
     write_cache(tiny_llama, corpus(vocab), clean, FP, vocab)
-    for name in ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass"):
+    for name in [p.name for p in killed.iterdir() if p.is_dir()]:
         a = sorted(p.relative_to(killed) for p in (killed / name).rglob("*") if p.is_file())
         b = sorted(p.relative_to(clean.out) for p in (Path(clean.out) / name).rglob("*") if p.is_file())
         assert a == b
@@ -100,7 +108,9 @@ def test_resume_after_kill_gives_identical_arrays(tmp_path, tiny_llama):
 
 def same_arrays(a: Path, b: Path) -> None:
     """Two stores hold the same chunk files with the same bytes, array for array (chunk_done included)."""
-    for name in ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "chunk_done"):
+    names = sorted(p.name for p in a.iterdir() if p.is_dir())
+    assert names == sorted(p.name for p in b.iterdir() if p.is_dir()) and "chunk_done" in names
+    for name in names:
         files_a = sorted(p.relative_to(a) for p in (a / name).rglob("*") if p.is_file())
         files_b = sorted(p.relative_to(b) for p in (b / name).rglob("*") if p.is_file())
         assert files_a == files_b and files_a, name
@@ -207,3 +217,30 @@ def test_tail_logmass_is_accurate_for_confident_positions(tiny_llama):
     exact = z.scatter(-1, top, float("-inf")).logsumexp(-1) - z.logsumexp(-1)
     assert exact.min() < -12  # the test covers the exact-fallback path
     assert ((tail.double() - exact).exp() - 1).abs().max() < 1e-3
+
+
+def test_sampled_cache_round_trip_and_shards(tmp_path, tiny_llama):
+    """--teacher-sample: N draws per position (distinct ids, counts summing to N, tempered log-probs), seeded per
+    chunk, so two shards give the one-process store byte for byte."""
+    from sparsekd_core.cache import sample_classes
+
+    vocab = tiny_llama.config.vocab_size
+    ids = corpus(vocab)
+    cfg = CacheConfig(out=str(tmp_path / "one.zarr"), data=str(tmp_path), chunk_size=4, seq_len=12, teacher_sample=12,
+                      batch_size=2)
+    res = write_cache(tiny_llama, ids, cfg, FP, vocab)
+    assert res.top_k is None and res.format == 3 and res.teacher_sample == 12
+    cache = TeacherCache(cfg.out)
+    assert cache.kind == "sampled" and cache.sample_temperature == 2.0
+    got = cache[[5, 6]]  # chunk 1, its two batches
+    assert (got["sample_counts"].sum(-1) == 12).all()
+    with torch.no_grad():
+        logits = tiny_llama(input_ids=ids[4:8]).logits
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 1)
+    draws = [sample_classes(logits[i:i + 2], 12, 2.0, generator) for i in (0, 2)]
+    assert torch.equal(got["sample_ids"], torch.cat([d[0] for d in draws])[1:3])
+    assert torch.allclose(got["sample_logprobs"].float(), torch.cat([d[2] for d in draws])[1:3], atol=1e-2)
+    sharded = cfg.model_copy(update={"out": str(tmp_path / "sharded.zarr"), "num_shards": 2})
+    for index in (1, 0):
+        write_cache(tiny_llama, ids, sharded.model_copy(update={"shard_index": index}), FP, vocab)
+    same_arrays(Path(cfg.out), Path(sharded.out))

@@ -27,11 +27,11 @@ def val_file(tmp_path):
     return str(path)
 
 
-def make_cache(tmp_path, teacher, tokenizer, name: str, sequences: int) -> str:
-    """A cache of `teacher` over random token sequences (16 tokens each, top-8)."""
+def make_cache(tmp_path, teacher, tokenizer, name: str, sequences: int, **fields) -> str:
+    """A cache of `teacher` over random token sequences (16 tokens each, top-8; ``fields``: other CacheConfig)."""
     vocab = teacher.config.vocab_size
     ids = torch.randint(0, vocab, (sequences, 16), generator=torch.Generator().manual_seed(0))
-    cfg = CacheConfig(out=str(tmp_path / name), data=str(tmp_path), top_k=8, chunk_size=4, seq_len=16)
+    cfg = CacheConfig(out=str(tmp_path / name), data=str(tmp_path), top_k=8, chunk_size=4, seq_len=16, **fields)
     fp = {"model": name, "weights_digest": weights_digest(teacher), "tokenizer_digest": tokenizer_digest(tokenizer),
           "vocab_size": vocab, "data": "random", "data_digest": "x", "num_samples": sequences, "seed": 0,
           "dtype": "float32"}
@@ -316,3 +316,33 @@ def test_sigkill_anywhere_then_rerun_gives_the_same_weights(tmp_path, teacher_ca
         leftovers = [p.name for p in out.iterdir() if p.name in ("checkpoint", "best") or ".tmp-" in p.name
                      or p.name.endswith((".new", ".old"))]
         assert not leftovers, (point, leftovers)
+
+
+def test_sampled_cache_distills_and_checks_its_temperature(tmp_path, val_file, tiny_llama, tiny_tokenizer):
+    """A student that differs from the teacher learns from a sampled-class cache (tail=sampled); the tail and the
+    temperature must fit the cache."""
+    teacher = copy.deepcopy(tiny_llama)  # sharper than the student, as in test_kd_falls_for_a_student_that_differs
+    with torch.no_grad():
+        teacher.get_input_embeddings().weight.mul_(20.0)
+    cache = make_cache(tmp_path, teacher, tiny_tokenizer, "sampled.zarr", 8, teacher_sample=12)
+    student = copy.deepcopy(tiny_llama)
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
+
+    def full_kd(model) -> float:  # the full-vocabulary T²·KL to the teacher on the cached sequences (T = 2)
+        with torch.no_grad():
+            p = torch.log_softmax(teacher(input_ids=ids).logits / 2, -1)
+            q = torch.log_softmax(model(input_ids=ids).logits / 2, -1)
+        return float(4 * (p.exp() * (p - q)).sum(-1).mean())
+
+    before = full_kd(student)
+    res, losses = run(tmp_path, "s", cache, val_file, student, tiny_tokenizer, tail="sampled", alpha=1.0, lr=2e-2,
+                      epochs=6, batch_size=2, eval_every=0)
+    assert res.steps == 24 and len(losses) == 24
+    assert full_kd(student) < 0.7 * before  # the student moved toward the teacher's full distribution
+    with pytest.raises(ConfigError, match="needs tail=sampled"):
+        run(tmp_path, "t", cache, val_file, student, tiny_tokenizer, max_steps=1)
+    top = make_cache(tmp_path, teacher, tiny_tokenizer, "top.zarr", 8)
+    with pytest.raises(ConfigError, match="needs such a cache"):
+        run(tmp_path, "v", top, val_file, student, tiny_tokenizer, tail="sampled", max_steps=1)
+    with pytest.raises(ConfigError, match="differs from the temperature"):
+        run(tmp_path, "u", cache, val_file, student, tiny_tokenizer, tail="sampled", temperature=1.0, max_steps=1)

@@ -141,3 +141,78 @@ def test_float32_gradient_matches_float64_reference(tail):
             assert z32.grad.dtype == torch.float32
             error = (z32.grad.double() - z64.grad).norm() / z64.grad.norm()
             assert error < 1e-4, (T, alpha, error.item())
+
+
+# ---------------------------------------------------------------------------------------------- sampled-class teacher
+
+
+def _sampled_grads(teacher, z, n, T, seeds):
+    """The sampled estimator's gradient wrt the student logits, one per seed: [seeds, B, L, V]."""
+    from sparsekd_core.cache import sample_classes
+
+    input_ids = torch.zeros(z.shape[:2], dtype=torch.long)
+    loss = KDLoss(alpha=1.0, temperature=T, tail="sampled")
+    out = []
+    for seed in range(seeds):
+        ids, counts, logprobs = sample_classes(teacher, n, T, torch.Generator().manual_seed(seed))
+        zz = z.clone().requires_grad_(True)
+        loss(zz, input_ids, ids, logprobs, counts=counts).kd.backward()
+        out.append(zz.grad)
+    return torch.stack(out)
+
+
+def _full_vocab_grad(teacher, z, T):
+    zz = z.clone().requires_grad_(True)
+    p = torch.log_softmax(teacher.double() / T, -1)
+    q = torch.log_softmax(zz / T, -1)
+    ((T * T) * (p.exp() * (p - q)).sum(-1).mean()).backward()
+    return zz.grad
+
+
+def test_sampled_kd_gradient_is_unbiased():
+    """Averaged over many seeds, the sampled loss's gradient matches the full-vocabulary T²·KL gradient within its
+    standard error, at every logit; the top-k loss with k < V does not (its bias is many standard errors)."""
+    torch.manual_seed(0)
+    B, L, V, T, n, seeds = 2, 3, 40, 2.0, 12, 3000
+    teacher = torch.randn(B, L, V, dtype=torch.float64) * 3
+    z = torch.randn(B, L, V, dtype=torch.float64) * 3
+    grads = _sampled_grads(teacher, z, n, T, seeds)
+    mean, se = grads.mean(0), grads.std(0) / seeds ** 0.5
+    full = _full_vocab_grad(teacher, z, T)
+    # A class too rare to be drawn in seeds·n draws (p̃ ≲ 5/(seeds·n)) has zero spread but is off by T·p̃: allow it.
+    rare = T * 5.0 / (seeds * n)
+    zscore = ((mean - full).abs() - rare).clamp_min(0) / (se + 1e-12)
+    assert zscore.max() < 5.0, zscore.max()  # 240 logits: |z| < 5 everywhere (p ≈ 1e-4 of a false alarm)
+    assert ((mean - full).abs() / (se + 1e-12) < 2.0).float().mean() > 0.9
+    # The control: the top-8 loss is a biased estimate of the same gradient.
+    top_lp, top_ids = torch.log_softmax(teacher, -1).topk(8, -1)
+    zz = z.clone().requires_grad_(True)
+    KDLoss(alpha=1.0, temperature=T, tail="topk")(zz, torch.zeros(B, L, dtype=torch.long), top_ids, top_lp,
+                                                  torch.zeros(B, L)).kd.backward()
+    assert ((zz.grad - full).abs() / (se + 1e-12)).max() > 20
+
+
+def test_dense_model_on_its_own_sampled_cache_has_zero_expected_gradient():
+    torch.manual_seed(1)
+    B, L, V, T, n, seeds = 2, 3, 40, 2.0, 12, 2000
+    teacher = torch.randn(B, L, V, dtype=torch.float64) * 3
+    grads = _sampled_grads(teacher, teacher.clone(), n, T, seeds)
+    mean, se = grads.mean(0), grads.std(0) / seeds ** 0.5
+    rare = T * 5.0 / (seeds * n)
+    assert ((mean.abs() - rare).clamp_min(0) / (se + 1e-12)).max() < 5.0
+    assert grads[0].abs().max() > 1e-3  # one draw is noise around zero, not zero: the test can see a bias
+
+
+def test_sampled_classes_are_distinct_with_counts():
+    from sparsekd_core.cache import sample_classes
+
+    logits = torch.randn(2, 5, 30) * 4
+    ids, counts, logprobs = sample_classes(logits, 12, 2.0, torch.Generator().manual_seed(0))
+    assert (counts.sum(-1) == 12).all()
+    for i, c in zip(ids.reshape(-1, 12), counts.reshape(-1, 12)):
+        used = i[c > 0]
+        assert len(set(used.tolist())) == len(used) and (c[len(used):] == 0).all()  # distinct, padding last
+    expected = torch.log_softmax(logits / 2.0, -1).gather(-1, ids)
+    assert torch.allclose(logprobs[counts > 0], expected[counts > 0])
+    again = sample_classes(logits, 12, 2.0, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip((ids, counts, logprobs), again))  # seeded: the same draw
