@@ -30,18 +30,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_arch(kind: str, vocab_size: int, hidden: int = 32, mlp: int = 64, layers: int = 2, seed: int = 0):
-    """Tiny random models of each MLP family (gate/up/down or fused gate_up)."""
+def make_arch(kind: str, vocab_size: int, hidden: int = 32, mlp: int = 64, layers: int = 2, seed: int = 0,
+              **config):
+    """Tiny random models of each MLP family (gate/up/down or fused gate_up); ``config``: more config fields."""
     from transformers import (AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config,
-                              Qwen3Config)
+                              Qwen2Config, Qwen3Config)
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    cls = {"llama": LlamaConfig, "qwen3": Qwen3Config, "mistral": MistralConfig, "gemma": GemmaConfig,
-           "phi3": Phi3Config}[kind]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig,
+           "gemma": GemmaConfig, "phi3": Phi3Config}[kind]
     extra = {"qwen3": dict(head_dim=8), "gemma": dict(head_dim=8), "phi3": dict(pad_token_id=0)}.get(kind, {})
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cls(**common, **extra), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_config(cls(**common, **extra, **config), dtype=torch.float32).eval()
 
 
 def logits(model, ids):

@@ -11,7 +11,13 @@ Compressed checkpoint (a directory that ``sparsekd_core.models.load_model`` load
   ``history`` (one entry per round)};
 * ``model.safetensors``: the state dict, factored modules as ``<name>.u.weight`` [out, r] and
   ``<name>.v.weight`` [r, in] (tied weights stored once), so the file size follows the parameter count;
-* the tokenizer files.
+* the tokenizer files;
+* where at least one module is factored: ``modeling_sparsekd.py`` (``remote_code/``, copied verbatim) and
+  ``config.json``'s ``auto_map`` pointing at it, so ``AutoModelForCausalLM.from_pretrained(DIR,
+  trust_remote_code=True)`` builds the same model with only torch and transformers installed. ``model_type`` stays
+  the base's: without ``trust_remote_code`` transformers builds the dense architecture, reports the factor weights
+  as unexpected and the dense MLP weights as missing (randomly initialised), i.e. a wrong model. WANDA and
+  depth-pruned checkpoints factor nothing: they are standard checkpoints and carry no code.
 
 ``save_dense`` merges the factors back (``u.weight @ v.weight``) into a plain checkpoint that stock
 ``transformers`` loads; its config keeps the record under ``sparsekd_dense_export`` instead.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +35,7 @@ import torch
 from torch import nn
 
 from ..files import replace_dir
+from .remote_code import AUTO_MAP, MODELING_FILE
 
 COMPRESSION_KEY = "sparsekd_compression"
 DENSE_EXPORT_KEY = "sparsekd_dense_export"
@@ -43,6 +51,8 @@ class LowRankLinear(nn.Module):
     """``y = u(v(x))``: a rank-r stand-in for an ``nn.Linear(in_features, out_features)``.
 
     ``v.weight`` [r, in], ``u.weight`` [out, r], ``u.bias`` [out] or None. Trainable like any two linears.
+    ``remote_code/modeling_sparsekd.py`` has its own copy (it may import nothing from sparsekd);
+    ``tests/test_portable_checkpoints.py`` checks that both load the same checkpoints to the same logits.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
@@ -166,6 +176,10 @@ def load_compressed(path: str | Path, dtype: torch.dtype) -> nn.Module:
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
+    # The auto_map describes the files beside the weights, not this in-memory model (sparsekd's own LowRankLinear);
+    # save_compressed writes it again, and a dense export or a plain save_pretrained must not inherit it.
+    if hasattr(config, "auto_map"):
+        delattr(config, "auto_map")
     with no_init_weights():  # every tensor is overwritten below; random init would only cost time
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     apply_ranks(model, getattr(config, COMPRESSION_KEY).get("ranks", {}))
@@ -193,6 +207,16 @@ def _save_common(model: nn.Module, tokenizer, out: Path) -> None:
         tokenizer.save_pretrained(out)
 
 
+def add_remote_code(directory: Path) -> None:
+    """Make a saved factored checkpoint loadable without sparsekd: copy ``modeling_sparsekd.py`` beside it and add
+    the ``auto_map`` entry that ``AutoModelForCausalLM`` follows under ``trust_remote_code=True``."""
+    shutil.copyfile(MODELING_FILE, directory / MODELING_FILE.name)
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["auto_map"] = {**config.get("auto_map", {}), **AUTO_MAP}
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_compressed(model: nn.Module, tokenizer, out: str | Path) -> Path:
     """Write ``model`` (with its ``sparsekd_compression`` record) as a compressed checkpoint, atomically."""
     from safetensors.torch import save_file
@@ -208,6 +232,8 @@ def save_compressed(model: nn.Module, tokenizer, out: str | Path) -> Path:
     def build(tmp: Path) -> None:
         _save_common(model, tokenizer, tmp)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if record["ranks"]:
+            add_remote_code(tmp)
 
     return replace_dir(build, Path(out))
 
@@ -228,6 +254,8 @@ def save_dense(model: nn.Module, tokenizer, out: str | Path) -> Path:
                 if layer.u.bias is not None:
                     linear.bias.copy_(layer.u.bias)
             set_module(dense, m.name, linear)
+    if hasattr(dense.config, "auto_map"):  # a stock checkpoint: no custom code to point at
+        delattr(dense.config, "auto_map")
     record = compression_record(dense)
     if record is not None:
         delattr(dense.config, COMPRESSION_KEY)
