@@ -13,7 +13,8 @@ Layout (one group; every array chunked along N by ``chunk_size`` sequences, Blos
   format 1 (still read and written with format: 1): topk_ids, topk_logprobs [N, L, k] float16, tail_logmass.
   format 3, a sampled-class cache (``teacher_sample`` N): per position N draws from softmax(z / T) as distinct ids
     sample_ids [N, L, n] (ascending, padded with 0), sample_counts [N, L, n] uint8 (0 = padding), and
-    sample_logprobs [N, L, n] float16, the tempered log-probabilities log softmax(z / T) of those ids; drawn with
+    sample_codes [N, L, n] uint16, the tempered log-probabilities log softmax(z / T) of those ids as whole
+    ``logprob_step``s below 0 (they enter only the KD value, not its gradient); drawn with
     a generator seeded by (seed, chunk), so a resumed or sharded chunk draws the same classes. kd_loss.py's
     ``tail="sampled"`` turns them into an unbiased estimate of the full-vocabulary KD loss and gradient.
 
@@ -137,7 +138,7 @@ def teacher_topk(model, input_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, 
 
 def logprob_encoding(cfg: CacheConfig) -> str:
     if cfg.teacher_sample is not None:
-        return "float16 tempered log-probs of the sampled ids"
+        return f"tempered log-probs of the sampled ids as uint16 steps of {cfg.logprob_step} nats below 0"
     return "float16" if cfg.format == 1 else f"top-1 float16 + uint16 steps of {cfg.logprob_step} nats"
 
 
@@ -302,7 +303,7 @@ def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: d
         2: {"topk_ids": ((k,), id_dtype, plain), "topk_top": ((), np.float16, shuffle),
             "topk_codes": ((k,), np.uint16, shuffle), "tail_logmass": ((), np.float16, shuffle)},
         3: {"sample_ids": ((m,), id_dtype, shuffle), "sample_counts": ((m,), np.uint8, shuffle),
-            "sample_logprobs": ((m,), np.float16, shuffle)},
+            "sample_codes": ((m,), np.uint16, shuffle)},
     }[fingerprint["format"]]
     specs = {"input_ids": ((n, seq_len), np.int32, shuffle, chunk),
              **{name: ((n, seq_len) + tail, dtype, codec, chunk) for name, (tail, dtype, codec) in body.items()},
@@ -311,7 +312,9 @@ def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: d
     def compute(x: torch.Tensor, generator) -> dict[str, torch.Tensor]:
         if sampled:
             ids, counts, logprobs = teacher_sample(model, x, cfg.teacher_sample, cfg.sample_temperature, generator)
-            return {"sample_ids": ids, "sample_counts": counts, "sample_logprobs": logprobs}
+            # The log-probs only enter the KD *value* (the gradient needs ids and counts): steps below 0 suffice.
+            codes = torch.round(-logprobs / cfg.logprob_step).clamp(0, 65535)
+            return {"sample_ids": ids, "sample_counts": counts, "sample_codes": codes}
         ids, logprobs, tail = teacher_topk(model, x, k)
         tail = tail.clamp_min(-60000.0)
         if cfg.format == 1:
@@ -405,7 +408,7 @@ class TeacherCache:
         self.top_k = int(info["top_k"]) if self.kind == "topk" else None
         self.teacher_sample = info.get("teacher_sample")
         self.sample_temperature = info.get("sample_temperature")
-        self.step = float(info["logprob_encoding"].split("steps of ")[1].split()[0]) if self.format == 2 else None
+        self.step = float(info["logprob_encoding"].split("steps of ")[1].split()[0]) if self.format >= 2 else None
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -418,7 +421,7 @@ class TeacherCache:
         tail_logmass; for a sampled cache, sample_ids / sample_counts / sample_logprobs."""
         rows = np.asarray(indices, dtype=np.int64).reshape(-1)
         names = {"topk": ("input_ids", "topk_ids", "tail_logmass"),
-                 "sampled": ("input_ids", "sample_ids", "sample_counts", "sample_logprobs")}[self.kind]
+                 "sampled": ("input_ids", "sample_ids", "sample_counts")}[self.kind]
         out = {}
         for name in names:
             arr = self._read(name, rows)
@@ -427,6 +430,8 @@ class TeacherCache:
             logprobs = self._read("topk_logprobs", rows) if self.format == 1 else \
                 decode_logprobs(self._read("topk_top", rows), self._read("topk_codes", rows), self.step)
             out["topk_logprobs"] = torch.from_numpy(logprobs)
+        else:
+            out["sample_logprobs"] = torch.from_numpy(-self.step * self._read("sample_codes", rows).astype(np.float32))
         return out
 
 

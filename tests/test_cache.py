@@ -239,7 +239,7 @@ def test_sampled_cache_round_trip_and_shards(tmp_path, tiny_llama):
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 1)
     draws = [sample_classes(logits[i:i + 2], 12, 2.0, generator) for i in (0, 2)]
     assert torch.equal(got["sample_ids"], torch.cat([d[0] for d in draws])[1:3])
-    assert torch.allclose(got["sample_logprobs"].float(), torch.cat([d[2] for d in draws])[1:3], atol=1e-2)
+    assert torch.allclose(got["sample_logprobs"].float(), torch.cat([d[2] for d in draws])[1:3], atol=cfg.logprob_step / 2 + 1e-6)
     sharded = cfg.model_copy(update={"out": str(tmp_path / "sharded.zarr"), "num_shards": 2})
     for index in (1, 0):
         write_cache(tiny_llama, ids, sharded.model_copy(update={"shard_index": index}), FP, vocab)
