@@ -468,7 +468,7 @@ def add_cache_parser(sub) -> None:
     p.add_argument("--top-k", type=int, help="ids kept per position (default 32)")
     p.add_argument("--format", type=int, choices=(1, 2),
                    help="top-k store format: 2 (default; log-probs in steps below the top-1) or 1 (fp16 log-probs)")
-    p.add_argument("--logprob-step", type=float, help="format 2: log-prob step in nats (default 0.04)")
+    p.add_argument("--logprob-step", type=float, help="format 2: log-prob step in nats (default 0.02)")
     p.add_argument("--teacher-sample", type=int, metavar="N",
                    help="store N classes sampled per position from the teacher (unbiased KD; distill --tail sampled) "
                         "instead of the top-k")

@@ -21,8 +21,8 @@ Layout (one group; every array chunked along N by ``chunk_size`` sequences, Blos
 Position l holds the distribution that predicts token l+1 (the last position's predicts past the sequence).
 Readers (``TeacherCache``) decode every top-k format to float32 ``topk_logprobs``.
 Measured on SmolLM2-135M, k = 32 (benchmarks/cache_formats.py, README): format 1 ~92 bytes/token (uint16 ids ~51,
-fp16 log-probs ~38 after byte-shuffle zstd); format 2 at step 0.04 keeps the KD term and its parameter gradient
-within 0.1% of an fp32 teacher. The ids are the floor: their zero-order entropy in descending order is ~44 bytes,
+fp16 log-probs ~38 after byte-shuffle zstd); format 2 at step 0.02 ~77 bytes/token, with the KD term and its
+parameter gradient within 0.1% of an fp32 teacher (step 0.04: ~73 bytes/token, but the gradient moves 0.16%). The ids are the floor: their zero-order entropy in descending order is ~44 bytes,
 and neither sorting them (then the log-probs cost more), tie-aware orders, frequency remaps nor zstd level 19 did
 better than raw uint16 + zstd (~52); a position-context model would be needed to go lower.
 

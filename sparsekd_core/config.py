@@ -443,7 +443,7 @@ class CacheConfig(StageConfig):
     top_k: int = Field(32, gt=0, description="Token ids kept per position.")
     format: Literal[1, 2] = Field(2, description="Top-k store format: 2 (log-probs as whole steps of logprob_step "
                                                   "below the position's top-1, ~20% smaller) or 1 (fp16 log-probs).")
-    logprob_step: float = Field(0.04, gt=0, le=0.5, description="Format 2: log-prob quantisation step (nats); the "
+    logprob_step: float = Field(0.02, gt=0, le=0.5, description="Format 2: log-prob quantisation step (nats); the "
                                 "default keeps the KD term and its gradient within 0.1% of an fp32 cache.")
     teacher_sample: int | None = Field(None, gt=0, le=255, description="Instead of the top-k: this many classes "
                                        "sampled per position from the teacher's distribution at sample_temperature "
