@@ -169,15 +169,15 @@ def teacher_sample(model, input_ids: torch.Tensor, n: int, temperature: float, g
 def sample_classes(logits: torch.Tensor, n: int, temperature: float, generator) -> tuple[torch.Tensor, ...]:
     """``teacher_sample`` from logits [B, L, V] (fp32 math)."""
     B, L, V = logits.shape
-    logp = torch.log_softmax(logits.float() / temperature, -1).reshape(B * L, V)
-    draws = torch.multinomial(logp.exp(), n, replacement=True, generator=generator)  # [B*L, n]
+    probs = torch.softmax(logits.float() / temperature, -1).reshape(B * L, V)  # one pass over V, not two
+    draws = torch.multinomial(probs, n, replacement=True, generator=generator)  # [B*L, n]
     draws, _ = draws.sort(-1)
     first = torch.ones_like(draws, dtype=torch.bool)
     first[:, 1:] = draws[:, 1:] != draws[:, :-1]
     slot = first.long().cumsum(-1) - 1  # the distinct id's slot, 0..unique-1
     ids = torch.zeros_like(draws).scatter_(1, slot, draws)
     counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
-    logprobs = logp.gather(1, ids).masked_fill(counts == 0, 0.0)
+    logprobs = probs.gather(1, ids).log().masked_fill(counts == 0, 0.0)  # drawn classes: far from underflow
     return ids.reshape(B, L, n), counts.reshape(B, L, n), logprobs.reshape(B, L, n)
 
 
