@@ -113,10 +113,11 @@ def _check_stage(cls, section: str, values: Any, **fill: Any) -> Any:
 
 
 def section_model(cls: type[BaseModel], name: str, doc: str, exclude: set[str] = frozenset(),
-                  keep: set[str] | None = None) -> type[BaseModel]:
+                  keep: set[str] | None = None, narrow: dict[str, Any] | None = None) -> type[BaseModel]:
     """A flow's typed form section made from a core stage config: the same fields, types, defaults, allowed values
-    and descriptions, less the fields the flow sets itself. The stage's validators run in the flow's validator."""
-    fields = {n: (f.annotation, copy.copy(f)) for n, f in cls.model_fields.items()
+    and descriptions, less the fields the flow sets itself (``narrow``: a field's type narrowed to what the flow
+    supports). The stage's validators run in the flow's validator."""
+    fields = {n: ((narrow or {}).get(n, f.annotation), copy.copy(f)) for n, f in cls.model_fields.items()
               if n not in exclude and (keep is None or n in keep)}
     return create_model(name, __base__=_Section, __doc__=doc, **fields)
 
@@ -124,7 +125,9 @@ def section_model(cls: type[BaseModel], name: str, doc: str, exclude: set[str] =
 DistillSection = section_model(DistillConfig, "DistillSection", "Distillation: the KD loss and the training loop "
                                "(sparsekd_core/distill.py). The flow sets the cache, the output and the seed; a "
                                "flow's stage trains in one process (torchrun is for `sparsekd distill`).",
-                               exclude={"cache", "out", "seed", "parallel"})
+                               exclude={"cache", "out", "seed", "parallel"},
+                               # The flows cache the top-k (tail=sampled needs a --teacher-sample cache: the CLI).
+                               narrow={"tail": Literal["topk", "bucket", "paper"]})
 PruneSection = section_model(PruneConfig, "PruneSection", "Pruning (sparsekd_core/prune). The flow sets the "
                              "reduction of each round.", exclude={"target_reduction", "energy", "drop_blocks"})
 WandaSection = section_model(PruneConfig, "WandaSection", "WANDA calibration (the flow sets the sparsities).",
