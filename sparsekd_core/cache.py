@@ -287,7 +287,7 @@ def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: d
         raise ConfigError(f"cache.top_k={k} is larger than the vocabulary ({vocab_size})")
     fingerprint = dict(fingerprint, format=3 if sampled else cfg.format, top_k=None if sampled else k,
                        seq_len=int(seq_len), sequences=int(n), chunk_size=chunk, code_version=__version__,
-                       logprob_encoding=logprob_encoding(cfg))
+                       logprob_encoding=logprob_encoding(cfg), logprob_step=cfg.logprob_step)
     if sampled:
         fingerprint.update(kind="sampled", teacher_sample=cfg.teacher_sample,
                            sample_temperature=cfg.sample_temperature, sample_seed=cfg.seed)
@@ -408,7 +408,7 @@ class TeacherCache:
         self.top_k = int(info["top_k"]) if self.kind == "topk" else None
         self.teacher_sample = info.get("teacher_sample")
         self.sample_temperature = info.get("sample_temperature")
-        self.step = float(info["logprob_encoding"].split("steps of ")[1].split()[0]) if self.format >= 2 else None
+        self.step = float(info["logprob_step"]) if self.format >= 2 else None
 
     def __len__(self) -> int:
         return self.num_sequences

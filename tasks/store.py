@@ -105,11 +105,11 @@ def _fs(url: str):
     return fs, path
 
 
-def upload_dir(local: Path, url: str) -> None:
-    """Copy every file under ``local`` to ``url`` (same relative names)."""
+def upload_dir(local: Path, url: str, skip: tuple[str, ...] = ()) -> None:
+    """Copy every file under ``local`` to ``url`` (same relative names), but those named in ``skip``."""
     fs, base = _fs(url)
     for p in sorted(local.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.name not in skip:
             fs.put_file(str(p), f"{base}/{p.relative_to(local).as_posix()}")
 
 
@@ -189,10 +189,8 @@ def run_stage(
 
 def publish_stage(directory: Path, url: str) -> None:
     """Upload a finished stage: its files, then its manifest (last: its presence means the stage is whole)."""
+    upload_dir(directory, url, skip=(MANIFEST,))
     fs, base = _fs(url)
-    for p in sorted(directory.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            fs.put_file(str(p), f"{base}/{p.relative_to(directory).as_posix()}")
     fs.put_file(str(directory / MANIFEST), f"{base}/{MANIFEST}")
 
 
