@@ -32,6 +32,7 @@ NAMED_SOURCES: tuple[str, ...] = (
     "c4:train",
     "c4:heldout",
     "python:stdlib",
+    "python:heldout",
 )
 HUB_PREFIX = "hub:"
 HUB_SOURCES: tuple[str, ...] = (

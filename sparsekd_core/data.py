@@ -2,7 +2,7 @@
 
 A data spec is one of
   * a named source ``family:split`` (see ``config.NAMED_SOURCES``): always the copy shipped in
-    ``sparsekd_core/resources`` (or, for ``python:stdlib``, the interpreter's own standard-library source), so a
+    ``sparsekd_core/resources`` (or, for ``python:stdlib`` and ``python:heldout``, the interpreter's own standard-library source, split ~90/10), so a
     name means the same documents on every machine, online or not;
   * ``hub:family:split`` (``config.HUB_SOURCES``): the Hugging Face dataset, asked for explicitly; large sources
     (C4, CodeParrot) are streamed and read up to a document limit (``hub:c4:train@5000``; the default is below);
@@ -105,14 +105,27 @@ def _record_text(record: dict, where: str) -> str:
                       "'prompt' + 'response'")
 
 
-def _stdlib_documents(min_bytes: int = 1024) -> list[str | bytes]:
-    """Python's standard-library modules (>= 1 KB, no test suites), as raw bytes, in a stable order."""
+STDLIB_HELDOUT_MOD = 10  # python:heldout = the stdlib modules whose path's CRC-32 is 0 mod this (about 10%)
+
+
+def _stdlib_documents(min_bytes: int = 1024, heldout: bool = False) -> list[str | bytes]:
+    """Python's standard-library modules (>= 1 KB, no test suites), as raw bytes, in a stable order.
+
+    ``python:stdlib`` and ``python:heldout`` split them by a hash of the module's path (heldout: ~10%), so code
+    held out of a KD corpus is code of the same kind that no corpus built from ``python:stdlib`` can contain."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
     files = sorted(
         p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts) and p.stat().st_size >= min_bytes
     )
-    return [p.read_bytes() for p in files]
+    held = [zlib.crc32(p.relative_to(root).as_posix().encode()) % STDLIB_HELDOUT_MOD == 0 for p in files]
+    kept = [p.read_bytes() for p, h in zip(files, held) if not h]
+    if not heldout:
+        return kept
+    # A held-out module that shares a block with the rest (a licence header, a copied function) is dropped, so
+    # that check_disjoint passes against any corpus drawn from python:stdlib.
+    seen = _normalised_hashes(kept)
+    return [doc for doc in (p.read_bytes() for p, h in zip(files, held) if h) if not _normalised_hashes([doc]) & seen]
 
 
 def _hub_rows(path: str, name: str | None, split: str, column: str | None, limit: int | None) -> list:
@@ -199,8 +212,8 @@ def _hub_documents(spec: str, limit: int | None) -> list[str | bytes]:
 
 def _named_documents(name: str) -> list[str | bytes]:
     """A packaged source's documents (never the network)."""
-    if name == "python:stdlib":
-        return _stdlib_documents()
+    if name in ("python:stdlib", "python:heldout"):
+        return _stdlib_documents(heldout=name == "python:heldout")
     if name.startswith("wikitext2:"):
         return wikitext_articles(_embedded_wikitext(name))
     if name.startswith("gsm8k:"):

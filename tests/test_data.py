@@ -10,7 +10,9 @@ import torch
 
 from sparsekd_core.config import MixtureComponent, MixtureConfig
 from sparsekd_core.data import (
+    DataOverlapError,
     DataQualityError,
+    check_disjoint,
     build_mixture,
     classify_document,
     load_documents,
@@ -192,6 +194,12 @@ def test_offline_named_sources_and_file_formats(tmp_path):
     assert len(c4_train) == 900 and len(c4_heldout) == 100 and not set(c4_train) & set(c4_heldout)
     stdlib = load_documents("python:stdlib")
     assert len(stdlib) > 100
+    # Held-out code: other modules of the same stdlib, sharing no document or block with python:stdlib.
+    code_heldout = load_documents("python:heldout")
+    assert 10 <= len(code_heldout) < len(stdlib) / 5 and not set(code_heldout) & set(stdlib)
+    assert check_disjoint({"code": "python:heldout"}, {"python:stdlib": None})["shared"] == 0
+    with pytest.raises(DataOverlapError):  # the check is live: stdlib against itself is refused
+        check_disjoint({"code": "python:stdlib"}, {"python:stdlib": None})
     import pyarrow as pa  # pinned in requirements.lock
     import pyarrow.parquet as pq
 
