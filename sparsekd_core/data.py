@@ -2,8 +2,8 @@
 
 A data spec is one of
   * a named source ``family:split`` (see ``config.NAMED_SOURCES``): always the copy shipped in
-    ``sparsekd_core/resources`` (or, for ``python:stdlib`` and ``python:heldout``, the interpreter's own standard-library source, split ~90/10), so a
-    name means the same documents on every machine, online or not;
+    ``sparsekd_core/resources`` (or, for ``python:stdlib`` and ``python:heldout``, the interpreter's own
+    standard-library source, split ~90/10), so a name means the same documents on every machine, online or not;
   * ``hub:family:split`` (``config.HUB_SOURCES``): the Hugging Face dataset, asked for explicitly; large sources
     (C4, CodeParrot) are streamed and read up to a document limit (``hub:c4:train@5000``; the default is below);
   * a local file: ``.txt``/``.raw`` (read whole), ``.jsonl``/``.json`` (a ``text`` field, or GSM8K's

@@ -373,3 +373,25 @@ def test_sharded_cache_fan_out_gives_the_one_process_store(prefect_server, tiny_
                  "--seq-len", "32", "--top-k", "8", "--out", str(one), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["computed_chunks"] == 3
     same_arrays(cache_dir / "teacher.zarr", one)
+
+
+def test_study_flow_end_to_end(tiny_setup, prefect_server, tmp_path):
+    """flows/study.py: the paper flow, the arms it lacks (reusing the paper flow's stages), the self-judging report."""
+    from flows.study import StudyConfig, study_flow
+
+    values = flow_values(tiny_setup, tmp_path / "w", targets=[0.2, 0.4], sparsities=[0.5], seeds=[43],
+                         prune=PRUNE, tails=["topk", "bucket"], standard_protocol_set="text")
+    values["eval_sets"].append({"name": "more", "data": str(tiny_setup / "eval.txt"), "max_tokens": 100})
+    out = tmp_path / "docs"
+    result = study_flow(StudyConfig(**values), out=str(out))
+    text = (out / "report.md").read_text()
+    assert "## Verdicts" in text and "post-KD ≪ post-prune" in text and "KD beats CE-only, R1 pruned" in text
+    assert "Standard protocol, dense" in text and "## Seeds: R1 Pruned+KD, seeds 42, 43" in text
+    assert (out / "paper-report.md").exists() and (out / "study.json").exists()
+    summary = json.loads((out / "study.json").read_text())
+    assert {"dense+kd tail=bucket", "R1 ce-only", "oneshot ce-only", "R2 post, dense teacher",
+            "R1 post seed=43"} <= set(summary["models"])
+    # The paper flow's models are reached again through their keys, not retrained.
+    stages = {s["label"]: s["cached"] for s in result["stages"]}
+    assert stages["distill dense+kd"] and stages["distill R1"] and stages["distill R2"]
+    assert not stages["distill R1 ce-only"] and not stages["distill dense+kd tail=bucket"]
