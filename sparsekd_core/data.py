@@ -330,8 +330,8 @@ def load_text(spec: str) -> str:
             return raw.decode("utf-8")
         except UnicodeDecodeError as err:
             raise ConfigError(f"data.data={spec!r}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    docs = [d for d in load_documents(spec) if isinstance(d, str) and d.strip()]
-    return "\n\n".join(docs)
+    docs = [d.decode("utf-8", "replace") if isinstance(d, bytes) else d for d in load_documents(spec)]  # code: bytes
+    return "\n\n".join(d for d in docs if d.strip())
 
 
 # ----------------------------------------------------------------------------------------------------------------

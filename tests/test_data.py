@@ -198,6 +198,7 @@ def test_offline_named_sources_and_file_formats(tmp_path):
     code_heldout = load_documents("python:heldout")
     assert 10 <= len(code_heldout) < len(stdlib) / 5 and not set(code_heldout) & set(stdlib)
     assert check_disjoint({"code": "python:heldout"}, {"python:stdlib": None})["shared"] == 0
+    assert load_text("python:heldout").startswith(code_heldout[0].decode())  # an eval text, not an empty string
     with pytest.raises(DataOverlapError):  # the check is live: stdlib against itself is refused
         check_disjoint({"code": "python:stdlib"}, {"python:stdlib": None})
     import pyarrow as pa  # pinned in requirements.lock
