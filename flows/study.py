@@ -49,6 +49,8 @@ class StudyConfig(PaperConfig):
     tails: list[Literal["topk", "bucket", "paper"]] = Field(
         ["topk", "bucket", "paper"], description="Dense+KD once per KD tail (the paper flow runs distill.tail).")
     seeds: list[int] = Field([43, 44], description="More seeds of the first round's Pruned+KD (besides `seed`).")
+    lr_probe: list[float] = Field([], description="Other learning rates for the first round's Pruned+KD (evidence "
+                                                  "for the default lr).")
     last_round_swap: bool = Field(True, description="Also distill the last round's student from the dense cache.")
     pruned_ce_control: bool = Field(True, description="CE-only twins of the first round's and the one-shot "
                                                       "teacher-swap student.")
@@ -196,6 +198,8 @@ def study_flow(config: StudyConfig, out: str | None = None) -> dict:
             other = dataclasses.replace(run, cfg=config.model_copy(update={"seed": s}))
             seed_rows[s] = ev(f"R1 post seed={s}", other.distill(first["pruned"]["model"], dense_cache, rid,
                                                                  f"R1 seed={s}"))
+        for lr in config.lr_probe:
+            ev(f"R1 post lr={lr:g}", run.distill(first["pruned"]["model"], dense_cache, rid, f"R1 lr={lr:g}", lr=lr))
         std = {n: statistics.stdev([v[n] for v in seed_rows.values()]) for n in names} if len(seed_rows) > 1 else {}
         standard = None
         if config.standard_protocol_set:

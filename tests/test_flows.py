@@ -379,7 +379,7 @@ def test_study_flow_end_to_end(tiny_setup, prefect_server, tmp_path):
     """flows/study.py: the paper flow, the arms it lacks (reusing the paper flow's stages), the self-judging report."""
     from flows.study import StudyConfig, study_flow
 
-    values = flow_values(tiny_setup, tmp_path / "w", targets=[0.2, 0.4], sparsities=[0.5], seeds=[43],
+    values = flow_values(tiny_setup, tmp_path / "w", targets=[0.2, 0.4], sparsities=[0.5], seeds=[43], lr_probe=[2e-3],
                          prune=PRUNE, tails=["topk", "bucket"], standard_protocol_set="text")
     values["eval_sets"].append({"name": "more", "data": str(tiny_setup / "eval.txt"), "max_tokens": 100})
     out = tmp_path / "docs"
@@ -390,7 +390,7 @@ def test_study_flow_end_to_end(tiny_setup, prefect_server, tmp_path):
     assert (out / "paper-report.md").exists() and (out / "study.json").exists()
     summary = json.loads((out / "study.json").read_text())
     assert {"dense+kd tail=bucket", "R1 ce-only", "oneshot ce-only", "R2 post, dense teacher",
-            "R1 post seed=43"} <= set(summary["models"])
+            "R1 post seed=43", "R1 post lr=0.002"} <= set(summary["models"])
     # The paper flow's models are reached again through their keys, not retrained.
     stages = {s["label"]: s["cached"] for s in result["stages"]}
     assert stages["distill dense+kd"] and stages["distill R1"] and stages["distill R2"]
