@@ -87,10 +87,23 @@ class _LogitStats(torch.autograd.Function):
     def backward(ctx, g_gathered, g_lse1, g_lse_t, g_tail):
         logits, ids, mask_ids, lse1, lse_t, lse_tail = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
-        grad = torch.zeros_like(logits)
+        grad = torch.empty_like(logits)  # every chunk is written whole below
         dt = lse1.dtype
+        # The common case (topk: only the CE's lse(z) and the gathered logits carry gradient; fp32/fp64 logits):
+        # softmax(z)·g written straight into the gradient buffer, three passes over V instead of eight.
+        fast = g_lse_t is None and g_tail is None and logits.dtype == dt
         for s in range(0, logits.shape[1], chunk):
             sl = slice(s, s + chunk)
+            if fast:
+                g = grad[:, sl]
+                if g_lse1 is None:
+                    g.zero_()
+                else:
+                    torch.sub(logits[:, sl], lse1[:, sl, None], out=g)
+                    g.exp_().mul_(g_lse1[:, sl, None])
+                if g_gathered is not None:
+                    g.scatter_add_(-1, ids[:, sl], g_gathered[:, sl])
+                continue
             z = logits[:, sl].to(dt)
             g = torch.zeros_like(z)
             if g_lse1 is not None:

@@ -1,0 +1,246 @@
+"""The benchmark ratios of docs/results/benchmarks.md, measured side by side in one run (figures, not tests).
+
+    flock /tmp/sparsekd-heavy.lock python benchmarks/ratios.py [--skip-flow] [--json out.json]
+
+1. eval: `sparsekd_core.eval.perplexity` tokens/s vs a bare batch-1 forward loop over the same windows
+   (SmolLM2-135M, WikiText-2 test, paper protocol); goal ≥ 0.95×.
+2. cache: `write_cache` (format 2) tokens/s vs a bare forward over the same sequences, and bytes/token; goal ≥ 0.9×.
+3. KD step vs CE step (forward + backward, same batch): time and peak memory, at SmolLM2's 49k vocabulary and at a
+   151,936-token vocabulary (a randomly initialised Qwen3-0.6B-shaped model, config built in code); each kind in a
+   process of its own so that the peak resident memory (ru_maxrss) is that kind's alone; goal ≤ 1.10× at 151k.
+4. prune: whitened tiered SVD of SmolLM2-135M to 35% MLP reduction (calibration included), seconds.
+5. flow: a small dense-kd flow run twice in a fresh workdir: first run vs the cached rerun, seconds.
+Best (eval, cache) or median (steps) of the repeats; the machine is described in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, torch {torch.__version__} ({torch.get_num_threads()} "
+            f"threads), python {platform.python_version()}")
+
+
+def eval_ratio(loaded, max_tokens: int, repeats: int) -> dict:
+    from sparsekd_core.config import EvalConfig
+    from sparsekd_core.data import load_text
+    from sparsekd_core.eval import make_windows, perplexity, tokenize_text
+
+    ids = tokenize_text(loaded.tokenizer, load_text("wikitext2:test"), max_tokens)
+    cfg = EvalConfig(ctx=512, stride=256, protocol="paper", batch_size=1)
+    windows = make_windows(ids.numel(), cfg.ctx, cfg.stride, cfg.protocol)
+
+    @torch.inference_mode()
+    def bare() -> float:
+        t0 = time.perf_counter()
+        n = 0
+        for w in windows:
+            b, e = w.begin, w.end
+            loaded.model(input_ids=ids[b:e][None], use_cache=False).logits
+            n += e - b
+        return n / (time.perf_counter() - t0)
+
+    bare_tps, ours, ours4 = [], [], []
+    for _ in range(repeats):  # interleaved
+        bare_tps.append(bare())
+        ours.append(perplexity(loaded.model, ids, cfg).tokens_per_s)
+        ours4.append(perplexity(loaded.model, ids, cfg.model_copy(update={"batch_size": 4})).tokens_per_s)
+    return {"bare_tokens_per_s": max(bare_tps), "eval_b1_tokens_per_s": max(ours), "eval_b4_tokens_per_s": max(ours4),
+            "ratio_b1": max(ours) / max(bare_tps), "ratio_b4": max(ours4) / max(bare_tps)}
+
+
+def cache_ratio(loaded, num_samples: int, repeats: int) -> dict:
+    from sparsekd_core.cache import build_corpus, cache_fingerprint, write_cache
+    from sparsekd_core.config import CacheConfig
+
+    tmp = tempfile.mkdtemp()
+    cfg = CacheConfig(out=f"{tmp}/c.zarr", data="mix:paper-offline", num_samples=num_samples, seq_len=256, top_k=32)
+    ids = build_corpus(cfg, loaded.tokenizer, log=lambda m: None)
+    fp = cache_fingerprint(loaded, cfg, ids)
+
+    @torch.inference_mode()
+    def bare() -> float:
+        t0 = time.perf_counter()
+        for i in range(ids.shape[0]):
+            loaded.model(input_ids=ids[i : i + 1], use_cache=False).logits
+        return ids.numel() / (time.perf_counter() - t0)
+
+    bare_tps, cache_tps = [], []
+    for _ in range(repeats):
+        bare_tps.append(bare())
+        shutil.rmtree(f"{tmp}/c.zarr", ignore_errors=True)
+        res = write_cache(loaded.model, ids, cfg, fp, loaded.model.config.vocab_size, log=lambda m: None)
+        cache_tps.append(res.tokens_per_s)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"bare_tokens_per_s": max(bare_tps), "cache_tokens_per_s": max(cache_tps),
+            "ratio": max(cache_tps) / max(bare_tps), "bytes_per_token": res.bytes_per_token,
+            "tokens": int(ids.numel())}
+
+
+def _qwen3_shaped():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                      max_position_embeddings=4096)
+    return Qwen3ForCausalLM(cfg).float().train()
+
+
+def _step_child(model_name: str, kind: str, seq_len: int, repeats: int, queue) -> None:
+    """One process, one kind of step: median seconds and the peak resident memory above the loaded model's."""
+    from sparsekd_core.cache import teacher_topk
+    from sparsekd_core.config import ModelConfig
+    from sparsekd_core.kd_loss import KDLoss, ce_loss
+    from sparsekd_core.models import load_model
+
+    if model_name == "qwen3-0.6b-shaped":
+        model = _qwen3_shaped()
+    else:
+        model = load_model(ModelConfig(model=model_name, dtype="fp32")).model.train()
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        top, lp, tail = teacher_topk(model, ids, 32)
+    top, lp, tail = top.to(torch.int32), lp.half(), tail.half()
+    kd = KDLoss(alpha=0.5, temperature=2.0, tail="topk")
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = kd(logits, ids, top, lp, tail).loss if kind == "kd" else ce_loss(logits, ids)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    step()  # warm-up
+    times = [step() for _ in range(repeats)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put({"seconds": statistics.median(times), "peak_rss_mib": peak / 1024, "base_rss_mib": base / 1024,
+               "params": sum(p.numel() for p in model.parameters()), "vocab": model.config.vocab_size})
+
+
+def step_ratio(model_name: str, seq_len: int, repeats: int) -> dict:
+    ctx = mp.get_context("spawn")
+    out = {}
+    for kind in ("ce", "kd"):
+        queue = ctx.Queue()
+        p = ctx.Process(target=_step_child, args=(model_name, kind, seq_len, repeats, queue))
+        p.start()
+        out[kind] = queue.get()
+        p.join()
+    return {"model": model_name, "vocab": out["kd"]["vocab"], "params": out["kd"]["params"], "tokens": seq_len,
+            "ce_seconds": out["ce"]["seconds"], "kd_seconds": out["kd"]["seconds"],
+            "time_ratio": out["kd"]["seconds"] / out["ce"]["seconds"],
+            "ce_peak_mib": out["ce"]["peak_rss_mib"], "kd_peak_mib": out["kd"]["peak_rss_mib"],
+            "memory_ratio": out["kd"]["peak_rss_mib"] / out["ce"]["peak_rss_mib"],
+            "step_memory_ratio": (out["kd"]["peak_rss_mib"] - out["kd"]["base_rss_mib"])
+            / max(1e-9, out["ce"]["peak_rss_mib"] - out["ce"]["base_rss_mib"])}
+
+
+def prune_seconds(loaded) -> dict:
+    from sparsekd_core.config import PruneConfig
+    from sparsekd_core.prune import prune_model
+
+    import copy
+
+    model = copy.deepcopy(loaded.model)
+    cfg = PruneConfig(method="svd", schedule="tiered", target_reduction=0.35, calibration="wikitext2:train")
+    t0 = time.perf_counter()
+    result = prune_model(model, loaded.tokenizer, cfg, log=lambda m: None)
+    return {"seconds": time.perf_counter() - t0, "calibration_seconds": result.calibration_seconds,
+            "mlp_reduction": result.summary()["mlp_reduction"]}
+
+
+def flow_rerun(tmp: Path) -> dict:
+    config = tmp / "dense-kd.yaml"
+    config.write_text(
+        f"model: smollm2-135m\nworkdir: {tmp / 'runs'}\n"
+        "corpus: {data: \"mix:paper-offline\", num_samples: 8, seq_len: 128}\n"
+        "distill: {max_steps: 4, batch_size: 2, eval_every: 0, val_tokens: 256}\n"
+        "eval_sets: [{name: wikitext2, data: \"wikitext2:test\", max_tokens: 1024}]\n")
+    seconds = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "sparsekd", "run", "dense-kd", "--config", str(config), "--json"],
+                       check=True, cwd=ROOT, capture_output=True)
+        seconds.append(time.perf_counter() - t0)
+    return {"first_seconds": seconds[0], "rerun_seconds": seconds[1], "ratio": seconds[1] / seconds[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--cache-samples", type=int, default=16)
+    ap.add_argument("--step-repeats", type=int, default=3)
+    ap.add_argument("--skip-flow", action="store_true")
+    ap.add_argument("--only", help="comma-separated subset of eval,cache,step,prune,flow")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args()
+    from sparsekd_core.config import ModelConfig
+    from sparsekd_core.models import load_model
+
+    only = set(args.only.split(",")) if args.only else {"eval", "cache", "step", "prune", "flow"}
+    if args.skip_flow:
+        only.discard("flow")
+    report: dict = {"machine": machine()}
+    print(f"machine: {report['machine']}", flush=True)
+    loaded = load_model(ModelConfig(model="smollm2-135m", dtype="fp32")) if only & {"eval", "cache", "prune"} else None
+    if "eval" in only:
+        report["eval"] = r = eval_ratio(loaded, args.eval_tokens, args.repeats)
+        print(f"eval: bare forward {r['bare_tokens_per_s']:.0f} tok/s; sparsekd b1 {r['eval_b1_tokens_per_s']:.0f} "
+              f"({r['ratio_b1']:.3f}×), b4 {r['eval_b4_tokens_per_s']:.0f} ({r['ratio_b4']:.3f}×)", flush=True)
+    if "cache" in only:
+        report["cache"] = r = cache_ratio(loaded, args.cache_samples, args.repeats)
+        print(f"cache: bare forward {r['bare_tokens_per_s']:.0f} tok/s; cache {r['cache_tokens_per_s']:.0f} "
+              f"({r['ratio']:.3f}×); {r['bytes_per_token']:.1f} bytes/token", flush=True)
+    if "prune" in only:
+        report["prune"] = r = prune_seconds(loaded)
+        print(f"prune: SVD tiered whitened to {100 * r['mlp_reduction']:.1f}% MLP reduction: {r['seconds']:.1f} s "
+              f"(calibration {r['calibration_seconds']:.1f} s)", flush=True)
+    del loaded
+    if "step" in only:
+        for name in ("smollm2-135m", "qwen3-0.6b-shaped"):
+            report[f"step_{name}"] = r = step_ratio(name, 256, args.step_repeats)
+            print(f"step {name} (vocab {r['vocab']}, {r['params'] / 1e6:.0f}M params, 1×256): "
+                  f"CE {r['ce_seconds']:.3f} s, "
+                  f"KD {r['kd_seconds']:.3f} s ({r['time_ratio']:.3f}×); peak RSS CE {r['ce_peak_mib']:.0f} MiB, "
+                  f"KD {r['kd_peak_mib']:.0f} MiB ({r['memory_ratio']:.3f}×; above the model: "
+                  f"{r['step_memory_ratio']:.3f}×)", flush=True)
+    if "flow" in only:
+        with tempfile.TemporaryDirectory() as tmp:
+            report["flow"] = r = flow_rerun(Path(tmp))
+        print(f"flow: dense-kd first run {r['first_seconds']:.0f} s, cached rerun {r['rerun_seconds']:.0f} s "
+              f"({r['ratio']:.3f}×)", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
