@@ -28,7 +28,7 @@ loaded = load_model(ModelConfig(model=args.model))
 tmp = tempfile.mkdtemp()
 cfg = CacheConfig(out=f"{tmp}/c.zarr", data="mix:paper-offline", num_samples=args.num_samples, seq_len=args.seq_len,
                   chunk_size=args.num_samples)
-ids = build_corpus(cfg, loaded.tokenizer, log=lambda m: None)
+ids = build_corpus(cfg, loaded.tokenizer, log=lambda m: None).input_ids
 write_cache(loaded.model, ids, cfg, cache_fingerprint(loaded, cfg, ids), loaded.model.config.vocab_size, log=lambda m: None)
 stored = TeacherCache(cfg.out)[list(range(ids.shape[0]))]
 fp32 = dict(zip(("topk_ids", "topk_logprobs", "tail_logmass"), teacher_topk(loaded.model, ids, cfg.top_k)))

@@ -31,7 +31,7 @@ loaded = load_model(ModelConfig(model=args.model))
 tmp = tempfile.mkdtemp()
 cfg = CacheConfig(out=f"{tmp}/c.zarr", data="mix:paper-offline", num_samples=args.num_samples, seq_len=args.seq_len,
                   top_k=args.top_k)
-ids = build_corpus(cfg, loaded.tokenizer, log=lambda m: None)
+ids = build_corpus(cfg, loaded.tokenizer, log=lambda m: None).input_ids
 fp = cache_fingerprint(loaded, cfg, ids)
 
 
