@@ -256,12 +256,40 @@ def study_report(config, ppl, found, rounds, seed_rows, std, standard, paper, ru
     rows = [[label, *[sets[n] for n in names], *[rep.vs(sets[n], dense[n]) for n in names]]
             for label, sets in ppl.items()]
     lines.append(rep.table(["model", *[f"PPL {n}" for n in names], *[f"vs dense {n}" for n in names]], rows))
+    tails = [(config.distill.tail, "dense+kd")] + [(t, f"dense+kd tail={t}") for t in config.tails
+                                                   if t != config.distill.tail and f"dense+kd tail={t}" in ppl]
+    lines.append("\n## Dense+KD per KD tail, beside the CE-only twin (α = 0: the same for every tail)\n")
+    lines.append(rep.table(["arm", *[f"PPL {n}" for n in names], *[f"vs CE-only {n}" for n in names]],
+                           [[f"Dense+KD tail={t}", *[ppl[row][n] for n in names],
+                             *[rep.vs(ppl[row][n], ppl["ce-only"][n]) for n in names]] for t, row in tails]
+                           + [["CE-only", *[ppl["ce-only"][n] for n in names], *["—"] * len(names)],
+                              ["Dense", *[dense[n] for n in names],
+                               *[rep.vs(dense[n], ppl["ce-only"][n]) for n in names]]]))
     lines.append("\n## Iterative rounds (teacher: the previous round's recovered model, re-cached)\n")
     lines.append(rep.table(["round", "MLP reduction", *[f"pre-KD {n}" for n in names],
                             *[f"post-KD {n}" for n in names]],
                            [[f"R{x['round']}", f"{100 * x['mlp_reduction']:.1f}%",
                              *[ppl[f"R{x['round']} pre"][n] for n in names],
                              *[ppl[f"R{x['round']} post"][n] for n in names]] for x in rounds]))
+    last = f"R{rounds[-1]['round']}"
+    if f"{last} post, dense teacher" in ppl:
+        lines.append(f"\n## Teacher swap at the last round: {last}'s pruned student from each teacher\n")
+        lines.append(rep.table(["teacher", *[f"PPL {n}" for n in names]],
+                               [[f"R{rounds[-1]['round'] - 1} post-KD, re-cached (the iterative flow's)",
+                                 *[ppl[f"{last} post"][n] for n in names]],
+                                ["the dense model's cache", *[ppl[f"{last} post, dense teacher"][n] for n in names]],
+                                [f"(pre-KD {last})", *[ppl[f"{last} pre"][n] for n in names]]]))
+    pairs = [(a, b, what) for a, b, what in (("R1 post", "R1 ce-only", "R1 (first round) pruned"),
+                                             ("oneshot kd", "oneshot ce-only",
+                                              f"one-shot {100 * config.swap_target:.0f}% pruned"))
+             if a in ppl and b in ppl]
+    if pairs:
+        lines.append("\n## KD vs CE-only on pruned students (same student, corpus, steps, seed)\n")
+        lines.append(rep.table(["student", "arm", *[f"PPL {n}" for n in names], *[f"KD vs CE-only {n}" for n in names]],
+                               [row for a, b, what in pairs for row in (
+                                   [what, "KD", *[ppl[a][n] for n in names],
+                                    *[rep.vs(ppl[a][n], ppl[b][n]) for n in names]],
+                                   [what, "CE-only", *[ppl[b][n] for n in names], *["—"] * len(names)])]))
     if len(seed_rows) > 1:
         lines.append(f"\n## Seeds: R1 Pruned+KD, seeds {', '.join(map(str, seed_rows))}\n")
         lines.append(rep.table(["eval set", "mean", "std", *[f"seed {s}" for s in seed_rows]],
