@@ -151,10 +151,15 @@ def study_flow(config: StudyConfig, out: str | None = None, command: str | None 
     with start(config, "study", check_data=True) as run:
         ppl: dict[str, dict[str, float]] = {}
         models: dict[str, str] = {}
+        kept: dict[str, tuple] = {}
         rid = run.arm("study")  # every stage below is reached through its key; the paper flow's ones are reused
 
         def ev(label: str, manifest_or_ref: dict) -> dict:
             ref = manifest_or_ref.get("model", manifest_or_ref)
+            result = manifest_or_ref.get("result", {})
+            if "best_step" in result:  # a trained arm: the checkpoint kept is the best on validation
+                kept[label] = (result["best_step"], result.get("steps"), result.get("val_ppl_start"),
+                               result.get("val_ppl_best"))
             ppl[label] = run.evaluate(ref, rid, label)
             models[label] = ref["spec"]
             return ppl[label]
@@ -211,7 +216,7 @@ def study_flow(config: StudyConfig, out: str | None = None, command: str | None 
         run.end(rid)
 
         found = verdicts(ppl, names[0], names[1:], std)
-        text = study_report(config, ppl, found, rounds, seed_rows, std, standard, paper, run, t_paper,
+        text = study_report(config, ppl, found, rounds, seed_rows, std, standard, paper, run, t_paper, kept,
                             time.time() - t0 - t_paper, command or "python -m flows.study --config CONFIG --out DIR")
         metrics = {re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{row}.{n}"): v
                    for row, sets in ppl.items() for n, v in sets.items()}
@@ -223,7 +228,7 @@ def study_flow(config: StudyConfig, out: str | None = None, command: str | None 
     return result
 
 
-def study_report(config, ppl, found, rounds, seed_rows, std, standard, paper, run: Run, t_paper: float,
+def study_report(config, ppl, found, rounds, seed_rows, std, standard, paper, run: Run, t_paper: float, kept: dict,
                  t_extra: float, command: str = "python -m flows.study --config CONFIG --out DIR") -> str:
     names = [es.name for es in config.eval_sets if es.kind == "perplexity"]
     d = config.distill
@@ -252,10 +257,24 @@ def study_report(config, ppl, found, rounds, seed_rows, std, standard, paper, ru
     if standard is not None:
         lines.append(f"\nStandard protocol, dense, `{config.standard_protocol_set}`: PPL {standard:.2f} (paper "
                      f"protocol: {dense[config.standard_protocol_set]:.2f}).\n")
-    lines.append("\n## Every model\n")
-    rows = [[label, *[sets[n] for n in names], *[rep.vs(sets[n], dense[n]) for n in names]]
+    lines.append("\n## Every model\n\nA trained arm keeps its best checkpoint on the validation text "
+                 f"({d.val_data}, first {d.val_tokens} tokens); `kept step` says which (0 = no step improved on the "
+                 "starting weights, so the arm's model *is* its starting model).\n")
+
+    def kept_step(label: str) -> str:
+        if label not in kept:
+            return "—"
+        best, steps, start, best_ppl = kept[label]
+        return f"{best}/{steps}" + (f" (val {start:.1f}, never improved)" if best == 0 else "")
+
+    rows = [[label, kept_step(label), *[sets[n] for n in names], *[rep.vs(sets[n], dense[n]) for n in names]]
             for label, sets in ppl.items()]
-    lines.append(rep.table(["model", *[f"PPL {n}" for n in names], *[f"vs dense {n}" for n in names]], rows))
+    lines.append(rep.table(["model", "kept step", *[f"PPL {n}" for n in names], *[f"vs dense {n}" for n in names]],
+                           rows))
+    never = [label for label, k in kept.items() if k[0] == 0]
+    if never:
+        lines.append("\n**Arms whose training never improved the validation perplexity** (their model is their "
+                     "starting model, and their row repeats it): " + ", ".join(f"`{x}`" for x in never) + ".\n")
     tails = [(config.distill.tail, "dense+kd")] + [(t, f"dense+kd tail={t}") for t in config.tails
                                                    if t != config.distill.tail and f"dense+kd tail={t}" in ppl]
     lines.append("\n## Dense+KD per KD tail, beside the CE-only twin (α = 0: the same for every tail)\n")
