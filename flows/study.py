@@ -71,7 +71,8 @@ def _git_version() -> str:
                              cwd=Path(__file__).parent).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=Path(__file__).parent).stdout.strip()
-        return rev + (" (with uncommitted changes)" if dirty else "")
+        changed = [line[3:] for line in dirty.splitlines()]
+        return rev + (f" with these files changed from it: {', '.join(changed)}" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
 
