@@ -25,7 +25,7 @@ def test_verdicts_say_holds_and_does_not_hold_from_the_numbers():
     # The same rows with the patterns broken: each criterion flips.
     bad = _ppl(dense=(30, 20), kd=(31, 19), ce=(30, 18), R1_pre=(60, 40), R1_post=(55, 39),
                R2_pre=(90, 60), R2_post=(50, 38), r1ce=(33, 22))
-    found = verdicts(bad, "wt", ["code"], {"wt": 1.0})
+    found = verdicts(bad, "wt", ["code"], {"wt": [55, 56, 54]})
 
     def holds(start, end=""):
         (match,) = [v["holds"] for v in found if v["criterion"].startswith(start) and v["criterion"].endswith(end)]
@@ -36,6 +36,7 @@ def test_verdicts_say_holds_and_does_not_hold_from_the_numbers():
     assert holds("monotonic degradation with sparsity (wt") is False
     assert holds("Dense+KD better than dense (wt)") is False and holds("Dense+KD better than dense (code)") is True
     assert holds("KD beats CE-only, dense, out of domain") is False
-    noisy = verdicts(bad, "wt", ["code"], {"wt": 1.0})
-    assert "beyond 2 std" in next(v["evidence"] for v in noisy if v["criterion"] == "KD beats CE-only, R1 pruned, "
-                                                                                    "in domain (wt)")
+    noisy = verdicts(bad, "wt", ["code"], {"wt": [55, 56, 54]})
+    r1 = next(v for v in noisy if v["criterion"] == "KD beats CE-only, R1 pruned, in domain (wt)")
+    assert r1["holds"] is False and r1["evidence"].startswith("KD 55.00 ± 1.00 (mean ± std of 3 seeds) vs CE-only 33.00")
+    assert r1["evidence"].endswith("beyond 2 std")
