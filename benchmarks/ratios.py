@@ -6,8 +6,11 @@
    (SmolLM2-135M, WikiText-2 test, paper protocol); goal ≥ 0.95×.
 2. cache: `write_cache` (format 2) tokens/s vs a bare forward over the same sequences, and bytes/token; goal ≥ 0.9×.
 3. KD step vs CE step (forward + backward, same batch): time and peak memory, at SmolLM2's 49k vocabulary and at a
-   151,936-token vocabulary (a randomly initialised Qwen3-0.6B-shaped model, config built in code); each kind in a
-   process of its own so that the peak resident memory (ru_maxrss) is that kind's alone; goal ≤ 1.10× at 151k.
+   151,936-token vocabulary (a randomly initialised Qwen3-0.6B-shaped model, config built in code); times from CE
+   and KD steps interleaved in one process (medians), memory from each kind in a process of its own: the kernel's
+   peak resident set (VmHWM) over its steps, reset after loading and a warm-up step, and the same above the RSS
+   before them; goal ≤ 1.10× at 151k.
+   And the two losses alone on random logits of both vocabulary sizes (no model around them).
 4. prune: whitened tiered SVD of SmolLM2-135M to 35% MLP reduction (calibration included), seconds.
 5. flow: a small dense-kd flow run twice in a fresh workdir: first run vs the cached rerun, seconds.
 Best (eval, cache) or median (steps) of the repeats; the machine is described in the output.
@@ -20,7 +23,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -112,8 +114,27 @@ def _qwen3_shaped():
     return Qwen3ForCausalLM(cfg).float().train()
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Return freed heap to the OS, reset the kernel's peak-RSS mark (VmHWM) and return the RSS now, in KiB."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS")
+
+
 def _step_child(model_name: str, kind: str, seq_len: int, repeats: int, queue) -> None:
-    """One process, one kind of step: median seconds and the peak resident memory above the loaded model's."""
+    """One process: ``kind`` ce or kd = that kind of step only, for its peak resident memory (and median time);
+    ``both`` = CE and KD steps interleaved, for their median times side by side."""
     from sparsekd_core.cache import teacher_topk
     from sparsekd_core.config import ModelConfig
     from sparsekd_core.kd_loss import KDLoss, ce_loss
@@ -128,39 +149,74 @@ def _step_child(model_name: str, kind: str, seq_len: int, repeats: int, queue) -
         top, lp, tail = teacher_topk(model, ids, 32)
     top, lp, tail = top.to(torch.int32), lp.half(), tail.half()
     kd = KDLoss(alpha=0.5, temperature=2.0, tail="topk")
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    def step() -> float:
+    def step(which: str) -> float:
         t0 = time.perf_counter()
         logits = model(input_ids=ids, use_cache=False).logits
-        loss = kd(logits, ids, top, lp, tail).loss if kind == "kd" else ce_loss(logits, ids)
+        loss = kd(logits, ids, top, lp, tail).loss if which == "kd" else ce_loss(logits, ids)
         loss.backward()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    step()  # warm-up
-    times = [step() for _ in range(repeats)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put({"seconds": statistics.median(times), "peak_rss_mib": peak / 1024, "base_rss_mib": base / 1024,
-               "params": sum(p.numel() for p in model.parameters()), "vocab": model.config.vocab_size})
+    info = {"params": sum(p.numel() for p in model.parameters()), "vocab": model.config.vocab_size}
+    if kind == "both":
+        step("ce"), step("kd")  # warm-up
+        times = {"ce": [], "kd": []}
+        for _ in range(repeats):
+            for which in times:
+                times[which].append(step(which))
+        queue.put({**info, **{f"{k}_seconds": statistics.median(v) for k, v in times.items()}})
+        return
+    step(kind)  # warm-up
+    base = _reset_peak_rss()  # the peak below is the steps' own (loading and the teacher pass are forgotten)
+    for _ in range(repeats):
+        step(kind)
+    queue.put({**info, "peak_rss_mib": _status_kib("VmHWM") / 1024, "base_rss_mib": base / 1024})
 
 
 def step_ratio(model_name: str, seq_len: int, repeats: int) -> dict:
     ctx = mp.get_context("spawn")
     out = {}
-    for kind in ("ce", "kd"):
+    for kind in ("ce", "kd", "both"):
         queue = ctx.Queue()
-        p = ctx.Process(target=_step_child, args=(model_name, kind, seq_len, repeats, queue))
+        p = ctx.Process(target=_step_child, args=(model_name, kind, seq_len, repeats if kind == "both" else 2, queue))
         p.start()
         out[kind] = queue.get()
         p.join()
     return {"model": model_name, "vocab": out["kd"]["vocab"], "params": out["kd"]["params"], "tokens": seq_len,
-            "ce_seconds": out["ce"]["seconds"], "kd_seconds": out["kd"]["seconds"],
-            "time_ratio": out["kd"]["seconds"] / out["ce"]["seconds"],
+            "ce_seconds": out["both"]["ce_seconds"], "kd_seconds": out["both"]["kd_seconds"],
+            "time_ratio": out["both"]["kd_seconds"] / out["both"]["ce_seconds"],
             "ce_peak_mib": out["ce"]["peak_rss_mib"], "kd_peak_mib": out["kd"]["peak_rss_mib"],
+            "ce_base_mib": out["ce"]["base_rss_mib"], "kd_base_mib": out["kd"]["base_rss_mib"],
             "memory_ratio": out["kd"]["peak_rss_mib"] / out["ce"]["peak_rss_mib"],
             "step_memory_ratio": (out["kd"]["peak_rss_mib"] - out["kd"]["base_rss_mib"])
             / max(1e-9, out["ce"]["peak_rss_mib"] - out["ce"]["base_rss_mib"])}
+
+
+def loss_ratio(vocab: int, repeats: int) -> dict:
+    """The losses alone, forward + backward on random fp32 logits [1, 256, vocab]: where a KD step's extra cost
+    would show without the model around it. Interleaved; medians after one warm-up."""
+    from sparsekd_core.kd_loss import KDLoss, ce_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 256, vocab, generator=g) * 3
+    ids = torch.randint(0, vocab, (1, 256), generator=g)
+    top, top_ids = torch.log_softmax(torch.randn(1, 256, vocab, generator=g), -1).topk(32, -1)
+    tail = torch.log1p(-top.exp().sum(-1).clamp(max=0.999))
+    kd = KDLoss(alpha=0.5, temperature=2.0, tail="topk")
+
+    def run(kind: str) -> float:
+        z = logits.clone().requires_grad_()
+        t0 = time.perf_counter()
+        (kd(z, ids, top_ids, top.half(), tail.half()).loss if kind == "kd" else ce_loss(z, ids)).backward()
+        return time.perf_counter() - t0
+
+    times = {"ce": [], "kd": []}
+    for _ in range(repeats + 1):
+        for kind in times:
+            times[kind].append(run(kind))
+    ce, kd_s = statistics.median(times["ce"][1:]), statistics.median(times["kd"][1:])
+    return {"vocab": vocab, "ce_ms": 1e3 * ce, "kd_ms": 1e3 * kd_s, "ratio": kd_s / ce}
 
 
 def prune_seconds(loaded) -> dict:
@@ -200,14 +256,14 @@ def main() -> None:
     ap.add_argument("--cache-samples", type=int, default=16)
     ap.add_argument("--step-repeats", type=int, default=3)
     ap.add_argument("--skip-flow", action="store_true")
-    ap.add_argument("--only", help="comma-separated subset of eval,cache,step,prune,flow")
+    ap.add_argument("--only", help="comma-separated subset of eval,cache,step,loss,prune,flow")
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--markdown", help="also write the table here (docs/results/benchmarks.md)")
     args = ap.parse_args()
     from sparsekd_core.config import ModelConfig
     from sparsekd_core.models import load_model
 
-    only = set(args.only.split(",")) if args.only else {"eval", "cache", "step", "prune", "flow"}
+    only = set(args.only.split(",")) if args.only else {"eval", "cache", "step", "loss", "prune", "flow"}
     if args.skip_flow:
         only.discard("flow")
     report: dict = {"machine": machine()}
@@ -232,8 +288,13 @@ def main() -> None:
             print(f"step {name} (vocab {r['vocab']}, {r['params'] / 1e6:.0f}M params, 1×256): "
                   f"CE {r['ce_seconds']:.3f} s, "
                   f"KD {r['kd_seconds']:.3f} s ({r['time_ratio']:.3f}×); peak RSS CE {r['ce_peak_mib']:.0f} MiB, "
-                  f"KD {r['kd_peak_mib']:.0f} MiB ({r['memory_ratio']:.3f}×; above the model: "
+                  f"KD {r['kd_peak_mib']:.0f} MiB ({r['memory_ratio']:.3f}×; above start: "
                   f"{r['step_memory_ratio']:.3f}×)", flush=True)
+    if "loss" in only:
+        for vocab in (49152, 151936):
+            report[f"loss_{vocab}"] = r = loss_ratio(vocab, 5)
+            print(f"loss alone, vocab {vocab}: CE {r['ce_ms']:.1f} ms, KD {r['kd_ms']:.1f} ms ({r['ratio']:.3f}×)",
+                  flush=True)
     if "flow" in only:
         with tempfile.TemporaryDirectory() as tmp:
             report["flow"] = r = flow_rerun(Path(tmp))
@@ -272,7 +333,14 @@ def markdown(report: dict, argv: str) -> str:
             f"{r['kd_seconds']:.3f} vs {r['ce_seconds']:.3f} s", r["time_ratio"], goal,
             r["time_ratio"] <= 1.10 if r["vocab"] > 100_000 else None)
         row(f"KD step vs CE step peak memory, {name}", f"{r['kd_peak_mib']:.0f} vs {r['ce_peak_mib']:.0f} MiB RSS "
-            f"(above the loaded model: {r['step_memory_ratio']:.2f}×)", r["memory_ratio"], "—", None)
+            f"(above start: {r['kd_peak_mib'] - r['kd_base_mib']:.0f} vs "
+            f"{r['ce_peak_mib'] - r['ce_base_mib']:.0f} MiB, "
+            f"{r['step_memory_ratio']:.2f}×)", r["memory_ratio"], "—", None)
+    for vocab in (49152, 151936):
+        r = report.get(f"loss_{vocab}")
+        if r is not None:
+            row(f"KD loss vs CE loss alone (forward + backward on [1, 256, {vocab:,}] logits)",
+                f"{r['kd_ms']:.1f} vs {r['ce_ms']:.1f} ms", r["ratio"], "—", None)
     if "prune" in report:
         r = report["prune"]
         row("SVD prune (whitened, tiered) of SmolLM2-135M", f"{r['seconds']:.1f} s to "
@@ -283,8 +351,11 @@ def markdown(report: dict, argv: str) -> str:
         row("dense-kd flow: cached rerun vs first run", f"{r['rerun_seconds']:.0f} vs {r['first_seconds']:.0f} s",
             r["ratio"], "—", None)
     return ("# Benchmarks\n\nGenerated by `python benchmarks/ratios.py " + argv + "` (each figure measured in that "
-            "one run; best of the repeats for throughput, median for step times; peak memory = the process's peak "
-            "resident set, each kind of step in a process of its own).\n\n**Machine**: " + report["machine"]
+            "one run; best of the repeats for throughput, median of interleaved steps for step times; peak memory = "
+            "the kernel's peak resident set (VmHWM) over the timed steps, each kind of step in a process of its "
+            "own, reset after loading "
+            "and a warm-up step; 'above start' = that peak minus the resident set just before the steps).\n\n"
+            "**Machine**: " + report["machine"]
             + ". No GPU.\n\n| what | figures | ratio | goal | |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
