@@ -9,15 +9,14 @@ The two are run alternately (bare, cache, bare, cache) and the best of each is c
 """
 
 import argparse
-import shutil
-import tempfile
-import time
+import sys
+from pathlib import Path
 
-import torch
-
-from sparsekd_core.cache import build_corpus, cache_fingerprint, write_cache
-from sparsekd_core.config import CacheConfig, ModelConfig
+from sparsekd_core.config import ModelConfig
 from sparsekd_core.models import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ratios import cache_ratio  # noqa: E402  (one implementation of the measurement, shared with ratios.py)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="smollm2-135m")
@@ -28,28 +27,7 @@ parser.add_argument("--repeats", type=int, default=2)
 args = parser.parse_args()
 
 loaded = load_model(ModelConfig(model=args.model))
-tmp = tempfile.mkdtemp()
-cfg = CacheConfig(out=f"{tmp}/c.zarr", data="mix:paper-offline", num_samples=args.num_samples, seq_len=args.seq_len,
-                  top_k=args.top_k)
-ids = build_corpus(cfg, loaded.tokenizer, log=lambda m: None).input_ids
-fp = cache_fingerprint(loaded, cfg, ids)
-
-
-@torch.inference_mode()
-def bare() -> float:
-    t0 = time.perf_counter()
-    for i in range(ids.shape[0]):
-        loaded.model(input_ids=ids[i : i + 1], use_cache=False).logits
-    return ids.numel() / (time.perf_counter() - t0)
-
-
-bare_tps, cache_tps = [], []
-for r in range(args.repeats):
-    bare_tps.append(bare())
-    shutil.rmtree(f"{tmp}/c.zarr", ignore_errors=True)
-    res = write_cache(loaded.model, ids, cfg, fp, loaded.model.config.vocab_size, log=lambda m: None)
-    cache_tps.append(res.tokens_per_s)
-    print(f"run {r}: bare forward {bare_tps[-1]:.1f} tok/s, cache {cache_tps[-1]:.1f} tok/s")
-print(f"tokens {ids.numel()}, top-k {args.top_k}: bytes/token {res.bytes_per_token:.1f} ({res.bytes} bytes)")
-print(f"bare forward {max(bare_tps):.1f} tok/s, cache {max(cache_tps):.1f} tok/s, ratio {max(cache_tps) / max(bare_tps):.3f}")
-shutil.rmtree(tmp, ignore_errors=True)
+r = cache_ratio(loaded, args.num_samples, args.repeats, seq_len=args.seq_len, top_k=args.top_k)
+print(f"tokens {r['tokens']}, top-k {args.top_k}: bytes/token {r['bytes_per_token']:.1f}")
+print(f"bare forward {r['bare_tokens_per_s']:.1f} tok/s, cache {r['cache_tokens_per_s']:.1f} tok/s, "
+      f"ratio {r['ratio']:.3f}")

@@ -76,12 +76,13 @@ def eval_ratio(loaded, max_tokens: int, repeats: int) -> dict:
             "ratio_b1": max(ours) / max(bare_tps), "ratio_b4": max(ours4) / max(bare_tps)}
 
 
-def cache_ratio(loaded, num_samples: int, repeats: int) -> dict:
+def cache_ratio(loaded, num_samples: int, repeats: int, seq_len: int = 256, top_k: int = 32) -> dict:
     from sparsekd_core.cache import build_corpus, cache_fingerprint, write_cache
     from sparsekd_core.config import CacheConfig
 
     tmp = tempfile.mkdtemp()
-    cfg = CacheConfig(out=f"{tmp}/c.zarr", data="mix:paper-offline", num_samples=num_samples, seq_len=256, top_k=32)
+    cfg = CacheConfig(out=f"{tmp}/c.zarr", data="mix:paper-offline", num_samples=num_samples, seq_len=seq_len,
+                      top_k=top_k)
     ids = build_corpus(cfg, loaded.tokenizer, log=lambda m: None).input_ids
     fp = cache_fingerprint(loaded, cfg, ids)
 

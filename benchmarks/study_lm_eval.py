@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
+from flows.study import metric_key
 from sparsekd_core.config import ModelConfig
 from sparsekd_core.harness import LOCAL_TASK, run_lm_eval
 from sparsekd_core.models import load_model
@@ -40,7 +40,7 @@ def main() -> None:
         t0 = time.time()
         loaded = load_model(ModelConfig(model=spec, dtype="fp32", device="cpu"))
         result = run_lm_eval(loaded.model, loaded.tokenizer, [LOCAL_TASK], limit=args.limit)[LOCAL_TASK]
-        ours = study["metrics"][re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{label}.{args.set}")]  # flows/study.py's keys
+        ours = study["metrics"][metric_key(label, args.set)]
         rows.append({"model": label, "ours": ours, "word_perplexity": result["word_perplexity"],
                      "bits_per_byte": result["bits_per_byte"], "seconds": time.time() - t0})
         print(f"{label}: sparsekd PPL {ours:.2f}, lm-eval word PPL {result['word_perplexity']:.2f}, "

@@ -65,6 +65,11 @@ class StudyConfig(PaperConfig):
         return self
 
 
+def metric_key(row: str, eval_set: str) -> str:
+    """The study's metric name for a model row and an eval set (MLflow allows only some characters)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{row}.{eval_set}")
+
+
 def _git_version() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
@@ -224,8 +229,7 @@ def study_flow(config: StudyConfig, out: str | None = None, command: str | None 
         found = verdicts(ppl, names[0], names[1:], {n: [v[n] for v in seed_rows.values()] for n in names})
         text = study_report(config, ppl, found, rounds, seed_rows, std, standard, paper, run, t_paper, kept,
                             time.time() - t0 - t_paper, command or "python -m flows.study --config CONFIG --out DIR")
-        metrics = {re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{row}.{n}"): v
-                   for row, sets in ppl.items() for n, v in sets.items()}
+        metrics = {metric_key(row, n): v for row, sets in ppl.items() for n, v in sets.items()}
         metrics.update({f"verdict.{i}": float(bool(v["holds"])) for i, v in enumerate(found)})
         result = run.finish([text], metrics, header=f"# Study: {config.model}\n\n")
     result.update(verdicts=found, models=models, ppl=ppl, paper_report=paper["report"])
