@@ -8,7 +8,8 @@ Layout (one group; every array chunked along N by ``chunk_size`` sequences, Blos
     topk_ids       [N, L, k]  uint16   (int32 when the vocabulary exceeds 65,536), by descending probability
     topk_top       [N, L]     float16  log p of the top-1 (full-vocabulary softmax at T = 1)
     topk_codes     [N, L, k]  uint16   each log-prob as whole ``logprob_step``s below the previous one (see
-                                       encode_logprobs: decoded error ≤ step/2, not accumulated)
+                                       encode_logprobs: decoded error ≤ step/2, not accumulated); stored
+                                       rank-major (a Zarr transpose codec) and bit-shuffled
     tail_logmass   [N, L]     float16  log(1 − Σ_topk p_i), to ~1e-3 relative in mass (see teacher_topk)
   format 1 (still read and written with format: 1): topk_ids, topk_logprobs [N, L, k] float16, tail_logmass.
   format 3, a sampled-class cache (``teacher_sample`` N): per position N draws from softmax(z / T) as distinct ids
@@ -21,10 +22,12 @@ Layout (one group; every array chunked along N by ``chunk_size`` sequences, Blos
 Position l holds the distribution that predicts token l+1 (the last position's predicts past the sequence).
 Readers (``TeacherCache``) decode every top-k format to float32 ``topk_logprobs``.
 Measured on SmolLM2-135M, k = 32 (benchmarks/cache_formats.py, README): format 1 ~92 bytes/token (uint16 ids ~51,
-fp16 log-probs ~38 after byte-shuffle zstd); format 2 at step 0.02 ~77 bytes/token, with the KD term and its
-parameter gradient within 0.1% of an fp32 teacher (step 0.04: ~73 bytes/token, but the gradient moves 0.16%). The ids are the floor: their zero-order entropy in descending order is ~44 bytes,
-and neither sorting them (then the log-probs cost more), tie-aware orders, frequency remaps nor zstd level 19 did
-better than raw uint16 + zstd (~52); a position-context model would be needed to go lower.
+fp16 log-probs ~38 after byte-shuffle zstd); format 2 at step 0.02 ~75 bytes/token (ids ~51, step codes ~18 stored
+rank-major and bit-shuffled, top-1 + tail + corpus ~5), with the KD term and its parameter gradient within 0.1% of an
+fp32 teacher (step 0.04: ~3 bytes/token less, but the gradient moves 0.16%). The ids are the floor. Their zero-order
+entropy in descending order is ~44 bytes, and neither sorting them (then the log-probs cost more), tie-aware orders,
+frequency remaps nor zstd level 19 did better than raw uint16 + zstd (~51). Coders that learn chunk by chunk reach
+~48 alone and ~43 mixed with position contexts (benchmarks/cache_entropy.py); the latter decodes position by position.
 
 The group attribute ``sparsekd_cache`` is the fingerprint: weights digest, tokenizer digest, data spec + content
 digest, k, seq_len, dtype, code version. Opening an existing store whose fingerprint differs is an error
@@ -240,10 +243,11 @@ def _open_store(url: str, specs: dict, fingerprint: dict):
         check(existing)
         return group
     members = set(group.array_keys())
-    for name, (shape, dtype, codec, rows) in specs.items():
+    for name, (shape, dtype, codec, rows, *filters) in specs.items():
         if name not in members:
             try:
                 group.create_array(name, shape=shape, dtype=dtype, chunks=(rows,) + shape[1:], fill_value=0,
+                                   filters=filters[0] if filters else "auto",
                                    compressors=codec if codec is not None else "auto", overwrite=False)
                 continue
             except ContainsArrayError:  # another shard made it between the listing and here
@@ -278,7 +282,7 @@ def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: d
     CacheMismatchError. ``progress(n_sequences)`` and ``on_chunk(chunk_index)`` (after a chunk is marked done)
     are optional hooks.
     """
-    from zarr.codecs import BloscCodec
+    from zarr.codecs import BloscCodec, TransposeCodec
 
     n, seq_len = input_ids.shape
     k, chunk = cfg.top_k, cfg.chunk_size
@@ -296,17 +300,22 @@ def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: d
 
     shuffle = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
     plain = BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle")
+    # The step codes, rank-major (each rank's codes together: one distribution per rank) and bit-shuffled (they
+    # are small integers): 17.9 instead of 19.7 bytes/token on SmolLM2 at k = 32 (benchmarks/cache_entropy.py).
+    # Only the stored bytes change; Zarr undoes the transpose on read, so older stores read the same.
+    bits, rank_major = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), [TransposeCodec(order=(0, 2, 1))]
     m = cfg.teacher_sample or k
-    body = {  # name -> (trailing shape, dtype, codec)
+    body = {  # name -> (trailing shape, dtype, codec[, filters])
         1: {"topk_ids": ((k,), id_dtype, plain), "topk_logprobs": ((k,), np.float16, shuffle),
             "tail_logmass": ((), np.float16, shuffle)},
         2: {"topk_ids": ((k,), id_dtype, plain), "topk_top": ((), np.float16, shuffle),
-            "topk_codes": ((k,), np.uint16, shuffle), "tail_logmass": ((), np.float16, shuffle)},
+            "topk_codes": ((k,), np.uint16, bits, rank_major), "tail_logmass": ((), np.float16, shuffle)},
         3: {"sample_ids": ((m,), id_dtype, shuffle), "sample_counts": ((m,), np.uint8, shuffle),
             "sample_codes": ((m,), np.uint16, shuffle)},
     }[fingerprint["format"]]
     specs = {"input_ids": ((n, seq_len), np.int32, shuffle, chunk),
-             **{name: ((n, seq_len) + tail, dtype, codec, chunk) for name, (tail, dtype, codec) in body.items()},
+             **{name: ((n, seq_len) + tail, dtype, codec, chunk, *filters)
+                for name, (tail, dtype, codec, *filters) in body.items()},
              "chunk_done": ((n_chunks,), np.uint8, None, 1)}
 
     def compute(x: torch.Tensor, generator) -> dict[str, torch.Tensor]:

@@ -53,6 +53,28 @@ def test_round_trip(tmp_path, tiny_llama, fmt):
     assert cache.fingerprint["format"] == fmt and cache.format == fmt
 
 
+def test_format2_store_with_the_earlier_codes_layout_reads_the_same(tmp_path, tiny_llama):
+    """Format-2 codes are stored rank-major and bit-shuffled now; stores written before (position-major,
+    byte-shuffled) must still decode to the same log-probs: the layout lives in the Zarr metadata, not in the reader."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    vocab = tiny_llama.config.vocab_size
+    cfg = CacheConfig(out=str(tmp_path / "c.zarr"), data=str(tmp_path), top_k=5, chunk_size=4, seq_len=12)
+    write_cache(tiny_llama, corpus(vocab), cfg, FP, vocab)
+    group = zarr.open_group(cfg.out, mode="a", zarr_format=3)
+    codes = group["topk_codes"]
+    assert [f.to_dict()["name"] for f in codes.metadata.codecs][0] == "transpose"
+    new = TeacherCache(cfg.out)[[9, 0, 4]]
+    values = codes[:]
+    old = group.create_array("topk_codes", shape=values.shape, dtype=values.dtype, chunks=codes.chunks, fill_value=0,
+                             compressors=BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), overwrite=True)
+    old[:] = values
+    assert [f.to_dict()["name"] for f in old.metadata.codecs][0] != "transpose"
+    got = TeacherCache(cfg.out)[[9, 0, 4]]
+    assert all(torch.equal(got[name], new[name]) for name in new)
+
+
 def test_fingerprint_mismatch_is_an_error(tmp_path, tiny_llama):
     vocab = tiny_llama.config.vocab_size
     cfg = CacheConfig(out=str(tmp_path / "c.zarr"), data=str(tmp_path), top_k=5, chunk_size=4, seq_len=12)
@@ -239,7 +261,8 @@ def test_sampled_cache_round_trip_and_shards(tmp_path, tiny_llama):
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 1)
     draws = [sample_classes(logits[i:i + 2], 12, 2.0, generator) for i in (0, 2)]
     assert torch.equal(got["sample_ids"], torch.cat([d[0] for d in draws])[1:3])
-    assert torch.allclose(got["sample_logprobs"].float(), torch.cat([d[2] for d in draws])[1:3], atol=cfg.logprob_step / 2 + 1e-6)
+    assert torch.allclose(got["sample_logprobs"].float(), torch.cat([d[2] for d in draws])[1:3],
+                          atol=cfg.logprob_step / 2 + 1e-6)
     sharded = cfg.model_copy(update={"out": str(tmp_path / "sharded.zarr"), "num_shards": 2})
     for index in (1, 0):
         write_cache(tiny_llama, ids, sharded.model_copy(update={"shard_index": index}), FP, vocab)
