@@ -401,6 +401,33 @@ def paper_parts(config: PaperConfig, experiment: str | None = None) -> dict[str,
     return parts
 
 
+class StudyConfig(PaperConfig):
+    """The paper flow's config plus the study's extra arms (flows/study.py)."""
+
+    tails: list[Literal["topk", "bucket", "paper"]] = Field(
+        ["topk", "bucket", "paper"], description="Dense+KD once per KD tail (the paper flow runs distill.tail).")
+    seeds: list[int] = Field([43, 44], description="More seeds of the first round's Pruned+KD (besides `seed`).")
+    lr_probe: list[float] = Field([], description="Other learning rates for the first round's Pruned+KD (evidence "
+                                                  "for the default lr).")
+    last_round_swap: bool = Field(True, description="Also distill the last round's student from the dense cache.")
+    pruned_ce_control: bool = Field(True, description="CE-only twins of the first round's and the one-shot "
+                                                      "teacher-swap student.")
+    standard_protocol_set: str | None = Field("wikitext2", description="Also evaluate the dense model on this eval "
+                                                                       "set with the standard protocol.")
+
+    @model_validator(mode="after")
+    def _every_part(self) -> "StudyConfig":  # replaces PaperConfig's: the paper part is validated without our fields
+        paper_part(self)
+        if self.standard_protocol_set and self.standard_protocol_set not in {e.name for e in self.eval_sets}:
+            raise ValueError(f"standard_protocol_set={self.standard_protocol_set!r} is not one of the eval sets")
+        return self
+
+
+def paper_part(config: StudyConfig) -> PaperConfig:
+    """The paper flow's config inside a study's."""
+    return PaperConfig(**config.model_dump(include=set(PaperConfig.model_fields)))
+
+
 class ProfileFlowConfig(FlowConfig):
     """Inference profiling of several models side by side: `model` is the baseline, `compare` the others."""
 
@@ -465,6 +492,7 @@ FLOW_CONFIGS: dict[str, type[BaseModel]] = {
     "wanda": WandaConfig,
     "multi-seed": MultiSeedConfig,
     "paper": PaperConfig,
+    "study": StudyConfig,
     "selfdata": SelfDataFlowConfig,
     "profile": ProfileFlowConfig,
 }

@@ -26,43 +26,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 from prefect import flow
-from pydantic import Field, model_validator
 
 from sparsekd_core import report as rep
 from tasks.stages import dense_ref, eval_results, evaluate
 
-from .configs import PaperConfig
+from .configs import StudyConfig, paper_part
 from .experiments import Run, paper_flow, start
 
 # How much lower post-KD perplexity must be than pre-KD to count as "≪" (the paper's §IX-B wording), and how close
 # a pruned model's post-KD perplexity must be to the dense model's to count as "comparable".
 MUCH_LOWER = 0.8
 COMPARABLE = 1.05
-
-
-class StudyConfig(PaperConfig):
-    """The paper flow's config plus the study's extra arms."""
-
-    tails: list[Literal["topk", "bucket", "paper"]] = Field(
-        ["topk", "bucket", "paper"], description="Dense+KD once per KD tail (the paper flow runs distill.tail).")
-    seeds: list[int] = Field([43, 44], description="More seeds of the first round's Pruned+KD (besides `seed`).")
-    lr_probe: list[float] = Field([], description="Other learning rates for the first round's Pruned+KD (evidence "
-                                                  "for the default lr).")
-    last_round_swap: bool = Field(True, description="Also distill the last round's student from the dense cache.")
-    pruned_ce_control: bool = Field(True, description="CE-only twins of the first round's and the one-shot "
-                                                      "teacher-swap student.")
-    standard_protocol_set: str | None = Field("wikitext2", description="Also evaluate the dense model on this eval "
-                                                                       "set with the standard protocol.")
-
-    @model_validator(mode="after")
-    def _every_part(self) -> "StudyConfig":  # replaces PaperConfig's: the paper part is validated without our fields
-        _paper_part(self)
-        if self.standard_protocol_set and self.standard_protocol_set not in {e.name for e in self.eval_sets}:
-            raise ValueError(f"standard_protocol_set={self.standard_protocol_set!r} is not one of the eval sets")
-        return self
 
 
 def metric_key(row: str, eval_set: str) -> str:
@@ -148,15 +124,11 @@ def verdict_lines(found: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------------------- the flow
 
 
-def _paper_part(config: StudyConfig) -> PaperConfig:
-    return PaperConfig(**config.model_dump(include=set(PaperConfig.model_fields)))
-
-
 @flow(name="study")
 def study_flow(config: StudyConfig, out: str | None = None, command: str | None = None) -> dict:
     """The paper flow, the extra arms, and the self-judging report (copied with its plots to ``out``)."""
     t0 = time.time()
-    paper = paper_flow(_paper_part(config))
+    paper = paper_flow(paper_part(config))
     t_paper = time.time() - t0
     names = [es.name for es in config.eval_sets if es.kind == "perplexity"]
     with start(config, "study", check_data=True) as run:

@@ -702,7 +702,8 @@ DEMO_CONFIG = {
 
 def add_run_parser(sub) -> None:
     p = sub.add_parser("run", help="run an experiment flow (dense-kd, iterative, multi-seed, cascade, ...)")
-    p.add_argument("flow", help="dense-kd | iterative | multi-seed | cascade | teacher-swap | wanda | selfdata | paper")
+    p.add_argument("flow", help="dense-kd | iterative | multi-seed | cascade | teacher-swap | wanda | selfdata | "
+                                 "paper | profile | study")
     p.add_argument("--config", help="the flow's YAML config (see flows/configs/)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.set_defaults(func=cmd_run)
@@ -733,7 +734,7 @@ def _run_flow(flow_name: str, values: dict, as_json: bool) -> int:
         config = FLOW_CONFIGS[flow_name](**values)
     except ValidationError as err:  # before any work starts
         raise ConfigError(format_validation_error(flow_name, err)) from None
-    from flows.experiments import ALL_FLOWS
+    from flows.registry import ALL_FLOWS
 
     summary = ALL_FLOWS[flow_name](config)
     db = summary["tracking_uri"]

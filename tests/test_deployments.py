@@ -16,14 +16,16 @@ def _deployments():
 
 def _flow(entrypoint: str):
     import flows.experiments as experiments
+    import flows.study as study
 
     path, name = entrypoint.split(":")
-    assert path == "flows/experiments.py"
-    return getattr(experiments, name)
+    modules = {"flows/experiments.py": experiments, "flows/study.py": study}
+    assert path in modules, path
+    return getattr(modules[path], name)
 
 
 def test_every_flow_has_a_gpu_and_a_docker_deployment():
-    from flows.experiments import ALL_FLOWS
+    from flows.registry import ALL_FLOWS
 
     deps = _deployments()
     for kind, pool in (("gpu", "sparsekd-gpu"), ("docker", "sparsekd-docker")):
@@ -50,7 +52,7 @@ def test_weekly_rerun_ships_paused_and_programmes_run_one_at_a_time():
     for d in scheduled:
         assert [s["active"] for s in d["schedules"]] == [False] and d["schedules"][0]["cron"]
     limited = {(_flow(d["entrypoint"]).name, d["concurrency_limit"]) for d in deps if d.get("concurrency_limit")}
-    assert limited == {("multi-seed", 1), ("paper", 1)}
+    assert limited == {("multi-seed", 1), ("paper", 1), ("study", 1)}
 
 
 def test_setup_refuses_without_a_server(monkeypatch, capsys):
@@ -85,7 +87,7 @@ def test_every_flow_form_is_typed_all_the_way_down():
     and descriptions (no free-form JSON box), and the defaults a flow applies are in it."""
     from prefect.utilities.callables import parameter_schema
 
-    from flows.experiments import ALL_FLOWS
+    from flows.registry import ALL_FLOWS
 
     for name, flow in ALL_FLOWS.items():
         schema = parameter_schema(flow.fn).model_dump_for_openapi()

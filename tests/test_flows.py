@@ -45,7 +45,7 @@ PRUNE = {"calibration_samples": 2, "calibration_seq_len": 32}
 
 def run_flow(name, values):
     from flows.configs import FLOW_CONFIGS
-    from flows.experiments import ALL_FLOWS
+    from flows.registry import ALL_FLOWS
 
     return ALL_FLOWS[name](FLOW_CONFIGS[name](**values))
 
@@ -375,7 +375,7 @@ def test_sharded_cache_fan_out_gives_the_one_process_store(prefect_server, tiny_
     same_arrays(cache_dir / "teacher.zarr", one)
 
 
-def test_study_flow_end_to_end(tiny_setup, prefect_server, tmp_path):
+def test_study_flow_end_to_end(tiny_setup, prefect_server, tmp_path, capsys):
     """flows/study.py: the paper flow, the arms it lacks (reusing the paper flow's stages), the self-judging report."""
     from flows.study import StudyConfig, study_flow
 
@@ -395,3 +395,8 @@ def test_study_flow_end_to_end(tiny_setup, prefect_server, tmp_path):
     stages = {s["label"]: s["cached"] for s in result["stages"]}
     assert stages["distill dense+kd"] and stages["distill R1"] and stages["distill R2"]
     assert not stages["distill R1 ce-only"] and not stages["distill dense+kd tail=bucket"]
+    # `sparsekd run study` (the registry the CLI and the deployments use) reaches the same flow: all reused.
+    capsys.readouterr()
+    assert main(["run", "study", "--config", str(_yaml(tmp_path, values)), "--json"]) == 0
+    rerun = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rerun["stages"] and all(s["cached"] for s in rerun["stages"]) and rerun["ppl"] == result["ppl"]
