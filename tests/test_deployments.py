@@ -101,3 +101,19 @@ def test_every_flow_form_is_typed_all_the_way_down():
     assert {"method", "schedule", "whiten"} <= set(prune)
     cascade = schema["definitions"]["CascadeConfig"]["properties"]
     assert [s["name"] for s in cascade["eval_sets"]["default"]] == ["wikitext2", "c4_heldout"]
+
+
+def test_every_flow_has_a_config_and_the_cli_names_it():
+    """`sparsekd run FLOW` validates with FLOW_CONFIGS and runs ALL_FLOWS: the two must name the same flows, and
+    the command's help must list them all."""
+    import argparse
+
+    from flows.configs import FLOW_CONFIGS
+    from flows.registry import ALL_FLOWS
+    from sparsekd.cli import add_run_parser
+
+    assert sorted(FLOW_CONFIGS) == sorted(ALL_FLOWS)
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_run_parser(sub)
+    flow_help = next(a.help for a in sub.choices["run"]._actions if a.dest == "flow")
+    assert sorted(n.strip() for n in flow_help.split("|")) == sorted(ALL_FLOWS)
