@@ -18,6 +18,8 @@ import os
 import numpy as np
 import zarr
 
+from sparsekd_core.cache import store_bytes
+
 
 def entropy_bytes(x: np.ndarray) -> float:
     _, counts = np.unique(x, return_counts=True)
@@ -90,12 +92,14 @@ def main() -> None:
     print(f"{args.store}: {n} sequences × {length} tokens, k={k}")
     total = 0.0
     for name in sorted(g.array_keys()):
-        path = os.path.join(args.store, name)
-        size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+        size = store_bytes(os.path.join(args.store, name))
         total += size
         print(f"  stored {name:14s} {size / tokens:6.2f} B/token")
     print(f"  stored total          {total / tokens:6.2f} B/token")
-    print(f"ids: zero-order, oracle table       {entropy_bytes(ids) / tokens:6.2f} B/token")
+    values, counts = np.unique(ids, return_counts=True)
+    lut = np.zeros(int(ids.max()) + 1)  # each id's zero-order code length, bits
+    lut[values] = -np.log2(counts / counts.sum())
+    print(f"ids: zero-order, oracle table       {(counts * lut[values]).sum() / 8 / tokens:6.2f} B/token")
     print(f"ids: conditioned on rank, oracle    {sum(entropy_bytes(ids[..., r]) for r in range(k)) / tokens:6.2f}")
     vocab = int(ids.max()) + 1
     for chunks in (1, 2):
@@ -105,9 +109,6 @@ def main() -> None:
         counts = np.bincount(ref.ravel(), minlength=vocab).astype(float) + 0.5  # add-½ for unseen ids
         bits = -np.log2(counts / counts.sum())
         print(f"ids: table from the first {chunks} chunk(s)   {bits[rest].sum() / 8 / rest[..., 0].size:6.2f}")
-    values, counts = np.unique(ids, return_counts=True)
-    lut = np.zeros(vocab)
-    lut[values] = -np.log2(counts / counts.sum())
     cost = lut[ids]
     prev = np.concatenate([np.full((n, 1, k), -1), ids[:, :-1]], axis=1)
     in_prev = (ids[..., :, None] == prev[..., None, :]).any(-1)

@@ -18,15 +18,19 @@ from __future__ import annotations
 import argparse
 import copy
 import shutil
+import sys
 import tempfile
-import time
+from pathlib import Path
 
 import torch
 
-from sparsekd_core.cache import TeacherCache, build_corpus, cache_fingerprint, store_bytes, teacher_topk, write_cache
+from sparsekd_core.cache import TeacherCache, build_corpus, teacher_topk
 from sparsekd_core.config import CacheConfig, ModelConfig
 from sparsekd_core.kd_loss import KDLoss
 from sparsekd_core.models import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ratios import cache_ratio  # noqa: E402  (one implementation of the write-vs-bare measurement)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="smollm2-135m")
@@ -45,31 +49,17 @@ model = loaded.model
 tmp = tempfile.mkdtemp()
 base = CacheConfig(out=f"{tmp}/c.zarr", data="mix:paper-offline", num_samples=args.num_samples, seq_len=args.seq_len,
                    top_k=args.top_k, chunk_size=4, logprob_step=args.step)
-ids = build_corpus(base, loaded.tokenizer, log=lambda m: None).input_ids
-tokens = ids.numel()
-fp = cache_fingerprint(loaded, base, ids)
+ids = build_corpus(base, loaded.tokenizer, log=lambda m: None).input_ids  # the corpus cache_ratio builds too
 formats = {"format 1 (fp16 log-probs)": {"format": 1},
            f"format 2 (step {args.step})": {"format": 2},
            f"sampled, {args.sample} classes": {"teacher_sample": args.sample}}
 
-
-@torch.inference_mode()
-def bare() -> float:
-    t0 = time.perf_counter()
-    for i in range(0, ids.shape[0], base.batch_size):
-        model(input_ids=ids[i:i + base.batch_size], use_cache=False).logits.float()
-    return tokens / (time.perf_counter() - t0)
-
-
 rows = {}
 for name, fields in formats.items():
-    best = bare_best = 0.0  # each format against the bare passes interleaved with its own writes (best of each)
-    for r in range(args.repeats):
-        bare_best = max(bare_best, bare())
-        cfg = base.model_copy(update={**fields, "out": f"{tmp}/{len(rows)}-{r}.zarr"})
-        res = write_cache(model, ids, cfg, fp, model.config.vocab_size, log=lambda m: None)
-        best = max(best, res.tokens_per_s)
-    rows[name] = (store_bytes(cfg.out) / tokens, best, bare_best, cfg.out)
+    out = f"{tmp}/{len(rows)}.zarr"
+    r = cache_ratio(loaded, args.num_samples, args.repeats, seq_len=args.seq_len, top_k=args.top_k, keep=out,
+                    chunk_size=base.chunk_size, logprob_step=args.step, **fields)
+    rows[name] = (r["bytes_per_token"], r["cache_tokens_per_s"], r["bare_tokens_per_s"], out)
 
 # Fidelity of the top-k formats: KD term and parameter gradient vs the fp32 teacher outputs.
 x = ids[: args.grad_samples]

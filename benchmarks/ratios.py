@@ -80,9 +80,11 @@ def eval_ratio(loaded, max_tokens: int, repeats: int) -> dict:
 CACHE_KINDS = {"format 2": {}, "format 1": {"format": 1}, "sampled 12": {"teacher_sample": 12}}
 
 
-def cache_ratio(loaded, num_samples: int, repeats: int, seq_len: int = 256, top_k: int = 32, **settings) -> dict:
+def cache_ratio(loaded, num_samples: int, repeats: int, seq_len: int = 256, top_k: int = 32, keep: str | None = None,
+                **settings) -> dict:
     """`write_cache` tokens/s over a bare forward of the same sequences (interleaved repeats, best of each), for the
-    cache `settings` select (CacheConfig fields: format, teacher_sample; default format 2)."""
+    cache `settings` select (CacheConfig fields: format, teacher_sample, chunk_size, ...; default format 2). With
+    `keep`, the last store written is moved there instead of deleted."""
     from sparsekd_core.cache import build_corpus, cache_fingerprint, write_cache
     from sparsekd_core.config import CacheConfig
 
@@ -105,6 +107,8 @@ def cache_ratio(loaded, num_samples: int, repeats: int, seq_len: int = 256, top_
         shutil.rmtree(f"{tmp}/c.zarr", ignore_errors=True)
         res = write_cache(loaded.model, ids, cfg, fp, loaded.model.config.vocab_size, log=lambda m: None)
         cache_tps.append(res.tokens_per_s)
+    if keep:
+        shutil.move(f"{tmp}/c.zarr", keep)
     shutil.rmtree(tmp, ignore_errors=True)
     return {"bare_tokens_per_s": max(bare_tps), "cache_tokens_per_s": max(cache_tps),
             "ratio": max(cache_tps) / max(bare_tps), "bytes_per_token": res.bytes_per_token,
@@ -139,40 +143,53 @@ def _reset_peak_rss() -> int:
     return _status_kib("VmRSS")
 
 
+def make_step(model, seq_len: int, batch_size: int = 1, tail: str = "topk"):
+    """``step("ce" | "kd")``: one forward + backward of that loss (KD: α 0.5, T 2, the given tail) on a fixed random
+    batch, the teacher top-k taken from the model itself (as a cache would hold it); no optimizer step (identical
+    for both). Returns the step's seconds."""
+    from sparsekd_core.cache import teacher_topk
+    from sparsekd_core.kd_loss import KDLoss, ce_loss
+
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    top, lp, tail_mass = teacher_topk(model, ids, 32)
+    top, lp, tail_mass = top.to(torch.int32), lp.half(), tail_mass.half()
+    kd = KDLoss(alpha=0.5, temperature=2.0, tail=tail)
+
+    def step(which: str) -> float:
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = kd(logits, ids, top, lp, tail_mass).loss if which == "kd" else ce_loss(logits, ids)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    return step
+
+
+def interleaved_medians(step, repeats: int) -> dict:
+    """CE and KD steps alternated after one warm-up of each: {"ce_seconds", "kd_seconds"}, medians."""
+    step("ce"), step("kd")
+    times = {"ce": [], "kd": []}
+    for _ in range(repeats):
+        for which in times:
+            times[which].append(step(which))
+    return {f"{k}_seconds": statistics.median(v) for k, v in times.items()}
+
+
 def _step_child(model_name: str, kind: str, seq_len: int, repeats: int, queue) -> None:
     """One process: ``kind`` ce or kd = that kind of step only, for its peak resident memory (and median time);
     ``both`` = CE and KD steps interleaved, for their median times side by side."""
-    from sparsekd_core.cache import teacher_topk
     from sparsekd_core.config import ModelConfig
-    from sparsekd_core.kd_loss import KDLoss, ce_loss
     from sparsekd_core.models import load_model
 
     if model_name == "qwen3-0.6b-shaped":
         model = _qwen3_shaped()
     else:
         model = load_model(ModelConfig(model=model_name, dtype="fp32")).model.train()
-    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        top, lp, tail = teacher_topk(model, ids, 32)
-    top, lp, tail = top.to(torch.int32), lp.half(), tail.half()
-    kd = KDLoss(alpha=0.5, temperature=2.0, tail="topk")
-
-    def step(which: str) -> float:
-        t0 = time.perf_counter()
-        logits = model(input_ids=ids, use_cache=False).logits
-        loss = kd(logits, ids, top, lp, tail).loss if which == "kd" else ce_loss(logits, ids)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
-
+    step = make_step(model, seq_len)
     info = {"params": sum(p.numel() for p in model.parameters()), "vocab": model.config.vocab_size}
     if kind == "both":
-        step("ce"), step("kd")  # warm-up
-        times = {"ce": [], "kd": []}
-        for _ in range(repeats):
-            for which in times:
-                times[which].append(step(which))
-        queue.put({**info, **{f"{k}_seconds": statistics.median(v) for k, v in times.items()}})
+        queue.put({**info, **interleaved_medians(step, repeats)})
         return
     step(kind)  # warm-up
     base = _reset_peak_rss()  # the peak below is the steps' own (loading and the teacher pass are forgotten)

@@ -51,8 +51,8 @@ def _git_version() -> str:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).parent).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent).stdout.strip()
-        changed = [line[3:] for line in dirty.splitlines()]
+                               text=True, cwd=Path(__file__).parent).stdout  # not stripped: "XY path" columns
+        changed = [line[3:] for line in dirty.splitlines() if line.strip()]
         return rev + (f" with these files changed from it: {', '.join(changed)}" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"

@@ -23,6 +23,7 @@ a document gives at most ``max_sequences_per_document`` sequences; a short docum
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import importlib.resources
@@ -113,19 +114,26 @@ def _stdlib_documents(min_bytes: int = 1024, heldout: bool = False) -> list[str 
 
     ``python:stdlib`` and ``python:heldout`` split them by a hash of the module's path (heldout: ~10%), so code
     held out of a KD corpus is code of the same kind that no corpus built from ``python:stdlib`` can contain."""
+    kept, held = _stdlib_split(min_bytes)
+    return list(held if heldout else kept)
+
+
+@functools.cache
+def _stdlib_split(min_bytes: int) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """(python:stdlib, python:heldout) documents, read and split once per process: every eval stage loads its
+    texts before its key is looked up, and the held-out filter hashes every kept module."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
     files = sorted(
         p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts) and p.stat().st_size >= min_bytes
     )
     held = [zlib.crc32(p.relative_to(root).as_posix().encode()) % STDLIB_HELDOUT_MOD == 0 for p in files]
-    kept = [p.read_bytes() for p, h in zip(files, held) if not h]
-    if not heldout:
-        return kept
+    kept = tuple(p.read_bytes() for p, h in zip(files, held) if not h)
     # A held-out module that shares a block with the rest (a licence header, a copied function) is dropped, so
     # that check_disjoint passes against any corpus drawn from python:stdlib.
     seen = _normalised_hashes(kept)
-    return [doc for doc in (p.read_bytes() for p, h in zip(files, held) if h) if not _normalised_hashes([doc]) & seen]
+    candidates = (p.read_bytes() for p, h in zip(files, held) if h)
+    return kept, tuple(doc for doc in candidates if not _normalised_hashes([doc]) & seen)
 
 
 def _hub_rows(path: str, name: str | None, split: str, column: str | None, limit: int | None) -> list:

@@ -89,25 +89,18 @@ class _LogitStats(torch.autograd.Function):
         T, chunk = ctx.temperature, ctx.chunk
         grad = torch.empty_like(logits)  # every chunk is written whole below
         dt = lse1.dtype
-        # The common case (topk: only the CE's lse(z) and the gathered logits carry gradient; fp32/fp64 logits):
-        # softmax(z)·g written straight into the gradient buffer, three passes over V instead of eight.
-        fast = g_lse_t is None and g_tail is None and logits.dtype == dt
         for s in range(0, logits.shape[1], chunk):
             sl = slice(s, s + chunk)
-            if fast:
-                g = grad[:, sl]
-                if g_lse1 is None:
-                    g.zero_()
-                else:
-                    torch.sub(logits[:, sl], lse1[:, sl, None], out=g)
-                    g.exp_().mul_(g_lse1[:, sl, None])
-                if g_gathered is not None:
-                    g.scatter_add_(-1, ids[:, sl], g_gathered[:, sl])
-                continue
-            z = logits[:, sl].to(dt)
-            g = torch.zeros_like(z)
-            if g_lse1 is not None:
-                g += g_lse1[:, sl, None] * _chunk_softmax(z, lse1[:, sl], 1.0)
+            z = logits[:, sl].to(dt)  # a no-op for fp32/fp64 logits; one cast per chunk for bf16 ones
+            # softmax(z)·g_lse1 is written straight into the gradient buffer where the dtypes agree (fp32 in fp32
+            # out): with only the CE's lse(z) and the gathered logits carrying gradient (the topk tail), three
+            # passes over V.
+            g = grad[:, sl] if grad.dtype == dt else torch.empty_like(z)
+            if g_lse1 is None:
+                g.zero_()
+            else:
+                torch.sub(z, lse1[:, sl, None], out=g)
+                g.exp_().mul_(g_lse1[:, sl, None])
             if g_lse_t is not None:
                 g += (g_lse_t[:, sl, None] / T) * _chunk_softmax(z, lse_t[:, sl], 1.0 / T)
             if g_tail is not None:
@@ -117,7 +110,8 @@ class _LogitStats(torch.autograd.Function):
                 g += g_tail[:, sl, None] * p_tail
             if g_gathered is not None:
                 g.scatter_add_(-1, ids[:, sl], g_gathered[:, sl])
-            grad[:, sl] = g.to(grad.dtype)
+            if grad.dtype != dt:
+                grad[:, sl] = g.to(grad.dtype)
         return grad, None, None, None, None, None, None
 
 
