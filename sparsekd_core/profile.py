@@ -3,17 +3,34 @@
 Timing. Prefill latency (TTFT) is one forward over ``[batch, seq_len]`` random token ids that returns the first
 new token's logits (the last position's only, ``logits_to_keep=1``, as ``generate`` does); decode latency (TPOT)
 is the mean time of one cached single-token step over ``new_tokens`` greedy steps. Each is measured after
-``warmup`` untimed runs, ``repeats`` times, and reported as median / min / max. On CUDA the times come from CUDA
-events around the work (with synchronisation); on CPU from the wall clock.
+``warmup`` untimed runs, ``repeats`` times, and reported as median / min / max. Clock: CUDA events around the work
+(synchronised before and after) on GPU; ``time.perf_counter`` on CPU.
 
-Memory. CUDA: ``torch.cuda.max_memory_allocated`` during the timed runs minus what was allocated before.
-CPU: the peak resident set size seen by a 2 ms sampler thread during the timed runs minus the RSS before
-(an approximation: allocations shorter than the sampling period can be missed).
+Breakdown (attention / FFN / other time of a prefill forward) uses the *same clock as TTFT*, so the FFN time
+fraction that feeds the Amdahl bound and the measured speedup are comparable: forward pre/post hooks record a CUDA
+event (GPU) or read ``time.perf_counter`` (CPU) around every attention module and every MLP module of every decoder
+layer, and around the whole prefill forward; on GPU the events are read once after one synchronise at the end.
+``other = forward - attention - ffn`` (embeddings, norms, LM head, glue). Attribution is by module, never by kernel
+name. This is a separate forward from the timed ones (the hooks cost a little time of their own).
 
-Breakdown (of that same prefill forward). Forward hooks open a ``torch.profiler.record_function`` range around
-every attention module and every MLP module of every decoder layer, and one around the whole forward;
-``torch.profiler`` then gives each range's total time (device time on CUDA, CPU time on CPU).
-``other = total - attention - ffn`` (embeddings, norms, LM head, glue). Attribution is by module, never by kernel name.
+Launch-bound or compute-bound (``gpu_busy_fraction``, ``bound``). CUDA: the union of the device-side intervals of
+every kernel/memcpy/memset of one prefill, from ``torch.profiler``, over that cell's median TTFT (the profiler
+slows the CPU side, so the un-profiled TTFT is the honest denominator; kernel durations are measured on the device
+and barely change). Below 0.5 the GPU sits idle waiting for the CPU to launch work: ``bound = "launch"``, where
+fewer FLOPs need not mean less time; otherwise ``"compute"``. CPU: both are ``None`` (ops run synchronously on
+the calling threads; there is no launch queue to starve).
+
+Memory. ``peak_mem_bytes`` means the same on both devices: the model's parameter + buffer bytes plus the peak of
+tensor bytes allocated (and still live) during one untimed prefill + ``new_tokens`` decode steps: activations, the
+KV cache, logits. CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was
+allocated when the run began. CPU: every allocation and free of the CPU allocator during the run, as recorded by
+``torch.profiler(profile_memory=True)`` (its raw ``[memory]`` events, signed bytes, in time order): the maximum of
+their running sum. Both count live tensor allocations, not the allocators' cached free memory (CUDA's counts
+round each block up to 512 bytes).
+``peak_rss_bytes``: the whole process's resident high-water mark during the cell (every run of it;
+host memory, so on CUDA the host side only): the kernel's ``VmHWM`` after resetting it through
+``/proc/self/clear_refs``, or, where that file is not writable, the peak of a 2 ms RSS sampler (can miss spikes
+shorter than that). It includes Python, torch and everything else the process holds.
 
 FLOPs (analytic, per forward, multiply-add = 2 FLOPs): every ``nn.Linear`` inside an attention or MLP module
 counts ``2·in·out`` per token (so a factored MLP counts its two thin linears), plus attention's score and value
@@ -22,11 +39,13 @@ plus the LM head (on the last position only). Weight bytes = the bytes of the pa
 
 Amdahl bound on prefill speedup for a compressed model, from the *dense* (first) model's breakdown:
 ``bound = 1 / ((1 - f_ffn) + f_ffn · flops_ffn_compressed / flops_ffn_dense)`` with ``f_ffn`` the dense FFN time
-fraction; ``efficiency = measured speedup / bound`` (the paper: 1.17× of a 1.29× bound = 90%).
+fraction; ``efficiency = measured speedup / bound`` (the paper: 1.17× of a 1.29× bound = 90%). The bound counts
+FLOPs only, so it does not hold for launch-bound cells.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import threading
@@ -38,6 +57,7 @@ from .files import write_file_atomic
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
+LAUNCH_BOUND_BELOW = 0.5  # gpu_busy_fraction under which a cell is launch-bound
 
 
 def _part_modules(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Module]]]:
@@ -105,6 +125,22 @@ def amdahl_bound(ffn_fraction: float, ffn_flop_ratio: float) -> float:
 # ---------------------------------------------------------------------------------------------------- timing
 
 
+def _marker(cuda: bool):
+    """A point on TTFT's clock: a recorded CUDA event on GPU, ``time.perf_counter()`` seconds on CPU."""
+    if cuda:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def _elapsed_ms(start, end) -> float:
+    """Milliseconds between two markers (for CUDA events, after a synchronise)."""
+    if isinstance(start, float):
+        return (end - start) * 1000.0
+    return start.elapsed_time(end)
+
+
 class _Timer:
     """Elapsed milliseconds of a block: CUDA events on GPU, wall clock on CPU."""
 
@@ -113,56 +149,15 @@ class _Timer:
 
     def __enter__(self):
         if self.cuda:
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
+        self.start = _marker(self.cuda)
         return self
 
     def __exit__(self, *exc):
-        if self.cuda:
-            self.end.record()
-            torch.cuda.synchronize()
-            self.ms = self.start.elapsed_time(self.end)
-        else:
-            self.ms = (time.perf_counter() - self.t0) * 1000.0
-
-
-class _PeakMemory:
-    """Peak memory during a block, over the memory in use when it began (bytes)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self):
+        end = _marker(self.cuda)
         if self.cuda:
             torch.cuda.synchronize()
-            self.base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            import psutil
-
-            self.proc = psutil.Process(os.getpid())
-            self.base = self.peak = self.proc.memory_info().rss
-            self.stop = threading.Event()
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def _sample(self):
-        while not self.stop.wait(0.002):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.stop.set()
-            self.thread.join()
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            self.bytes = self.peak - self.base
+        self.ms = _elapsed_ms(self.start, end)
 
 
 def _stats(values: list[float]) -> tuple[float, float, float]:
@@ -193,50 +188,42 @@ def _decode(model, prefill_out, new_tokens: int, timer_device) -> list[float]:
 
 @torch.inference_mode()
 def module_breakdown(model, ids, repeats: int = 1) -> dict:
-    """Per-part time of the prefill forward TTFT times (ms, mean over `repeats`), attributed by module via
-    torch.profiler."""
-    from torch.autograd.profiler import record_function
-    from torch.profiler import ProfilerActivity, profile
-
+    """Per-part time of the prefill forward TTFT times (ms, mean over `repeats`), on TTFT's clock: forward hooks
+    mark the start and end of every attention and MLP module call, and the whole forward is marked too."""
     parts = _part_modules(model)
+    cuda = ids.device.type == "cuda"
+    spans: dict[str, list[tuple]] = {"forward": [], "attention": [], "ffn": []}  # (start, end) markers
     handles = []
 
-    def wrap(module, label):
-        ranges = []
+    def hook(module, part):
+        starts = []  # a stack: the same module object may be called again before it returns
 
-        def pre(mod, args, kwargs=None):
-            ranges.append(record_function(label))
-            ranges[-1].__enter__()
+        def pre(mod, args):
+            starts.append(_marker(cuda))
 
-        def post(mod, args, output, kwargs=None):
-            ranges.pop().__exit__(None, None, None)
+        def post(mod, args, output):
+            spans[part].append((starts.pop(), _marker(cuda)))
 
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post))
 
     for part, modules in parts.items():
         for _, module in modules:
-            wrap(module, f"sparsekd::{part}")
-    cuda = ids.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            hook(module, part)
     try:
-        with profile(activities=activities) as prof:
-            for _ in range(repeats):
-                with record_function("sparsekd::forward"):
-                    _prefill(model, ids)
-                if cuda:
-                    torch.cuda.synchronize()
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            start = _marker(cuda)
+            _prefill(model, ids)
+            spans["forward"].append((start, _marker(cuda)))
+        if cuda:
+            torch.cuda.synchronize()  # once: every event has completed, elapsed_time may read them
     finally:
         for h in handles:
             h.remove()
-    totals = {}
-    for event in prof.key_averages():
-        if event.key.startswith("sparsekd::"):
-            us = event.device_time_total if cuda else event.cpu_time_total
-            totals[event.key.removeprefix("sparsekd::")] = totals.get(event.key.removeprefix("sparsekd::"), 0.0) + us
-    total = totals.get("forward", 0.0) / repeats / 1000.0
-    attention = totals.get("attention", 0.0) / repeats / 1000.0
-    ffn = totals.get("ffn", 0.0) / repeats / 1000.0
+    ms = {part: sum(_elapsed_ms(a, b) for a, b in pairs) / repeats for part, pairs in spans.items()}
+    total, attention, ffn = ms["forward"], ms["attention"], ms["ffn"]
     return {
         "forward_ms": total,
         "attention_ms": attention,
@@ -246,6 +233,117 @@ def module_breakdown(model, ids, repeats: int = 1) -> dict:
         "ffn_fraction": ffn / total if total else 0.0,
         "other_fraction": (total - attention - ffn) / total if total else 0.0,
     }
+
+
+@torch.inference_mode()
+def _device_busy_ms(model, ids) -> float:
+    """Milliseconds the GPU is busy during one prefill: the union of the device-side intervals of its kernels,
+    copies and memsets, from torch.profiler (overlapping streams counted once)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _prefill(model, ids)
+        torch.cuda.synchronize()
+    intervals = sorted(
+        (e.start_ns(), e.end_ns()) for e in prof.profiler.kineto_results.events()
+        if e.device_type() == DeviceType.CUDA and not getattr(e, "is_user_annotation", lambda: False)()
+    )
+    busy_ns, covered_to = 0, None
+    for start, end in intervals:
+        if covered_to is None or start > covered_to:
+            busy_ns += end - start
+            covered_to = end
+        elif end > covered_to:
+            busy_ns += end - covered_to
+            covered_to = end
+    return busy_ns / 1e6
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (tied weights counted once)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+@torch.inference_mode()
+def _generate_untimed(model, ids, new_tokens: int) -> None:
+    out = _prefill(model, ids)
+    _decode(model, out, new_tokens, ids.device)
+
+
+def _cpu_allocation_peak(model, ids, new_tokens: int) -> int:
+    """Peak of CPU tensor bytes allocated and still live during one prefill + decode run, over those live when it
+    began: the running sum of torch.profiler's raw memory events (signed bytes: + allocation, - free) in time order.
+    Exact, unlike RSS, which misses memory the C allocator reuses and counts memory it has not returned."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _generate_untimed(model, ids, new_tokens)
+    cpu_kinds = (DeviceType.CPU, DeviceType.MKLDNN, DeviceType.IDEEP)
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() in cpu_kinds), key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def peak_tensor_bytes(model, ids, new_tokens: int) -> int:
+    """The model's parameter + buffer bytes plus the peak of the tensor bytes one prefill of ``ids`` and
+    ``new_tokens`` greedy decode steps allocate (activations, KV cache, logits); exact on CPU and CUDA."""
+    gc.collect()  # leftovers of earlier runs freed now, not inside the measured run
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize(ids.device)
+        before = torch.cuda.memory_allocated(ids.device)
+        torch.cuda.reset_peak_memory_stats(ids.device)
+        _generate_untimed(model, ids, new_tokens)
+        torch.cuda.synchronize(ids.device)
+        extra = torch.cuda.max_memory_allocated(ids.device) - before
+    else:
+        extra = _cpu_allocation_peak(model, ids, new_tokens)
+    return _tensor_bytes(model) + extra
+
+
+class _PeakRss:
+    """The process's resident-set high-water mark during a block (bytes): Linux's VmHWM, reset on entry by
+    writing 5 to /proc/self/clear_refs; where that is not possible, the peak of a 2 ms RSS sampler thread."""
+
+    def __enter__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.sampler = None
+        except OSError:
+            import psutil
+
+            self.proc = psutil.Process(os.getpid())
+            self.peak = self.proc.memory_info().rss
+            self.stop = threading.Event()
+            self.sampler = threading.Thread(target=self._sample, daemon=True)
+            self.sampler.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.002):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        if self.sampler is None:
+            with open("/proc/self/status") as f:
+                hwm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+            self.bytes = hwm_kib * 1024
+        else:
+            self.stop.set()
+            self.sampler.join()
+            self.bytes = max(self.peak, self.proc.memory_info().rss)
+
+
+# ---------------------------------------------------------------------------------------------------- cells
 
 
 def profile_model(name: str, model, settings: ProfileConfig, model_index: int, progress=None) -> list[dict]:
@@ -261,11 +359,10 @@ def profile_model(name: str, model, settings: ProfileConfig, model_index: int, p
         for batch in settings.batch_sizes:
             g = torch.Generator().manual_seed(settings.seed)
             ids = torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)
-            for _ in range(settings.warmup):
-                out = _prefill(model, ids)
-                _decode(model, out, min(2, settings.new_tokens), device)
-            ttft, tpot = [], []
-            with _PeakMemory(device) as mem:
+            with _PeakRss() as rss:
+                for _ in range(settings.warmup):
+                    _generate_untimed(model, ids, min(2, settings.new_tokens))
+                ttft, tpot = [], []
                 for _ in range(settings.repeats):
                     with _Timer(device) as t:
                         out = _prefill(model, ids)
@@ -273,10 +370,13 @@ def profile_model(name: str, model, settings: ProfileConfig, model_index: int, p
                     steps = _decode(model, out, settings.new_tokens, device)
                     tpot.append(statistics.mean(steps) if steps else float("nan"))
                     del out
-            breakdown = module_breakdown(model, ids)
+                peak_mem = peak_tensor_bytes(model, ids, settings.new_tokens)
+                breakdown = module_breakdown(model, ids)
+                busy_ms = _device_busy_ms(model, ids) if device.type == "cuda" else None
             flops = flop_accounting(model, batch, seq_len)
             ttft_med, ttft_min, ttft_max = _stats(ttft)
             tpot_med, tpot_min, tpot_max = _stats(tpot)
+            busy = min(1.0, busy_ms / ttft_med) if busy_ms is not None else None
             results.append({
                 "model": name,
                 "model_index": model_index,
@@ -287,9 +387,12 @@ def profile_model(name: str, model, settings: ProfileConfig, model_index: int, p
                 "tpot_ms": tpot_med, "tpot_ms_min": tpot_min, "tpot_ms_max": tpot_max,
                 "tokens_per_s": batch * seq_len / (ttft_med / 1000.0),  # prefill throughput
                 "decode_tokens_per_s": batch / (tpot_med / 1000.0),
-                "peak_mem_bytes": int(mem.bytes),
+                "peak_mem_bytes": int(peak_mem),
+                "peak_rss_bytes": int(rss.bytes),
                 **{k: breakdown[k] for k in ("attention_ms", "ffn_ms", "other_ms", "forward_ms",
                                               "attention_fraction", "ffn_fraction", "other_fraction")},
+                "gpu_busy_fraction": busy,
+                "bound": None if busy is None else ("launch" if busy < LAUNCH_BOUND_BELOW else "compute"),
                 **flops,
                 "device": device.type,
                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -316,19 +419,58 @@ def add_speedups(results: list[dict]) -> list[dict]:
     return results
 
 
+def _mib(nbytes) -> str:
+    return "–" if nbytes is None else f"{nbytes / 2**20:.0f}"
+
+
+def _bound_cell(r: dict) -> str:
+    busy = r.get("gpu_busy_fraction")
+    return "–" if busy is None else f"{r['bound']} ({busy:.0%} busy)"
+
+
+def slower_despite_fewer_flops(results: list[dict]) -> list[dict]:
+    """Cells of a compressed model slower than the baseline (speedup < 1) although its FFN does fewer FLOPs."""
+    return [r for r in results if r["speedup"] < 1 and r["ffn_flop_ratio"] < 1]
+
+
+def slowdown_note(results: list[dict]) -> str | None:
+    """One line for under the table naming the cells `slower_despite_fewer_flops` finds and why; None if none."""
+    cells = slower_despite_fewer_flops(results)
+    if not cells:
+        return None
+    listed = "; ".join(f"#{r['model_index']} {r['model']} at batch {r['batch_size']}, seq {r['seq_len']} "
+                       f"({r['speedup']:.2f}×, FFN FLOPs {r['ffn_flop_ratio']:.2f}× the baseline's"
+                       f"{', launch-bound' if r.get('bound') == 'launch' else ''})" for r in cells)
+    if any(r.get("bound") == "launch" for r in cells):
+        why = ("At small batch on a big GPU the prefill is launch-bound: the GPU waits on the CPU to launch kernels, "
+               "not on arithmetic, and a factored MLP launches two GEMMs per projection where the dense one launches "
+               "one, so the SVD model can be slower than the dense one there; its Amdahl bound (FLOPs only) does not "
+               "apply.")
+    else:
+        why = ("Fewer FLOPs need not mean less time when the work is small: a factored MLP runs two thin GEMMs per "
+               "projection, each with its own fixed cost, where the dense one runs one.")
+    return f"**Slower than the baseline despite fewer FFN FLOPs:** {listed}. {why}"
+
+
 def markdown_table(results: list[dict]) -> str:
-    """Table VII/VIII-style summary: latency, throughput, memory, breakdown and speedup vs its bound."""
-    head = ("| model | batch | seq | TTFT ms | TPOT ms | tok/s | peak MiB | attn ms | FFN ms | other ms "
-            "| FFN FLOP ratio | speedup | Amdahl bound | efficiency |")
-    lines = [head, "|" + "|".join(["---"] * 14) + "|"]
+    """Table VII/VIII-style summary: latency, throughput, memory, breakdown, launch-bound verdict and speedup vs its
+    bound; a note under it for compressed cells slower than the baseline (`slowdown_note`).
+
+    ``peak MiB`` is ``peak_mem_bytes`` (weights + peak tensors of one prefill + decode), ``RSS MiB`` is
+    ``peak_rss_bytes`` (the process's resident high-water mark), ``bound`` is ``bound`` with
+    ``gpu_busy_fraction`` ("–" on CPU)."""
+    head = ("| model | batch | seq | TTFT ms | TPOT ms | tok/s | peak MiB | RSS MiB | attn ms | FFN ms | other ms "
+            "| bound | FFN FLOP ratio | speedup | Amdahl bound | efficiency |")
+    lines = [head, "|" + "|".join(["---"] * 16) + "|"]
     for r in results:
         lines.append(
             f"| {r['model']} | {r['batch_size']} | {r['seq_len']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} "
-            f"| {r['tokens_per_s']:.0f} | {r['peak_mem_bytes'] / 2**20:.0f} | {r['attention_ms']:.1f} "
-            f"| {r['ffn_ms']:.1f} | {r['other_ms']:.1f} | {r['ffn_flop_ratio']:.3f} | {r['speedup']:.3f}× "
-            f"| {r['amdahl_bound']:.3f}× | {r['efficiency']:.0%} |"
+            f"| {r['tokens_per_s']:.0f} | {_mib(r['peak_mem_bytes'])} | {_mib(r.get('peak_rss_bytes'))} "
+            f"| {r['attention_ms']:.1f} | {r['ffn_ms']:.1f} | {r['other_ms']:.1f} | {_bound_cell(r)} "
+            f"| {r['ffn_flop_ratio']:.3f} | {r['speedup']:.3f}× | {r['amdahl_bound']:.3f}× | {r['efficiency']:.0%} |"
         )
-    return "\n".join(lines) + "\n"
+    note = slowdown_note(results)
+    return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
 
 
 def speedup_plot(results: list[dict], path) -> None:

@@ -12,7 +12,8 @@ from sparsekd_core.config import ProfileConfig
 from sparsekd_core.profile import add_speedups, amdahl_bound, flop_accounting, module_breakdown, profile_model
 
 FIELDS = {"model", "model_index", "batch_size", "seq_len", "ttft_ms", "tpot_ms", "tokens_per_s", "peak_mem_bytes",
-          "attention_ms", "ffn_ms", "other_ms", "speedup", "amdahl_bound", "efficiency"}
+          "peak_rss_bytes", "attention_ms", "ffn_ms", "other_ms", "gpu_busy_fraction", "bound", "speedup",
+          "amdahl_bound", "efficiency"}
 
 
 class LowRank(torch.nn.Module):
@@ -69,6 +70,34 @@ def test_breakdown_parts_sum_to_total(tiny_llama):
     assert br["attention_fraction"] + br["ffn_fraction"] + br["other_fraction"] == pytest.approx(1.0)
 
 
+def test_breakdown_uses_ttft_clock_not_torch_profiler(tiny_llama, monkeypatch):
+    """The FFN fraction that feeds the Amdahl bound is timed by the hooks on TTFT's clock, not by torch.profiler."""
+    import torch.profiler
+
+    def no_profiler(*args, **kwargs):
+        raise AssertionError("module_breakdown must not use torch.profiler")
+
+    monkeypatch.setattr(torch.profiler, "profile", no_profiler)
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (1, 16))
+    assert module_breakdown(tiny_llama, ids)["ffn_fraction"] > 0
+
+
+def test_peak_memory_counts_weights_and_grows_with_batch(tiny_tokenizer):
+    """peak_mem_bytes = weights + the peak tensors of one prefill + decode: exact allocator counts, so the same
+    cell gives the same bytes every time, and a bigger batch (activations, KV cache, logits) gives more."""
+    from conftest import make_model
+
+    model = make_model("llama", len(tiny_tokenizer))
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    cfg = ProfileConfig(batch_sizes=[1, 8], seq_len=[32], new_tokens=3, warmup=0, repeats=1)
+    small, big = profile_model("tiny", model, cfg, 0)
+    again = profile_model("tiny", model, cfg.model_copy(update={"batch_sizes": [1]}), 0)[0]
+    assert small["peak_mem_bytes"] > weights and big["peak_mem_bytes"] > small["peak_mem_bytes"]
+    assert again["peak_mem_bytes"] == small["peak_mem_bytes"]
+    kv_cache_growth = 2 * 2 * 7 * (32 + 3) * 2 * 8 * 4  # K and V · layers · extra rows · positions · kv dims · fp32
+    assert big["peak_mem_bytes"] - small["peak_mem_bytes"] >= kv_cache_growth
+
+
 def test_amdahl_bound():
     assert amdahl_bound(0.0, 0.5) == 1.0
     assert amdahl_bound(1.0, 0.5) == pytest.approx(2.0)
@@ -85,7 +114,9 @@ def test_every_field_in_every_cell(tiny_tokenizer):
     assert len(results) == 2 * 2 * 2
     for r in results:
         assert FIELDS <= set(r), FIELDS - set(r)
-        assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["peak_mem_bytes"] >= 0
+        assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["peak_mem_bytes"] > r["total_weight_bytes"]
+        assert r["peak_rss_bytes"] >= r["peak_mem_bytes"]
+        assert r["gpu_busy_fraction"] is None and r["bound"] is None  # CPU: no launch queue to measure
     for r in results[:4]:
         assert r["speedup"] == 1.0 and r["amdahl_bound"] == 1.0
     for r in results[4:]:
@@ -115,9 +146,9 @@ def test_prefill_computes_last_position_logits_only(tiny_tokenizer):
     finally:
         handle.remove()
     prefills = [c for c in calls if c[0].shape[1] == 8]
-    assert len(prefills) == cfg.warmup + cfg.repeats + 1  # + the breakdown's forward
+    assert len(prefills) == cfg.warmup + cfg.repeats + 2  # + the memory run's and the breakdown's forwards
     assert all(keep == 1 and shape == (2, 1, model.config.vocab_size) for _, keep, shape in prefills)
-    decoded = [c[0] for c in calls if c[0].shape[1] == 1][-cfg.new_tokens:]  # the last timed run's steps
+    decoded = [c[0] for c in calls if c[0].shape[1] == 1][-cfg.new_tokens:]  # the memory run's (= every run's)
     assert all(torch.equal(a, b) for a, b in zip(decoded, expected, strict=True))
 
 
@@ -168,3 +199,36 @@ def test_profile_cli_bad_input(capsys, tiny_model_dir):
     assert main(["profile", "--model", str(tiny_model_dir), "--batch-sizes", "0"]) == 2
     _, err = capsys.readouterr()
     assert "--batch-sizes takes comma-separated integers" in err and "profile.batch_sizes" in err
+
+
+def table_row(index: int, batch: int, speedup: float, ffn_flop_ratio: float, bound: str | None) -> dict:
+    """A full result row (what profile_model + add_speedups give) with only the fields the note reads varied."""
+    return {"model": "dense" if index == 0 else "svd", "model_index": index, "batch_size": batch, "seq_len": 64,
+            "ttft_ms": 5.0, "tpot_ms": 1.0, "tokens_per_s": 1000.0, "peak_mem_bytes": 600 * 2**20,
+            "peak_rss_bytes": 2**30, "attention_ms": 2.0, "ffn_ms": 2.0, "other_ms": 1.0,
+            "gpu_busy_fraction": None if bound is None else (0.3 if bound == "launch" else 0.9), "bound": bound,
+            "ffn_flop_ratio": ffn_flop_ratio, "speedup": speedup, "amdahl_bound": 1.2, "efficiency": speedup / 1.2}
+
+
+def test_table_notes_launch_bound_slowdowns():
+    from sparsekd_core.profile import markdown_table
+
+    rows = [table_row(0, 1, 1.0, 1.0, "launch"), table_row(0, 64, 1.0, 1.0, "compute"),
+            table_row(1, 1, 0.8, 0.5, "launch"), table_row(1, 64, 1.15, 0.5, "compute")]
+    table = markdown_table(rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("| model |") and len(lines[0].split("|")) == len(lines[1].split("|"))
+    assert "| 600 | 1024 |" in lines[2] and "| launch (30% busy) |" in lines[2]
+    note = lines[-1]
+    assert "#1 svd at batch 1, seq 64 (0.80×, FFN FLOPs 0.50× the baseline's, launch-bound)" in note
+    assert "batch 64" not in note and "launch-bound" in note and "two GEMMs" in note
+
+
+def test_table_has_no_note_when_compression_pays_and_cpu_rows_render():
+    from sparsekd_core.profile import markdown_table
+
+    table = markdown_table([table_row(0, 1, 1.0, 1.0, None), table_row(1, 1, 1.1, 0.5, None)])
+    assert "Slower" not in table and table.count("\n") == 4  # header, rule, two rows
+    assert "| – |" in table  # no launch verdict on CPU
+    cpu_slow = markdown_table([table_row(0, 1, 1.0, 1.0, None), table_row(1, 1, 0.9, 0.5, None)])
+    assert "#1 svd at batch 1, seq 64 (0.90×" in cpu_slow and "launch-bound" not in cpu_slow
