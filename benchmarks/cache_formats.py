@@ -27,7 +27,7 @@ import torch
 from sparsekd_core.cache import TeacherCache, build_corpus, teacher_topk
 from sparsekd_core.config import CacheConfig, ModelConfig
 from sparsekd_core.kd_loss import KDLoss
-from sparsekd_core.models import load_model
+from sparsekd_core.models import load_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ratios import cache_ratio  # noqa: E402  (one implementation of the write-vs-bare measurement)
@@ -44,7 +44,7 @@ parser.add_argument("--grad-samples", type=int, default=4)
 parser.add_argument("--noise", type=float, default=0.5, help="MLP weight noise of the student (fraction of std)")
 args = parser.parse_args()
 
-loaded = load_model(ModelConfig(model=args.model))
+loaded = load_for("teacher", ModelConfig(model=args.model))  # fp32 teacher (precision.py)
 model = loaded.model
 tmp = tempfile.mkdtemp()
 base = CacheConfig(out=f"{tmp}/c.zarr", data="mix:paper-offline", num_samples=args.num_samples, seq_len=args.seq_len,

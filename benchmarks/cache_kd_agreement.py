@@ -15,7 +15,7 @@ import torch
 from sparsekd_core.cache import TeacherCache, build_corpus, cache_fingerprint, teacher_topk, write_cache
 from sparsekd_core.config import CacheConfig, ModelConfig
 from sparsekd_core.kd_loss import TAILS, KDLoss
-from sparsekd_core.models import load_model
+from sparsekd_core.models import load_for
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="smollm2-135m")
@@ -24,7 +24,7 @@ parser.add_argument("--seq-len", type=int, default=256)
 parser.add_argument("--noise", type=float, default=0.5, help="MLP weight noise, as a fraction of each matrix's std")
 args = parser.parse_args()
 
-loaded = load_model(ModelConfig(model=args.model))
+loaded = load_for("teacher", ModelConfig(model=args.model))  # fp32 teacher (precision.py)
 tmp = tempfile.mkdtemp()
 cfg = CacheConfig(out=f"{tmp}/c.zarr", data="mix:paper-offline", num_samples=args.num_samples, seq_len=args.seq_len,
                   chunk_size=args.num_samples)

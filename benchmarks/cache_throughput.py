@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from sparsekd_core.config import ModelConfig
-from sparsekd_core.models import load_model
+from sparsekd_core.models import load_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ratios import cache_ratio  # noqa: E402  (one implementation of the measurement, shared with ratios.py)
@@ -26,7 +26,7 @@ parser.add_argument("--top-k", type=int, default=32)
 parser.add_argument("--repeats", type=int, default=2)
 args = parser.parse_args()
 
-loaded = load_model(ModelConfig(model=args.model))
+loaded = load_for("teacher", ModelConfig(model=args.model))  # fp32 teacher (precision.py)
 r = cache_ratio(loaded, args.num_samples, args.repeats, seq_len=args.seq_len, top_k=args.top_k)
 print(f"tokens {r['tokens']}, top-k {args.top_k}: bytes/token {r['bytes_per_token']:.1f}")
 print(f"bare forward {r['bare_tokens_per_s']:.1f} tok/s, cache {r['cache_tokens_per_s']:.1f} tok/s, "

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from sparsekd_core.config import (
     CacheConfig,
+    Device,
     DistillConfig,
     EvalConfig,
     ModelConfig,
@@ -45,6 +46,8 @@ class CorpusSpec(_Section):
     max_sequences_per_document: int = Field(
         1, gt=0, description="A document gives at most this many sequences (default 1: a sample is a document).")
     top_k: int = Field(32, gt=0, description="Teacher top-k cached per position.")
+    teacher_precision: Literal["fp32", "tf32", "bf16"] = copy.copy(CacheConfig.model_fields["teacher_precision"])
+    batch_size: int | None = copy.copy(CacheConfig.model_fields["batch_size"])
     shards: int = Field(1, gt=0, le=64, description="Write each teacher cache as this many concurrent task runs, "
                                                     "each a disjoint chunk range of one store (same bytes as one; "
                                                     "on a host with several GPUs, one GPU each).")
@@ -53,6 +56,12 @@ class CorpusSpec(_Section):
     @classmethod
     def _data(cls, v: str) -> str:
         return check_data_spec(v)
+
+    @model_validator(mode="after")
+    def _as_cache(self) -> "CorpusSpec":
+        """Every check of the cache stage (batch_size divides the chunk, ...) before any work."""
+        _check_stage(CacheConfig, "corpus", self.model_dump(exclude={"shards"}), out="unused")
+        return self
 
 
 EVAL_SET_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
@@ -148,8 +157,11 @@ class FlowConfig(_Section):
     """Settings every flow shares."""
 
     model: str = Field("smollm2-135m", description="Dense model: alias, hub id, local directory or .gguf file.")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Precision of evaluation, profiling and generation (auto = bf16 on CUDA, fp32 on CPU). "
+                            "The teacher cache, pruning and training always load fp32 weights (the precision policy, "
+                            "sparsekd_core/precision.py).")
+    device: Device = Field("auto", description="auto = cuda when available; cuda:N = the N-th GPU of the worker.")
     workdir: str = Field(default_factory=lambda: os.environ.get(STORAGE_ROOT_ENV) or "runs",
                          description="Storage root for caches, checkpoints, manifests, reports: a path every "
                                      "worker sees (a shared volume), or an object-store URL (s3://bucket/prefix; "

@@ -68,8 +68,10 @@ class Run:
     def __exit__(self, kind, error, tb) -> None:
         if error is None:
             return
+        reason = f"{type(error).__name__}: {error}"[:5000]
         for run_id in reversed(self.open_runs):
             try:
+                self.tracker.set_tags(run_id, {"sparsekd.error": reason})
                 self.tracker.end_run(run_id, status="FAILED")
             except Exception:  # noqa: BLE001 - the flow's own error is the one to report
                 pass

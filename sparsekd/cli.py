@@ -77,7 +77,7 @@ EVAL_FLAGS = {
 def _add_model_flags(p: argparse.ArgumentParser, flag: str = "--model") -> None:
     p.add_argument(flag, dest="model", help="alias (smollm2-135m), hub id, local directory or .gguf file")
     p.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
-    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--revision", help="hub revision for hub ids")
     p.add_argument("--trust-remote-code", action="store_true", default=None, help="allow hub code to run (off)")
 
@@ -220,6 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "data": data_cfg.data,
         "device": loaded.device.type,
         "dtype": str(loaded.dtype).removeprefix("torch."),
+        "precision": res.precision,  # evaluation may run in bf16 (a measurement); this says which
         # Counted on the evaluated model (e.g. the zeros of a WANDA model after distillation).
         **{k: v for k, v in measured_compression(loaded.model).items() if k != "counted"},
     }
@@ -311,7 +312,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from sparsekd_core.config import PruneConfig
-    from sparsekd_core.models import load_model, weights_digest
+    from sparsekd_core.models import load_for, weights_digest
     from sparsekd_core.prune import count_params, find_mlp_matrices, prune_model, save_compressed, save_dense
 
     sections = _sections(args, PRUNE_FLAGS)
@@ -329,7 +330,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if out.resolve() == Path(model_cfg.model).expanduser().resolve():
         raise ConfigError(f"prune: --out {args.out!r} is the input model; write the next round elsewhere")
 
-    loaded = load_model(model_cfg, log=log)
+    loaded = load_for("prune", model_cfg, log=log)  # fp32 whatever --dtype says (precision.py)
     parent = f"{model_cfg.model} (weights {weights_digest(loaded.model)})"
     reports = []
     for cfg in configs:
@@ -383,7 +384,7 @@ def add_profile_parser(sub) -> None:
     p = sub.add_parser("profile", help="TTFT/TPOT, memory and attention-vs-FFN time, models side by side")
     p.add_argument("--model", dest="models", action="append", help="model to profile (repeat; the first is the baseline)")
     p.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
-    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-sizes", type=_int_list("--batch-sizes"), help="comma-separated (default 1,16,64)")
     p.add_argument("--seq-len", type=_int_list("--seq-len"), help="comma-separated prompt lengths (default 128)")
     p.add_argument("--new-tokens", type=int, help="decode steps timed per run (default 32)")
@@ -440,7 +441,7 @@ CACHE_FLAGS = {
               "max_sequences_per_document": "max_sequences_per_document", "top_k": "top_k", "format": "format", "logprob_step": "logprob_step",
               "teacher_sample": "teacher_sample", "sample_temperature": "sample_temperature",
               "batch_size": "batch_size", "chunk_size": "chunk_size", "shard_index": "shard_index",
-              "num_shards": "num_shards"},
+              "num_shards": "num_shards", "teacher_precision": "teacher_precision"},
 }
 
 
@@ -474,8 +475,12 @@ def add_cache_parser(sub) -> None:
                         "instead of the top-k")
     p.add_argument("--sample-temperature", type=float, help="temperature the classes are sampled at (default 2.0; "
                                                             "= the distillation temperature)")
-    p.add_argument("--batch-size", type=int, help="sequences per forward pass (default 1; divides --chunk-size)")
+    p.add_argument("--batch-size", type=int, help="sequences per forward pass (divides --chunk-size; default 1 on "
+                                                  "CPU, a GPU-filling divisor on CUDA; the bytes are batch 1's)")
     p.add_argument("--chunk-size", type=int, help="sequences per Zarr chunk (default 16)")
+    p.add_argument("--teacher-precision", choices=("fp32", "tf32", "bf16"),
+                   help="the teacher's forward: fp32 (default, whatever --dtype says: fp32 weights and math) | tf32 "
+                        "(TF32 matmuls on CUDA) | bf16 (bf16 weights); an opt-in's error vs fp32 is in the JSON")
     p.add_argument("--shard", type=_shard, metavar="I/N",
                    help="write shard I (0-based) of N: a disjoint chunk range of the same --out, for N processes "
                         "or hosts at once; the store is complete when every shard has finished")
@@ -493,15 +498,16 @@ def _progress(desc: str, unit: str):
 def cmd_cache(args: argparse.Namespace) -> int:
     from sparsekd_core.cache import run_cache
     from sparsekd_core.config import CacheConfig
-    from sparsekd_core.models import load_model
+    from sparsekd_core.models import load_for
 
     if args.shard is not None:
         args.shard_index, args.num_shards = args.shard
     model_cfg, cache_cfg = _configs(args, CACHE_FLAGS, "cache", CacheConfig, ("out",))
-    loaded = load_model(model_cfg, log=log)
+    loaded = load_for("teacher", model_cfg, log=log)  # fp32 whatever --dtype says (precision.py)
     desc = "cache" if cache_cfg.num_shards == 1 else f"cache {cache_cfg.shard_index}/{cache_cfg.num_shards}"
     res = run_cache(loaded, cache_cfg, log=log, progress_factory=_progress(desc, "seq"))
-    result = res.as_dict() | {"model": model_cfg.model, "data": cache_cfg.data}
+    result = res.as_dict() | {"model": model_cfg.model, "data": cache_cfg.data, "device": loaded.device.type,
+                              "dtype": str(loaded.dtype).removeprefix("torch.")}
     size = (f"{res.bytes_per_token:.1f} bytes/token" if res.complete
             else f"store {res.chunks_done}/{res.chunks} chunks done (other shards pending)")
     _emit(result, args.json, f"cache {res.path}: {res.sequences} sequences from {res.documents} documents, "
@@ -531,7 +537,8 @@ TRAIN_OPTIONS = {  # flag dest -> (type, help); the field of the same name in Tr
     "val_ctx": (int, "validation window (default 256)"),
     "patience": (int, "stopping rule: evaluations without a min-delta gain (default 3)"),
     "min_delta": (float, "stopping rule: relative ppl gain that counts (default 0.002)"),
-    "checkpoint_every": (int, "resumable checkpoint every N steps (default 10)"),
+    "checkpoint_every": (int, "also a resumable checkpoint every N steps (default: none, by time only)"),
+    "checkpoint_minutes": (float, "resumable checkpoint every M minutes of wall time (default 10; 0 = off)"),
     "max_bad_steps": (int, "abort after N NaN/inf steps in a row (default 5)"),
     "autocast": (str, "auto (bf16 autocast on CUDA, none on CPU) | bf16 | off; weights are always fp32"),
     "parallel": (str, "under torchrun: auto (= ddp) | ddp | fsdp; --batch-size is the global micro-batch"),
@@ -579,11 +586,11 @@ def _train(args: argparse.Namespace, verb: str, flags: dict, config_cls, require
     from tqdm.auto import tqdm
 
     from sparsekd_core import dist
-    from sparsekd_core.models import load_for_training
+    from sparsekd_core.models import load_for
 
     model_cfg, cfg = _configs(args, flags, verb, config_cls, required, model_flag="--student")
     dist.bind_cuda_device()  # under torchrun each rank loads onto its own GPU
-    loaded = load_for_training(model_cfg, log=log if dist.rank() == 0 else lambda m: None)  # fp32 master weights
+    loaded = load_for("train", model_cfg, log=log if dist.rank() == 0 else lambda m: None)  # fp32 master weights
     bar = None
 
     def progress(step: int, total: int, postfix: dict) -> None:

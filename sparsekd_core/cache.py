@@ -29,8 +29,15 @@ entropy in descending order is ~44 bytes, and neither sorting them (then the log
 frequency remaps nor zstd level 19 did better than raw uint16 + zstd (~51). Coders that learn chunk by chunk reach
 ~48 alone and ~43 mixed with position contexts (benchmarks/cache_entropy.py); the latter decodes position by position.
 
+Precision (``precision.py``): the teacher runs with fp32 weights and fp32 math whatever dtype was asked, so the
+cache is the dense model's own distribution; ``teacher_precision`` tf32 (TF32 matmuls on CUDA) or bf16 (bf16
+weights) are opt-ins, and then the first ``PROBE_SEQUENCES`` sequences are also run in strict fp32 and the
+difference is reported as ``teacher_fidelity`` (``prepare_teacher``). Batching: sequences of one chunk go through
+the model ``batch_size`` at a time (``default_batch_size``: 1 on CPU, a GPU-filling divisor of the chunk on CUDA);
+every sequence has the same length, so no padding enters and the bytes are those of batch 1 (tested on CPU).
+
 The group attribute ``sparsekd_cache`` is the fingerprint: weights digest, tokenizer digest, data spec + content
-digest, k, seq_len, dtype, code version. Opening an existing store whose fingerprint differs is an error
+digest, k, seq_len, dtype and teacher precision, code version. Opening an existing store whose fingerprint differs is an error
 (``CacheMismatchError``), never a silent reuse. Resume: Zarr does not store all-fill chunks, so the store listing
 cannot say what is done; ``chunk_done`` is written after a chunk's data, so a kill -9 loses at most the chunk in
 flight, and a rerun recomputes exactly the chunks not marked done. Batches never cross a chunk and the computation
@@ -58,6 +65,8 @@ from .config import NAMED_MIXTURES, CacheConfig, ConfigError, MixtureComponent, 
 
 FORMATS = {1: "top-k, fp16 log-probs", 2: "top-k, log-probs as steps below the top-1", 3: "sampled classes"}
 TAIL_EXACT_BELOW = math.log(1e-3)  # tail log-mass below which teacher_topk recomputes it exactly
+PROBE_SEQUENCES = 4  # sequences an opt-in teacher precision is measured on against strict fp32
+CUDA_TOKENS_PER_FORWARD = 16384  # default_batch_size: enough tokens per forward to fill a GPU's matmuls
 
 
 class CacheMismatchError(ConfigError):
@@ -184,6 +193,73 @@ def sample_classes(logits: torch.Tensor, n: int, temperature: float, generator) 
     return ids.reshape(B, L, n), counts.reshape(B, L, n), logprobs.reshape(B, L, n)
 
 
+def default_batch_size(chunk_size: int, seq_len: int, vocab_size: int, device: torch.device) -> int:
+    """Sequences per teacher forward when the config does not say: 1 on CPU (a batch-1 forward already runs near
+    the CPU's GEMM peak, DESIGN.md); on CUDA the largest divisor of ``chunk_size`` with at most
+    ``CUDA_TOKENS_PER_FORWARD`` tokens whose fp32 logits, times 3 (``teacher_topk``'s working copies), fit in half
+    the GPU's free memory."""
+    if device.type != "cuda":
+        return 1
+    free = torch.cuda.mem_get_info(device)[0]
+    fits = lambda b: b * seq_len <= max(seq_len, CUDA_TOKENS_PER_FORWARD) and \
+        3 * 4 * b * seq_len * vocab_size <= free // 2  # noqa: E731
+    return max([b for b in range(1, chunk_size + 1) if chunk_size % b == 0 and fits(b)] or [1])
+
+
+@torch.inference_mode()
+def _log_softmax(model, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, use_cache=False).logits.float().log_softmax(-1)  # [B, L, V]
+
+
+@torch.inference_mode()
+def teacher_fidelity(model, input_ids: torch.Tensor, k: int, precision: str, step: float) -> dict:
+    """How far the opt-in ``precision`` (tf32, bf16) moves the teacher from strict fp32 on ``input_ids`` [B, L]:
+    ``model`` holds fp32 weights; it is cast to bf16 in place for ``bf16`` (and left so: the caller caches with it).
+
+    Compared at the fp32 teacher's top-k ids (the targets a student would be trained to): the mean and max
+    |Δ log p| in nats, the fraction within ``step``/2 (format 2's own error) and within 0.01 nats, and the fraction
+    of (position, rank) entries whose id is the same rank by rank."""
+    from .precision import teacher_math, teacher_weights_dtype
+
+    device = next(model.parameters()).device
+    x = input_ids.to(device)
+    with teacher_math(device, "fp32"):
+        ref_lp, ref_ids = _log_softmax(model, x).topk(k, dim=-1)
+    model.to(teacher_weights_dtype(precision))
+    with teacher_math(device, precision):
+        low = _log_softmax(model, x)
+    ids, at_ref = low.topk(k, dim=-1).indices, low.gather(-1, ref_ids)
+    del low
+    error = (at_ref - ref_lp).abs()
+    return {"precision": precision, "sequences": int(x.shape[0]), "tokens": int(x.numel()),
+            "logprob_abs_error_mean": float(error.mean()), "logprob_abs_error_max": float(error.max()),
+            "within_half_step_fraction": float((error <= step / 2).float().mean()),
+            "within_0.01_nats_fraction": float((error <= 0.01).float().mean()),
+            "ids_same_rank_fraction": float((ids == ref_ids).float().mean()),
+            "reference": "strict fp32 (weights and math) on the same sequences"}
+
+
+def prepare_teacher(loaded, cfg: CacheConfig, input_ids: torch.Tensor, log=print) -> dict | None:
+    """Put the loaded teacher in the precision ``cfg.teacher_precision`` says (precision.py) and, for an opt-in,
+    return its measured fidelity to strict fp32 (else None). A teacher handed over in another dtype is upcast to
+    fp32 first (its weights then carry that dtype's rounding; the loaders never do this: ``models.load_teacher``)."""
+    from .precision import ensure_master_weights
+
+    ensure_master_weights(loaded.model, log=log, why="the teacher computes in fp32; load it with models.load_teacher")
+    loaded.dtype = torch.float32
+    if cfg.teacher_precision == "fp32":
+        return None
+    k = min(cfg.top_k, int(loaded.model.config.vocab_size))
+    fidelity = teacher_fidelity(loaded.model, input_ids[:PROBE_SEQUENCES], k, cfg.teacher_precision,
+                                cfg.logprob_step)
+    loaded.dtype = next(loaded.model.parameters()).dtype
+    log(f"cache: teacher precision {cfg.teacher_precision} (opt-in) vs fp32 on {fidelity['tokens']} tokens: "
+        f"|Δ log p| mean {fidelity['logprob_abs_error_mean']:.4f}, max {fidelity['logprob_abs_error_max']:.3f} nats; "
+        f"{fidelity['within_half_step_fraction']:.2%} within half a format-2 step; "
+        f"{fidelity['ids_same_rank_fraction']:.2%} of top-{k} ids at the same rank")
+    return fidelity
+
+
 def _open_group(url: str, mode: str):
     import zarr
 
@@ -214,6 +290,9 @@ class CacheResult:
     complete: bool = True  # every chunk of the store is done (bytes/token is of the finished store only then)
     format: int = 2  # 1, 2: top-k (fp16 / stepped log-probs); 3: sampled classes
     teacher_sample: int | None = None  # classes sampled per position (format 3)
+    teacher_precision: str = "fp32"  # precision.py: fp32, or the opt-in tf32 / bf16
+    teacher_fidelity: dict | None = None  # an opt-in's measured error against strict fp32 (teacher_fidelity)
+    batch_size: int = 1  # sequences per teacher forward
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -233,6 +312,9 @@ def _open_store(url: str, specs: dict, fingerprint: dict):
     group = _open_group(url, "a")
 
     def check(have: dict) -> None:
+        if "teacher_precision" in fingerprint and "teacher_precision" not in have:  # written before the policy:
+            # an fp32 teacher if its weights were fp32
+            have = dict(have, teacher_precision="fp32" if have.get("dtype", "float32") == "float32" else None)
         diff = _differences(have, fingerprint)
         if diff:
             raise CacheMismatchError(f"cache.out={url!r} holds a cache for something else ({'; '.join(diff)}); "
@@ -283,6 +365,8 @@ def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: d
     are optional hooks.
     """
     from zarr.codecs import BloscCodec, TransposeCodec
+
+    from .precision import teacher_math
 
     n, seq_len = input_ids.shape
     k, chunk = cfg.top_k, cfg.chunk_size
@@ -345,6 +429,9 @@ def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: d
         if progress is not None:
             progress(sum(min(n, (c + 1) * chunk) - c * chunk for c in mine if done[c]))
     device = next(model.parameters()).device
+    batch = cfg.batch_size or default_batch_size(chunk, int(seq_len), vocab_size, device)
+    if chunk % batch:
+        raise ConfigError(f"cache.batch_size={batch} does not divide chunk_size={chunk}")
     computed_tokens = 0
     t0 = time.perf_counter()
     for c in todo:
@@ -352,9 +439,11 @@ def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: d
         # Sampling is seeded per chunk, so a resumed or sharded chunk draws exactly what one process would.
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + c) if sampled else None
         parts = []
-        for b in range(lo, hi, cfg.batch_size):
-            x = input_ids[b : min(hi, b + cfg.batch_size)].to(device)
-            parts.append({name: t.cpu() for name, t in compute(x, generator).items()})
+        for b in range(lo, hi, batch):
+            x = input_ids[b : min(hi, b + batch)].to(device)
+            with teacher_math(device, cfg.teacher_precision):
+                computed = compute(x, generator)
+            parts.append({name: t.cpu() for name, t in computed.items()})
             computed_tokens += x.numel()
             if progress is not None:
                 progress(x.shape[0])
@@ -375,7 +464,7 @@ def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: d
                        resumed_chunks=resumed, computed_chunks=len(todo), seconds=seconds,
                        shard=f"{cfg.shard_index}/{cfg.num_shards}", chunks=n_chunks, chunks_done=chunks_done,
                        complete=chunks_done == n_chunks, format=fingerprint["format"],
-                       teacher_sample=cfg.teacher_sample)
+                       teacher_sample=cfg.teacher_sample, teacher_precision=cfg.teacher_precision, batch_size=batch)
 
 
 def cache_fingerprint(loaded, cfg: CacheConfig, input_ids: torch.Tensor) -> dict:
@@ -390,7 +479,8 @@ def cache_fingerprint(loaded, cfg: CacheConfig, input_ids: torch.Tensor) -> dict
         "data_digest": corpus_digest(input_ids),
         "num_samples": cfg.num_samples,
         "seed": cfg.seed,
-        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "dtype": str(loaded.dtype).removeprefix("torch."),  # the teacher's weights as they ran
+        "teacher_precision": cfg.teacher_precision,
     }
 
 
@@ -418,12 +508,20 @@ class TeacherCache:
         self.teacher_sample = info.get("teacher_sample")
         self.sample_temperature = info.get("sample_temperature")
         self.step = float(info["logprob_step"]) if self.format >= 2 else None
+        self._arrays = {}  # name -> opened array: ``group[name]`` reads the array's metadata again at every call
 
     def __len__(self) -> int:
         return self.num_sequences
 
     def _read(self, name: str, rows: np.ndarray) -> np.ndarray:
-        return self.group[name].get_orthogonal_selection((rows,))
+        """Rows ``rows`` (any order, repeats allowed) of array ``name``. Zarr's orthogonal selection groups the rows
+        by chunk: each chunk a batch touches is decoded once per array, however many of its rows lie there
+        (measured: tests/test_prefetch.py). A training batch's rows mostly lie in different chunks, so a batch of B
+        decodes ~B whole chunks per array; the training loop reads it while the step before computes."""
+        array = self._arrays.get(name)
+        if array is None:
+            array = self._arrays[name] = self.group[name]
+        return array.get_orthogonal_selection((rows,))
 
     def __getitem__(self, indices) -> dict[str, torch.Tensor]:
         """Sequences ``indices``: input_ids and, for a top-k cache, topk_ids / topk_logprobs (float, decoded) /
@@ -451,6 +549,8 @@ def run_cache(loaded, cfg: CacheConfig, log=print, progress_factory=None) -> Cac
     max_pos = getattr(loaded.model.config, "max_position_embeddings", None)
     if max_pos is not None and cfg.seq_len > max_pos:
         raise ConfigError(f"cache.seq_len={cfg.seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+    # Precision first: the fingerprint digests the weights as the teacher runs them (bf16 under that opt-in).
+    fidelity = prepare_teacher(loaded, cfg, input_ids, log=log)
     fingerprint = cache_fingerprint(loaded, cfg, input_ids)
     what = f"{cfg.teacher_sample} sampled classes at T={cfg.sample_temperature}" if cfg.teacher_sample \
         else f"top-{cfg.top_k}, format {cfg.format}"
@@ -467,4 +567,5 @@ def run_cache(loaded, cfg: CacheConfig, log=print, progress_factory=None) -> Cac
         if bar is not None:
             bar.close()
     result.documents = corpus.documents
+    result.teacher_fidelity = fidelity
     return result

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 # Model aliases the tool resolves itself (anything else is a hub id, a local directory or a .gguf file).
 MODEL_ALIASES: dict[str, str] = {
@@ -98,7 +99,20 @@ def parse_hub_spec(spec: str) -> tuple[str, int | None] | None:
 FILE_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet")
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
-Device = Literal["auto", "cpu", "cuda"]
+DEVICE_HELP = "auto (cuda when available, else cpu) | cpu | cuda | cuda:N (the N-th GPU of this host)"
+
+
+def check_device(value: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``: the form only (whether that GPU exists is checked where the model
+    is loaded, ``models.resolve_device``, on the machine that runs the stage)."""
+    text = str(value).strip().lower()
+    kind, _, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
+        return text if kind != "cuda" or not index else f"cuda:{int(index)}"
+    raise ValueError(f"allowed: {DEVICE_HELP}")
+
+
+Device = Annotated[str, AfterValidator(check_device)]
 
 
 class ConfigError(ValueError):
@@ -171,7 +185,7 @@ class ModelConfig(StageConfig):
 
     model: str = Field(description="Alias (smollm2-135m), hub id (org/name), local HF directory or .gguf file.")
     dtype: Dtype = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
-    device: Device = Field("auto", description="auto = cuda when available, else cpu.")
+    device: Device = Field("auto", description="auto = cuda when available, else cpu; cuda:N = the N-th GPU.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     trust_remote_code: bool = Field(False, description="Allow code from the hub repository to run. Off by default.")
 
@@ -451,7 +465,13 @@ class CacheConfig(StageConfig):
                                        "(an unbiased KD target; distill with tail=sampled at the same temperature).")
     sample_temperature: float = Field(2.0, gt=0, description="Temperature the classes are sampled at (= the "
                                                              "distillation temperature).")
-    batch_size: int = Field(1, gt=0, description="Sequences per forward pass (divides chunk_size).")
+    teacher_precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "fp32", description="The teacher's forward: fp32 (default: fp32 weights and math, whatever dtype the model "
+                            "config asks); tf32 (TF32 matmuls on CUDA) or bf16 (bf16 weights) are opt-ins whose "
+                            "error against fp32 the cache reports (teacher_fidelity).")
+    batch_size: int | None = Field(None, gt=0, description="Sequences per forward pass (divides chunk_size). "
+                                   "Default: 1 on CPU; on CUDA the largest divisor of chunk_size within a token and "
+                                   "logits budget (cache.default_batch_size). The bytes are those of batch 1.")
     chunk_size: int = Field(16, gt=0, description="Sequences per Zarr chunk along N (a crash loses at most one).")
     shard_index: int = Field(0, ge=0, description="This process writes shard shard_index of num_shards (0-based).")
     num_shards: int = Field(1, gt=0, description="Processes sharing the store: each writes a disjoint, chunk-aligned "
@@ -471,7 +491,7 @@ class CacheConfig(StageConfig):
 
     @model_validator(mode="after")
     def _batch_divides_chunk(self) -> "CacheConfig":
-        if self.chunk_size % self.batch_size:
+        if self.batch_size is not None and self.chunk_size % self.batch_size:
             raise ValueError(
                 f"batch_size={self.batch_size} does not divide chunk_size={self.chunk_size}; "
                 "allowed: a divisor (batches never cross a chunk, so a resumed run computes the same bytes)"
@@ -504,7 +524,13 @@ class TrainConfig(StageConfig):
     val_ctx: int = Field(256, gt=1, description="Validation window (stride = window: each token scored once).")
     patience: int = Field(3, gt=0, description="Stop when the last `patience` evaluations gain < min_delta over the best.")
     min_delta: float = Field(0.002, ge=0, description="Relative validation-ppl gain that counts as an improvement.")
-    checkpoint_every: int = Field(10, gt=0, description="Save a resumable checkpoint every N steps.")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="Also save a resumable checkpoint every N steps (default: by wall time only). Not "
+                                "part of the run's identity, like checkpoint_minutes.")
+    checkpoint_minutes: float = Field(
+        10.0, ge=0, description="Save a resumable checkpoint every M minutes of wall time (0 = off); a checkpoint "
+                                "is also written at each new best model and at the end. Not part of the run's "
+                                "identity: a run resumes with another cadence.")
     max_bad_steps: int = Field(5, gt=0, description="Abort after this many NaN/inf steps in a row.")
     autocast: Literal["auto", "bf16", "off"] = Field(
         "auto", description="Forward-pass precision; weights are always fp32 masters. auto = bf16 autocast on "

@@ -6,14 +6,18 @@ dense self (self-referential KD), a KD-improved model (teacher swap: any cache w
 nobody at all (α = 0, the CE-only control: same corpus, same steps).
 
 Output directory ``out``:
-    checkpoint/   model.safetensors, optimizer.pt, state.pt (step, data position, RNG, history): resume point
+    checkpoint/   model.safetensors, optimizer.pt, state.pt (step, data position, RNG, history): resume point,
+                  rewritten every checkpoint_minutes of wall time (and/or checkpoint_every steps), at each new best
+                  model and at the end
     best/         HF directory of the best-validation model so far (while training)
     config.json, model.safetensors, tokenizer files   the final student = the best-validation model (HF-loadable)
     distill.json  the run's figures (the `sparsekd distill` JSON, plus loss_history: [step, loss, kd, ce] of every
                   update); written last: its presence means done
 Directories are swapped in with ``files.replace_dir`` and recovered at start, so a kill at any point (inside a
 step, a checkpoint, the final publication) leaves a state that the same command resumes to the same weights.
-Precision: fp32 master weights, bf16 autocast on CUDA, saved fp32 (``precision.py``), whatever the caller loaded.
+Precision: fp32 master weights, bf16 autocast on CUDA, saved fp32 (``precision.py``), whatever the caller loaded;
+AdamW is the fused kernel on CUDA. The next micro-batch is read from the cache while the current one computes
+(``BatchReader``); ``data_wait_seconds`` says how long the loop still waited for data.
 Under torchrun the same loop runs on every rank, DDP or FSDP2, at the same global batch; rank 0 writes (``dist.py``).
 """
 
@@ -25,6 +29,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,8 +65,10 @@ def load_checkpoint(path: Path, model) -> tuple[dict, dict]:
     from safetensors.torch import load_model
 
     load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
-    return (torch.load(path / "optimizer.pt", weights_only=True),
-            torch.load(path / "state.pt", weights_only=True))
+    # Onto the CPU: a checkpoint saved on cuda:1 resumes on cuda:0, on another GPU count or on a CPU (the optimizer
+    # moves its state to the parameters' device when it loads it; RNG states are CPU tensors).
+    return (torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
+            torch.load(path / "state.pt", weights_only=True, map_location="cpu"))
 
 
 def save_hf(path: Path, model, tokenizer) -> None:
@@ -143,11 +150,67 @@ def should_stop(history: list[tuple[int, float]], patience: int, min_delta: floa
     return None
 
 
+# Training fields that change no result: where it goes, how many ranks and how, how often checkpoints are written.
+# Neither a checkpoint's run key nor a flow's stage key covers them (tasks/stages.py uses identity_fields too).
+NOT_IDENTITY = frozenset({"out", "parallel", "checkpoint_every", "checkpoint_minutes"})
+
+
+def identity_fields(fields: dict) -> dict:
+    """A training config's fields less those that change no result (``NOT_IDENTITY``)."""
+    return {k: v for k, v in fields.items() if k not in NOT_IDENTITY}
+
+
 def run_key(cfg: TrainConfig, data_fingerprint: dict, student_spec: str) -> str:
-    """What a checkpoint must match to be resumed: the config (less `out`), the training data and the student."""
-    keep = cfg.model_dump(exclude={"out", "parallel"})  # how many ranks, and how, changes no result
+    """What a checkpoint must match to be resumed: the config less ``NOT_IDENTITY``, the training data and the
+    student."""
+    keep = identity_fields(cfg.model_dump())
     blob = json.dumps([keep, data_fingerprint, student_spec], sort_keys=True, default=str)
     return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
+
+
+PREFETCH = True  # read the next micro-batch on a background thread (False: read in the loop; tests compare the two)
+_clock = time.monotonic  # the wall clock of time-based checkpoints (tests move it)
+
+
+class BatchReader:
+    """Micro-batch i of the loop on ``device``, with micro-batch i+1 read (and decoded) on one background thread
+    while i computes: ``get(i)`` returns ``data[indices_for(i)]`` and starts the read of i+1 (none at or past
+    ``stop``, so exactly the sequences trained on are read). The loop's micro index stays the truth: a read-ahead
+    of another index than the one asked for is dropped and the batch read on the spot. On CUDA the host tensors
+    are pinned, so the copy to the GPU is asynchronous. An exception in the reader is raised by ``get``.
+    ``waited``: seconds ``get`` spent waiting for data (what the read-ahead did not hide). ``close()`` ends the
+    thread (call it on every way out)."""
+
+    def __init__(self, data, indices_for, stop: int, device: torch.device, ahead: bool = True):
+        self.data, self.indices_for, self.stop, self.device = data, indices_for, stop, device
+        self.pin = device.type == "cuda"
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="sparsekd-batch-reader") if ahead else None
+        self.pending: tuple[int, Future] | None = None
+        self.waited = 0.0
+
+    def _read(self, micro_index: int) -> dict[str, torch.Tensor]:
+        batch = self.data[self.indices_for(micro_index)]
+        return {name: t.pin_memory() for name, t in batch.items()} if self.pin else batch
+
+    def get(self, micro_index: int) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[0] == micro_index:
+            host = pending[1].result()  # re-raises the reader's exception here
+        else:
+            if pending is not None:
+                pending[1].cancel()  # a read of another index: not wanted (if already running, it is ignored)
+            host = self._read(micro_index)
+        if self.pool is not None and micro_index + 1 < self.stop:
+            self.pending = (micro_index + 1, self.pool.submit(self._read, micro_index + 1))
+        batch = {name: t.to(self.device, non_blocking=self.pin) for name, t in host.items()}
+        self.waited += time.perf_counter() - t0
+        return batch
+
+    def close(self) -> None:
+        self.pending = None
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -165,7 +228,7 @@ class DistillResult:
     stop_reason: str
     bad_steps: int
     val_history: list
-    self_referential: bool
+    self_referential: bool  # the student's weights are the cache's teacher's (compared in the teacher's precision)
     out: str
     precision: str  # e.g. "fp32 weights + bf16 autocast"
     # Counted on the saved student (prune/masks.measured_compression): what the evaluated model really holds.
@@ -175,6 +238,10 @@ class DistillResult:
     mlp_reduction: float
     total_params: int
     masked_entries: int  # entries held at zero through training (a WANDA mask); 0 for dense/SVD students
+    train_seconds: float = 0.0  # wall time of the optimizer steps (validation and checkpoints excluded)
+    data_wait_seconds: float = 0.0  # of which the loop waited for its batches (the read-ahead hides the rest)
+    # What self_referential means for the step-0 loss under this run's precision (precision.self_referential_meaning).
+    self_referential_meaning: str | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -272,7 +339,7 @@ def _train(ranks: dist.Ranks, cfg: TrainConfig, model, tokenizer, data, loss_fn,
                 shutil.rmtree(best_dir, ignore_errors=True)  # a kill after the JSON, before the clean-up
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
             log(f"{stage}: {out} already holds this finished run; nothing to do")
-            return DistillResult(**{k: finished[k] for k in DistillResult.__dataclass_fields__})
+            return DistillResult(**{k: finished[k] for k in DistillResult.__dataclass_fields__ if k in finished})
         raise ConfigError(f"{stage}.out={cfg.out!r} holds a different finished run; give another --out")
 
     n = len(data)
@@ -295,7 +362,7 @@ def _train(ranks: dist.Ranks, cfg: TrainConfig, model, tokenizer, data, loss_fn,
     # Everything the loop carries from step to step; it is the checkpoint (with model and optimizer).
     state = dict(step=0, micro_index=0, best_ppl=None, best_step=None, best_counts=None, history=[], kd_first=None,
                  ce_first=None, kd_last=None, ce_last=None, bad_in_row=0, bad_total=0, tokens=0, train_seconds=0.0,
-                 rng=None, run_key=key, finished=False, stop_reason=None, loss_history=[])
+                 data_wait_seconds=0.0, rng=None, run_key=key, finished=False, stop_reason=None, loss_history=[])
     resumed_from = 0
     saved_optimizer = None
     if (ckpt_dir / "state.pt").is_file():
@@ -316,9 +383,12 @@ def _train(ranks: dist.Ranks, cfg: TrainConfig, model, tokenizer, data, loss_fn,
     # Wrapped after loading, so every rank starts from the checkpoint's weights; the optimizer and the mask guard
     # then hold the parameters as trained (FSDP: this rank's shards).
     trained = ranks.wrap(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fused = device.type == "cuda"  # one kernel for all parameters; the CPU keeps the reference implementation
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     if saved_optimizer is not None:
         ranks.load_optimizer_state(model, optimizer, saved_optimizer)
+        for group in optimizer.param_groups:
+            group["fused"] = fused  # the saved groups carry the flag of the device that wrote them
     guard = MaskGuard(model, masks)
     if guard.pairs:
         log(f"{stage}: holding {guard.masked_entries:,} pruned MLP entries at zero (unstructured mask of "
@@ -333,13 +403,31 @@ def _train(ranks: dist.Ranks, cfg: TrainConfig, model, tokenizer, data, loss_fn,
         model.train()
         return ranks.broadcast(ppl)
 
+    saved_at = _clock()  # when the last checkpoint was written (or the loop began): the clock of checkpoint_minutes
+
     def checkpoint() -> None:
         """Every rank takes part (FSDP gathers the full state); rank 0 writes; nobody goes on before it is whole."""
+        nonlocal saved_at
         state["rng"] = _rng_state()
         weights, optimizer_state = ranks.full_model(model), ranks.optimizer_state(model, optimizer)
         if ranks.is_main:
             save_checkpoint(ckpt_dir, weights, optimizer_state, state)
         ranks.barrier()
+        saved_at = _clock()
+
+    def checkpoint_due() -> bool:
+        """Every checkpoint_every steps, or once checkpoint_minutes have passed since the last checkpoint; rank 0's
+        clock decides for every rank (a checkpoint is a collective)."""
+        by_steps = cfg.checkpoint_every is not None and state["step"] % cfg.checkpoint_every == 0
+        by_time = cfg.checkpoint_minutes > 0 and ranks.broadcast(_clock() - saved_at >= 60 * cfg.checkpoint_minutes)
+        return by_steps or by_time
+
+    def rank_indices(micro_index: int) -> list[int]:
+        """This rank's contiguous slice of global micro-batch `micro_index`: N ranks together see what one would."""
+        return ranks.shard(batch_indices(micro_index, n, cfg.batch_size, cfg.seed))
+
+    # Each micro-step's batch is read while the one before computes (a background thread, BatchReader).
+    reader = BatchReader(data, rank_indices, stop=total * cfg.grad_accum, device=device, ahead=PREFETCH)
 
     stop_reason = "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "epochs"
     try:
@@ -375,15 +463,13 @@ def _train(ranks: dist.Ranks, cfg: TrainConfig, model, tokenizer, data, loss_fn,
                 break
 
             # One optimizer step = grad_accum micro-steps; the loss is averaged over them.
-            t0 = time.perf_counter()
+            t0, waited = time.perf_counter(), reader.waited
             kd_sum = ce_sum = loss_sum = 0.0
             has_kd = False
             finite = True
             for micro in range(cfg.grad_accum):
-                # This rank's contiguous slice of the global micro-batch: N ranks together see what one process would.
-                indices = ranks.shard(batch_indices(state["micro_index"], n, cfg.batch_size, cfg.seed))
+                batch = reader.get(state["micro_index"])
                 state["micro_index"] += 1
-                batch = {k: v.to(device) for k, v in data[indices].items()}
                 ranks.sync_gradients(trained, micro == cfg.grad_accum - 1)  # reduce gradients once per step
                 with autocast():
                     logits = trained(input_ids=batch["input_ids"], use_cache=False).logits
@@ -423,13 +509,15 @@ def _train(ranks: dist.Ranks, cfg: TrainConfig, model, tokenizer, data, loss_fn,
                     )
             optimizer.zero_grad(set_to_none=True)
             state["train_seconds"] += time.perf_counter() - t0
+            state["data_wait_seconds"] += reader.waited - waited
             state["step"] = step + 1
 
             if progress is not None:
                 progress(state["step"], total, {
                     "loss": loss_sum, "kd": kd_sum, "ce": ce_sum,
-                    "tok/s": state["tokens"] / max(state["train_seconds"], 1e-9)})
-            if state["step"] % cfg.checkpoint_every == 0 and state["step"] < total:
+                    "tok/s": state["tokens"] / max(state["train_seconds"], 1e-9),
+                    "wait_s": reader.waited - waited})  # this step's wait for data
+            if checkpoint_due() and state["step"] < total:
                 checkpoint()
             if on_step is not None:
                 on_step(state["step"])
@@ -438,6 +526,7 @@ def _train(ranks: dist.Ranks, cfg: TrainConfig, model, tokenizer, data, loss_fn,
             state["finished"], state["stop_reason"] = True, stop_reason
             checkpoint()
     finally:
+        reader.close()  # no reader thread outlives the loop, however it ended
         guard.remove()  # the caller's model keeps no hooks, whether training ended or raised
 
     # The final student is the best-validation model: its files go to `out`; distill.json marks the run done;
@@ -457,7 +546,11 @@ def _train(ranks: dist.Ranks, cfg: TrainConfig, model, tokenizer, data, loss_fn,
             precision=precision.describe(device, cfg.autocast), mlp_params=counts["mlp_params"],
             mlp_nonzero=counts["mlp_nonzero"], mlp_zero_fraction=counts["mlp_zero_fraction"],
             mlp_reduction=counts["mlp_reduction"], total_params=counts["total_params"],
-            masked_entries=guard.masked_entries,
+            masked_entries=guard.masked_entries, train_seconds=state["train_seconds"],
+            data_wait_seconds=state["data_wait_seconds"],
+            self_referential_meaning=precision.self_referential_meaning(
+                device, cfg.autocast, (extra or {}).get("teacher", {}).get("teacher_precision"))
+            if self_referential else None,
         )
         # loss_history: [step, loss, kd, ce] of every update, the global micro-batch's means (not in the CLI JSON).
         write_json_atomic(done_file, result.as_dict() | {

@@ -67,6 +67,8 @@ class PerplexityResult:
     windows: int
     seconds: float
     tokens_per_s: float  # tokens forwarded (window lengths summed) per second of model time
+    precision: str = "float32"  # the weights' dtype as the model ran, plus "+ bf16 autocast" when it was on
+    device: str = "cpu"
 
     def as_dict(self) -> dict:
         return {
@@ -76,7 +78,18 @@ class PerplexityResult:
             "windows": self.windows,
             "seconds": self.seconds,
             "tokens_per_s": self.tokens_per_s,
+            "precision": self.precision,
+            "device": self.device,
         }
+
+
+def running_precision(model) -> str:
+    """The precision a forward of ``model`` runs in here: its weights' dtype, and the autocast dtype if on."""
+    param = next(model.parameters())
+    text = str(param.dtype).removeprefix("torch.")
+    if torch.is_autocast_enabled(param.device.type):
+        text += f" + {str(torch.get_autocast_dtype(param.device.type)).removeprefix('torch.')} autocast"
+    return text
 
 
 @torch.inference_mode()
@@ -130,6 +143,8 @@ def perplexity(model, input_ids: torch.Tensor, cfg: EvalConfig, progress=None) -
         windows=len(windows),
         seconds=seconds,
         tokens_per_s=forwarded / seconds if seconds > 0 else float("inf"),
+        precision=running_precision(model),
+        device=device.type,
     )
 
 

@@ -47,11 +47,26 @@ def cache_root() -> Path:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu; ``cuda`` / ``cuda:N`` checked against this host's GPUs."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("model.device='cuda': no CUDA device is available here; allowed: auto, cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.device={device!r}: no CUDA device is available here; allowed: auto, cpu")
+        index = device.partition(":")[2]
+        count = torch.cuda.device_count()
+        if index and int(index) >= count:
+            raise ConfigError(f"model.device={device!r}: this host has {count} CUDA device(s); allowed: cuda, "
+                              + ", ".join(f"cuda:{i}" for i in range(count)))
     return torch.device(device)
+
+
+def shard_device(device: str, shard_index: int) -> str:
+    """The device shard ``shard_index`` of a fanned-out stage runs on: with ``auto`` or ``cuda`` on a host with
+    several GPUs, GPU ``shard_index mod count``; otherwise ``device`` as given (``cuda:N`` pins every shard)."""
+    if device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return f"cuda:{shard_index % torch.cuda.device_count()}"
+    return device
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -158,6 +173,12 @@ def convert_gguf(gguf: Path, log=print) -> Path:
         log(f"converting {gguf.name} to a plain fp32 checkpoint (once; cached in {target}) ...")
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # transformers 5.17 (a GPU host's version) reads the GGUF tokenizer's eos as its bos and sets no pad; the
+        # model config holds the GGUF's own ids (later versions agree with it): the tokenizer follows the config.
+        for role in ("eos", "pad"):
+            token_id = getattr(quantised.config, f"{role}_token_id", None)
+            if isinstance(token_id, int) and getattr(tokenizer, f"{role}_token_id") != token_id:
+                setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
         # A model loaded from GGUF refuses save_pretrained; rebuild a plain one with the same weights.
         config = quantised.config
         if hasattr(config, "quantization_config"):
@@ -204,13 +225,13 @@ def resolve_source(cfg: ModelConfig, log=print) -> tuple[str, bool]:
     )
 
 
-def load_for_training(cfg: ModelConfig, log=print) -> LoadedModel:
-    """``load_model`` under the precision policy of training stages: fp32 master weights whatever ``cfg.dtype``
-    says (the CLI, the tasks and the flows all load a student through here; see precision.py)."""
-    from .precision import training_load_dtype
+def load_for(stage: str, cfg: ModelConfig, log=print) -> LoadedModel:
+    """``load_model`` under the precision policy of ``stage`` (precision.stage_load_dtype): ``train``, ``prune`` and
+    ``teacher`` load fp32 weights whatever ``cfg.dtype`` says; ``eval`` loads what it says. Every entry point (the
+    CLI, the tasks, the flows) loads a stage's model through here."""
+    from .precision import stage_load_dtype
 
-    dtype = training_load_dtype(cfg.dtype, log=log)
-    return load_model(cfg.model_copy(update={"dtype": dtype}), log=log)
+    return load_model(cfg.model_copy(update={"dtype": stage_load_dtype(stage, cfg.dtype, log=log)}), log=log)
 
 
 _LOAD_LOCK = threading.Lock()

@@ -51,12 +51,16 @@ def code_digest(packages: tuple[str, ...] = ("sparsekd_core",)) -> str:
     return h.hexdigest()[:16]
 
 
-def resolved_runtime(dtype: str, device: str) -> dict[str, str]:
-    """{"dtype": "float32", "device": "cpu"}: ``auto`` replaced by what it means on this machine."""
+def resolved_runtime(dtype: str, device: str, stage: str = "eval") -> dict[str, str]:
+    """{"dtype": "float32", "device": "cpu"}: the dtype ``stage`` really loads its model in (the precision policy,
+    precision.stage_load_dtype: fp32 for prune and teacher whatever was asked) with ``auto`` resolved, and the
+    device kind (cuda:0 and cuda:1 compute the same numbers)."""
     from .models import resolve_device, resolve_dtype
+    from .precision import stage_load_dtype
 
     dev = resolve_device(device)
-    return {"dtype": str(resolve_dtype(dtype, dev)).removeprefix("torch."), "device": dev.type}
+    loaded = stage_load_dtype(stage, dtype, log=lambda message: None)
+    return {"dtype": str(resolve_dtype(loaded, dev)).removeprefix("torch."), "device": dev.type}
 
 
 def training_runtime(device: str, autocast: str) -> dict[str, str | None]:

@@ -2,9 +2,10 @@
 
 An example is the prompt through the chat template (a user turn, generation prompt appended, as
 ``downstream.chat_ids`` builds it for generation) followed by the response and EOS, cut to ``max_len`` tokens and
-right-padded. The loss is the mean next-token cross-entropy over the response tokens (and the EOS) of the
-micro-batch; prompt and padding positions count for nothing. Right padding needs no attention mask in a causal
-model: padding comes after every real token, so no real position attends to it.
+right-padded; a batch is cut to its longest example (no position past every example's end is computed). The loss
+is the mean next-token cross-entropy over the response tokens (and the EOS) of the micro-batch; prompt and padding
+positions count for nothing. Right padding needs no attention mask in a causal model: padding comes after every real
+token, so no real position attends to it.
 
 The loop is distill's (``distill.train``): the same AdamW, schedule, clipping, validation, stopping, checkpoints,
 resume, precision policy (fp32 masters) and pruning-mask guard. The arms of the self-data comparison are SFT on the
@@ -17,26 +18,29 @@ import json
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .config import ConfigError, SFTConfig
-from .kd_loss import KDLossOutput
+from .kd_loss import KDLossOutput, _LogitStats  # the chunked logsumexp/gather the KD loss uses, shared
 
 
 @dataclass
 class SFTData:
-    """Tokenized examples: ``input_ids`` [N, L] (right-padded), ``loss_mask`` [N, L] (1 on response tokens)."""
+    """Tokenized examples: ``input_ids`` [N, L] (right-padded), ``loss_mask`` [N, L] (1 on response tokens),
+    ``lengths`` [N] (real tokens of each example)."""
 
     input_ids: torch.Tensor
     loss_mask: torch.Tensor
+    lengths: torch.Tensor
     fingerprint: dict
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def __getitem__(self, indices) -> dict[str, torch.Tensor]:
+        """The examples ``indices``, [B, W] with W the longest of them: the padding past it changes no loss."""
         rows = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        return {"input_ids": self.input_ids[rows], "loss_mask": self.loss_mask[rows]}
+        width = int(self.lengths[rows].max())
+        return {"input_ids": self.input_ids[rows, :width], "loss_mask": self.loss_mask[rows, :width]}
 
 
 def build_sft_data(cfg: SFTConfig, tokenizer) -> SFTData:
@@ -53,25 +57,33 @@ def build_sft_data(cfg: SFTConfig, tokenizer) -> SFTData:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     ids = torch.full((len(records), cfg.max_len), pad, dtype=torch.long)
     mask = torch.zeros((len(records), cfg.max_len), dtype=torch.long)
+    lengths = torch.zeros(len(records), dtype=torch.long)
     for i, r in enumerate(records):
         prompt = chat_ids(tokenizer, r["prompt"])
         response = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
         row = (prompt + response)[: cfg.max_len]
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, len(prompt) : len(row)] = 1
+        lengths[i] = len(row)
     if int(mask[:, 1:].sum()) == 0:
         raise ConfigError(f"sft.max_len={cfg.max_len} leaves no response token of any example; raise max_len")
     fingerprint = {"data": cfg.data, "records_digest": documents_digest(json.dumps(r, sort_keys=True) for r in records),
                    "tokenizer_digest": tokenizer_digest(tokenizer), "examples": len(records)}
-    return SFTData(ids, mask, fingerprint)
+    return SFTData(ids, mask, lengths, fingerprint)
 
 
-def response_loss(logits: torch.Tensor, batch: dict) -> KDLossOutput:
-    """Mean cross-entropy of the next token over response positions (targets with loss_mask 1), in fp32."""
-    targets = batch["input_ids"][:, 1:]
-    weight = batch["loss_mask"][:, 1:].float()
-    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                          reduction="none").reshape(targets.shape)
+def response_loss(logits: torch.Tensor, batch: dict, chunk: int = 128) -> KDLossOutput:
+    """Mean cross-entropy of the next token over response positions (targets with loss_mask 1), in fp32.
+
+    logits [B, L, V] (any float dtype; bf16 under autocast) are never copied whole to fp32: the logsumexp over V is
+    taken ``chunk`` positions at a time and the backward writes its gradient chunk by chunk into one buffer of the
+    logits' size (kd_loss's ``_LogitStats``, as the KD loss does). Positions outside the response get zero gradient.
+    """
+    targets = torch.cat([batch["input_ids"][:, 1:], torch.zeros_like(batch["input_ids"][:, :1])], dim=1)
+    gathered, lse, _, _ = _LogitStats.apply(logits, targets[..., None].long(), targets[..., None].long(), 1.0, chunk,
+                                            False, False)
+    nll = (lse - gathered[..., 0])[:, :-1]  # position l predicts token l+1; the last predicts nothing here
+    weight = batch["loss_mask"][:, 1:].to(nll.dtype)
     ce = (nll * weight).sum() / weight.sum().clamp(min=1.0)
     return KDLossOutput(loss=ce, kd=None, ce=ce, weight=weight.sum())
 

@@ -166,19 +166,20 @@ class SteadyProgress:
         self.log(", ".join(parts))
 
 
-def _load(ref: ModelRef, dtype: str, device: str, training: bool = False):
-    """Load a model for a stage; ``training`` goes through the core precision policy (fp32 master weights)."""
+def _load(ref: ModelRef, dtype: str, device: str, stage: str = "eval"):
+    """Load a model for a stage through the core precision policy (precision.stage_load_dtype: fp32 for train,
+    prune and teacher whatever the flow's dtype; eval as asked)."""
     from sparsekd_core.config import ModelConfig
-    from sparsekd_core.models import load_for_training, load_model
+    from sparsekd_core.models import load_for
 
     cfg = ModelConfig(model=ref["spec"], dtype=dtype, device=device, revision=ref.get("revision"))
-    return (load_for_training if training else load_model)(cfg, log=run_log())
+    return load_for(stage, cfg, log=run_log())
 
 
-def _runtime(dtype: str, device: str) -> dict:
+def _runtime(dtype: str, device: str, stage: str = "eval") -> dict:
     from sparsekd_core.provenance import resolved_runtime
 
-    return resolved_runtime(dtype, device)
+    return resolved_runtime(dtype, device, stage)
 
 
 def _track(tracking: dict | None, run_id: str | None, metrics: dict[str, Any], step: int | None = None,
@@ -273,7 +274,7 @@ def _cache_stage(teacher: ModelRef, cache_fields: dict, dtype: str, device: str)
 
     fields = {k: v for k, v in cache_fields.items() if k != "shards"}
     digests = corpus_digests(CacheConfig(**fields, out="unused"))
-    config = {"cache": fields, "data": digests, "runtime": _runtime(dtype, device)}
+    config = {"cache": fields, "data": digests, "runtime": _runtime(dtype, device, "teacher")}
     return fields, config, {"teacher": teacher["fingerprint"]}
 
 
@@ -290,7 +291,7 @@ def cache_teacher(teacher: ModelRef, cache_fields: dict, workdir: str, dtype: st
     def produce(directory: Path) -> dict:
         # Under a URL root the store is written straight to the bucket: a killed worker's chunks are not lost.
         cfg = CacheConfig(**fields, out=remote_path(workdir, directory / "teacher.zarr"))
-        return run_cache(_load(teacher, dtype, device), cfg, log=run_log(),
+        return run_cache(_load(teacher, dtype, device, "teacher"), cfg, log=run_log(),
                          progress_factory=lambda total: SteadyProgress("cache", "sequences", total)).as_dict()
 
     manifest = _run_heavy_stage(workdir, "cache", config, inputs, produce)
@@ -304,7 +305,7 @@ def cache_teacher_shard(teacher: ModelRef, cache_fields: dict, workdir: str, sha
                         dtype: str = "auto", device: str = "auto") -> dict:
     """Shard ``shard_index`` of ``num_shards`` of the cache stage: its disjoint chunk range of the stage's store
     (sparsekd_core/cache.py), no manifest; ``cache_teacher`` afterwards finishes and records the stage. With
-    device ``auto`` on a host with several GPUs, shard i takes GPU i mod count."""
+    device ``auto`` or ``cuda`` on a host with several GPUs, shard i takes GPU i mod count (models.shard_device)."""
     from sparsekd_core.cache import run_cache
     from sparsekd_core.config import CacheConfig
 
@@ -317,13 +318,11 @@ def cache_teacher_shard(teacher: ModelRef, cache_fields: dict, workdir: str, sha
     directory.mkdir(parents=True, exist_ok=True)
     cfg = CacheConfig(**fields, out=remote_path(workdir, directory / "teacher.zarr"), shard_index=shard_index,
                       num_shards=num_shards)
-    if device == "auto":
-        import torch
+    from sparsekd_core.models import shard_device
 
-        if torch.cuda.device_count() > 1:
-            device = f"cuda:{shard_index % torch.cuda.device_count()}"
+    device = shard_device(device, shard_index)  # auto/cuda on a host with several GPUs: one GPU per shard
     with gpu_slot():
-        result = run_cache(_load(teacher, dtype, device), cfg, log=run_log(), progress_factory=lambda total:
+        result = run_cache(_load(teacher, dtype, device, "teacher"), cfg, log=run_log(), progress_factory=lambda total:
                            SteadyProgress(f"cache shard {shard_index}/{num_shards}", "sequences", total))
     return {**result.as_dict(), "cached": False}
 
@@ -342,7 +341,7 @@ def prune(model: ModelRef, prune_fields: dict, workdir: str, dtype: str = "auto"
     cfg = PruneConfig(**prune_fields)
 
     def produce(directory: Path) -> dict:
-        loaded = _load(model, dtype, device)
+        loaded = _load(model, dtype, device, "prune")
         report = prune_model(loaded.model, loaded.tokenizer, cfg, parent=model["spec"], log=run_log())
         save_compressed(loaded.model, loaded.tokenizer, directory / "model")
         summary = report.summary()
@@ -351,7 +350,7 @@ def prune(model: ModelRef, prune_fields: dict, workdir: str, dtype: str = "auto"
 
     calibration = data_digests([cfg.calibration]) if cfg.calibration else {}
     manifest = _run_heavy_stage(workdir, "prune", {"prune": prune_fields, "calibration": calibration,
-                                                   "runtime": _runtime(dtype, device)},
+                                                   "runtime": _runtime(dtype, device, "prune")},
                                 {"model": model["fingerprint"]}, produce)
     _track(tracking, run_id, {k: manifest["result"][k] for k in ("mlp_reduction", "mlp_params_after",
                               "total_params_after", "seconds") if k in manifest["result"]}, step,
@@ -370,19 +369,21 @@ def distill(student: ModelRef, cache: dict, distill_fields: dict, seed: int, wor
     from sparsekd_core.config import DistillConfig
     from sparsekd_core.data import load_text, text_digest
     from sparsekd_core.distill import distill as run_distill
+    from sparsekd_core.distill import identity_fields
     from sparsekd_core.provenance import training_runtime
 
     check = DistillConfig(**distill_fields, seed=seed, cache="cache", out="out")
 
     def produce(directory: Path) -> dict:
         cfg = DistillConfig(**distill_fields, seed=seed, cache=cache["cache_path"], out=str(directory / "student"))
-        loaded = _load(student, dtype, device, training=True)  # fp32 master weights, whatever the flow's dtype
+        loaded = _load(student, dtype, device, stage="train")  # fp32 master weights, whatever the flow's dtype
         result = run_distill(cfg, loaded.model, loaded.tokenizer, student_spec=student["spec"], log=run_log(),
                              progress=SteadyProgress("distill", "step").step)
         return {**result.as_dict(), "student": str(directory / "student")}
 
-    # The flow's dtype does not reach training (the precision policy decides), so it is not in the key.
-    config = {"distill": distill_fields, "seed": seed, "val_text": text_digest(load_text(check.val_data)),
+    # The flow's dtype does not reach training (the precision policy decides), so it is not in the key; nor does the
+    # checkpoint cadence (distill.NOT_IDENTITY).
+    config = {"distill": identity_fields(distill_fields), "seed": seed, "val_text": text_digest(load_text(check.val_data)),
               "runtime": training_runtime(device, check.autocast)}
     manifest = _run_heavy_stage(workdir, "distill", config,
                                 {"student": student["fingerprint"], "teacher_cache": cache["key"]}, produce)
@@ -447,18 +448,19 @@ def sft(student: ModelRef, data: dict, sft_fields: dict, seed: int, workdir: str
     from sparsekd_core.config import SFTConfig
     from sparsekd_core.data import load_text, text_digest
     from sparsekd_core.provenance import training_runtime
+    from sparsekd_core.distill import identity_fields
     from sparsekd_core.sft import sft as run_sft
 
     check = SFTConfig(**sft_fields, seed=seed, data=data["data_path"], out="out")
 
     def produce(directory: Path) -> dict:
         cfg = SFTConfig(**sft_fields, seed=seed, data=data["data_path"], out=str(directory / "student"))
-        loaded = _load(student, dtype, device, training=True)
+        loaded = _load(student, dtype, device, stage="train")
         result = run_sft(cfg, loaded.model, loaded.tokenizer, student_spec=student["spec"], log=run_log(),
                          progress=SteadyProgress("sft", "step").step)
         return {**result.as_dict(), "student": str(directory / "student")}
 
-    config = {"sft": sft_fields, "seed": seed, "val_text": text_digest(load_text(check.val_data)),
+    config = {"sft": identity_fields(sft_fields), "seed": seed, "val_text": text_digest(load_text(check.val_data)),
               "runtime": training_runtime(device, check.autocast)}
     manifest = _run_heavy_stage(workdir, "sft", config, {"student": student["fingerprint"], "data": data["key"]},
                                 produce)

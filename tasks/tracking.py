@@ -5,6 +5,10 @@ MLflow's active-run stack is thread-local, and Prefect runs tasks in worker thre
 concurrent writers to one SQLite file can fail with "database is locked".
 Tracking URI: the argument, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<workdir>/mlflow.db`` with artifacts
 in ``<workdir>/mlartifacts``.
+
+A diverged figure is never dropped: a NaN or infinite metric is logged as it is (MLflow stores NaN, and ±inf as
+±1.8e308) and the run gets a tag ``sparsekd.diverged.<metric>`` saying what and at which step; a flow that fails
+tags its runs ``sparsekd.error`` with the reason before marking them FAILED (flows/experiments.py).
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class Tracker:
         with _LOCK:
             for start in range(0, len(items), 500):
                 self.client.log_batch(run_id, metrics=items[start : start + 500])
+        self._mark_diverged(run_id, items)
 
     def log_curve(self, run_id: str, key: str, points: Iterable[tuple[int, float]]) -> None:
         from mlflow.entities import Metric
@@ -96,6 +101,18 @@ class Tracker:
         with _LOCK:
             for start in range(0, len(items), 500):
                 self.client.log_batch(run_id, metrics=items[start : start + 500])
+        self._mark_diverged(run_id, items)
+
+    def _mark_diverged(self, run_id: str, items: list) -> None:
+        """Tag every non-finite metric of ``items`` (its first bad step), so a diverged run shows as one."""
+        import math
+
+        bad: dict[str, str] = {}
+        for m in items:
+            if not math.isfinite(m.value) and m.key not in bad:
+                bad[m.key] = f"{m.value} at step {m.step}"
+        if bad:
+            self.set_tags(run_id, {f"sparsekd.diverged.{key}": text for key, text in bad.items()})
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         with _LOCK:
@@ -145,6 +162,5 @@ class Tracker:
 
 
 def _is_number(value: Any) -> bool:
-    import math
-
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    """A metric value: an int or float (NaN and ±inf included: they are logged, and tagged), not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

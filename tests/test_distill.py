@@ -156,6 +156,8 @@ def test_cli_distill_json(tmp_path, tiny_model_dir, val_file, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result) >= DISTILL_JSON and result["steps"] == 2 and result["resumed_from_step"] == 0
     assert abs(result["kd_loss_first"]) < 1e-4
+    # What "self-referential" means here: no autocast on CPU, an fp32 teacher -> the loss starts at ~0.
+    assert result["self_referential"] and "starts at ~0" in result["self_referential_meaning"]
     assert main(argv[:-1] + ["--tail", "nope"]) == 2
     assert "tail" in capsys.readouterr().err
 

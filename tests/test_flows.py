@@ -210,6 +210,9 @@ def test_a_failing_flow_marks_its_mlflow_runs_failed(prefect_server, tiny_setup,
     runs = client.search_runs([client.get_experiment_by_name("sparsekd-dense-kd").experiment_id])
     status = {r.data.tags.get("arm", "parent"): r.info.status for r in runs}
     assert status == {"parent": "FAILED", "dense": "FINISHED", "dense+kd": "FAILED"}
+    reasons = {r.data.tags.get("arm", "parent"): r.data.tags.get("sparsekd.error") for r in runs}
+    assert reasons["dense"] is None  # it finished
+    assert all("RuntimeError: simulated failure in distill" in reasons[k] for k in ("parent", "dense+kd"))
 
 
 def test_eval_sets_overlapping_the_corpus_fail_before_any_work(tiny_setup, tmp_path):

@@ -1,0 +1,24 @@
+"""MLflow tracking (tasks/tracking.py): a diverged figure shows in MLflow, it is never silently dropped."""
+
+from __future__ import annotations
+
+import math
+
+from tasks.tracking import Tracker
+
+
+def test_non_finite_metrics_are_logged_and_tagged(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "diverged")
+    run = tracker.start_run("arm")
+    tracker.log_metrics(run, {"val_ppl": float("nan"), "kd_loss_last": float("inf"), "ce_loss_last": 2.5,
+                              "finished": True}, step=3)
+    tracker.log_curve(run, "val_ppl_curve", [(0, 30.0), (8, float("nan")), (16, float("nan"))])
+    data = tracker.client.get_run(run).data
+    assert math.isnan(data.metrics["val_ppl"]) and data.metrics["kd_loss_last"] > 1e300
+    assert data.metrics["ce_loss_last"] == 2.5 and "finished" not in data.metrics  # a bool is not a metric
+    assert data.tags["sparsekd.diverged.val_ppl"] == "nan at step 3"
+    assert data.tags["sparsekd.diverged.kd_loss_last"] == "inf at step 3"
+    assert data.tags["sparsekd.diverged.val_ppl_curve"] == "nan at step 8"  # its first bad step
+    history = tracker.client.get_metric_history(run, "val_ppl_curve")
+    assert [h.step for h in history] == [0, 8, 16]  # every point is there, the bad ones too
+    assert "sparsekd.diverged.ce_loss_last" not in data.tags
