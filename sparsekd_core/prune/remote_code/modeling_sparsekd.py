@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 COMPRESSION_KEY = "sparsekd_compression"
@@ -89,9 +89,13 @@ def factored_class(config: PretrainedConfig) -> type:
     return _FACTORED_CLASSES[base]
 
 
-class SparsekdForCausalLM(PreTrainedModel, GenerationMixin):
+class SparsekdForCausalLM:
     """The class ``auto_map`` names. It only dispatches: constructing or loading it returns an instance of
-    ``factored_class(config)``, a subclass of the base architecture's own class with factored MLP projections."""
+    ``factored_class(config)``, a subclass of the base architecture's own class with factored MLP projections.
+
+    A plain class, not a ``PreTrainedModel``: that would give it ``config_class = None``, and transformers <= 5.18
+    reads ``config_class.__name__`` of any remote class before loading it (``AttributeError``); a class with no
+    ``config_class`` passes. No instance of it is ever made."""
 
     def __new__(cls, config, *args, **kwargs):
         return factored_class(config)(config, *args, **kwargs)
@@ -106,3 +110,7 @@ class SparsekdForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def _from_config(cls, config, **kwargs):
         return factored_class(config)._from_config(config, **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModelForCausalLM"):
+        """AutoModelForCausalLM calls this on remote classes; the instances' ``save_pretrained`` writes ``auto_map``."""
