@@ -76,7 +76,8 @@ EVAL_FLAGS = {
 
 def _add_model_flags(p: argparse.ArgumentParser, flag: str = "--model") -> None:
     p.add_argument(flag, dest="model", help="alias (smollm2-135m), hub id, local directory or .gguf file")
-    p.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
+    p.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32; "
+                   "cache, prune, distill and sft load fp32 whatever it says (precision.py)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--revision", help="hub revision for hub ids")
     p.add_argument("--trust-remote-code", action="store_true", default=None, help="allow hub code to run (off)")
@@ -383,7 +384,8 @@ def _int_list(flag: str):
 def add_profile_parser(sub) -> None:
     p = sub.add_parser("profile", help="TTFT/TPOT, memory and attention-vs-FFN time, models side by side")
     p.add_argument("--model", dest="models", action="append", help="model to profile (repeat; the first is the baseline)")
-    p.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
+    p.add_argument("--dtype", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32; "
+                   "cache, prune, distill and sft load fp32 whatever it says (precision.py)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-sizes", type=_int_list("--batch-sizes"), help="comma-separated (default 1,16,64)")
     p.add_argument("--seq-len", type=_int_list("--seq-len"), help="comma-separated prompt lengths (default 128)")

@@ -184,7 +184,9 @@ class ModelConfig(StageConfig):
     """Which model to load, in which precision, on which device."""
 
     model: str = Field(description="Alias (smollm2-135m), hub id (org/name), local HF directory or .gguf file.")
-    dtype: Dtype = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
+    dtype: Dtype = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU. Evaluation, profiling and generation "
+                                             "run in it; the teacher cache, pruning and training load fp32 whatever "
+                                             "it says (the precision policy, precision.py).")
     device: Device = Field("auto", description="auto = cuda when available, else cpu; cuda:N = the N-th GPU.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     trust_remote_code: bool = Field(False, description="Allow code from the hub repository to run. Off by default.")
