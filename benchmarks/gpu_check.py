@@ -181,17 +181,20 @@ def shaped_model(shape: dict, device: torch.device, dtype: torch.dtype):
 
 
 def param_count(shape: dict, family: str = "qwen3") -> dict:
-    """Parameters of a shape, counted on the meta device (tied embeddings once), and the matmul parameters a token
-    passes through (all but the embedding lookup; a tied LM head counts as a matmul)."""
+    """``model_counts`` of a shape, built on the meta device (no memory)."""
     from transformers import AutoModelForCausalLM, Phi3Config, Qwen3Config
 
     config = (Qwen3Config if family == "qwen3" else Phi3Config)(**shape)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        return model_counts(AutoModelForCausalLM.from_config(config))
+
+
+def model_counts(model) -> dict:
+    """{"total": parameters (tied ones once), "matmul": the weights a token multiplies (all but the embedding
+    lookup; a tied LM head counts)}; forward FLOPs per token are 2·matmul."""
     total = sum(p.numel() for p in model.parameters())
     embedding = model.get_input_embeddings().weight.numel()
-    matmul = total - embedding + (embedding if shape.get("tie_word_embeddings") else 0)
-    return {"total": total, "matmul": matmul}
+    return {"total": total, "matmul": total - embedding + (embedding if model.config.tie_word_embeddings else 0)}
 
 
 def train_flops_per_token(shape: dict, seq_len: int, family: str = "qwen3") -> float:
@@ -260,6 +263,7 @@ def section_cache(device: torch.device, s: Settings, state: dict, work: Path) ->
             "format": res.format, "top_k": 32, "teacher_precision": res.teacher_precision,
             "cache_tokens_per_s": res.tokens_per_s, "bare_forward_tokens_per_s": bare_tps,
             "cache_over_bare": res.tokens_per_s / bare_tps, "bytes_per_token": res.bytes_per_token,
+            "matmul_parameters": model_counts(loaded.model)["matmul"],
             "fidelity": {p: {k: v for k, v in f.items() if k not in ("precision", "reference")}
                          for p, f in fidelity.items()}}
 
@@ -377,8 +381,7 @@ def section_projection(device: torch.device, s: Settings, state: dict, report: d
     if "kd_tflops" not in distill or "cache_tokens_per_s" not in cache:
         raise RuntimeError("needs the distill and cache sections' figures")
     train_flops = distill["kd_tflops"] * 1e12
-    smol_forward = 2 * param_count_of_model(state)  # forward FLOPs per token of the model the cache ran on
-    cache_flops = cache["cache_tokens_per_s"] * smol_forward
+    cache_flops = cache["cache_tokens_per_s"] * 2 * cache["matmul_parameters"]  # forward FLOPs of the cached model
     tokens = PROGRAMME["samples"] * PROGRAMME["seq_len"]
     out = {"programme": dict(PROGRAMME, tokens_per_pass=tokens),
            "assumptions": "training at the KD step's measured FLOP/s on the Qwen3-0.6B shape; teacher caching at "
@@ -396,10 +399,6 @@ def section_projection(device: torch.device, s: Settings, state: dict, report: d
                                train_s / 3600, "cache_hours_per_pass": cache_s / 3600,
                                "programme_gpu_hours": per}
     return out
-
-
-def param_count_of_model(state: dict) -> int:
-    return state.get("cache_model_params") or 0
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -509,8 +508,6 @@ def main(argv: list[str] | None = None) -> int:
         for name in SECTIONS:
             if name not in only:
                 continue
-            if name == "projection" and "cache_model_params" not in state:
-                state["cache_model_params"] = _cache_model_params(state)
             log(f"gpu_check: {name} ...")
             t0 = time.perf_counter()
             try:
@@ -531,22 +528,6 @@ def main(argv: list[str] | None = None) -> int:
     log(f"gpu_check: {len(only) - len(failed)}/{len(only)} sections in {report['seconds']:.0f}s -> {out}"
         + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
-
-
-def _cache_model_params(state: dict) -> int:
-    """Matmul parameters of the model the cache section ran (its forward FLOPs per token are twice that)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from sparsekd_core.config import ModelConfig
-    from sparsekd_core.models import resolve_source
-
-    source, local = resolve_source(ModelConfig(model=state["model"]), log=lambda m: None)
-    config = AutoConfig.from_pretrained(source, local_files_only=local)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight.numel()
-    return total - embedding + (embedding if getattr(config, "tie_word_embeddings", False) else 0)
 
 
 if __name__ == "__main__":

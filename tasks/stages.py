@@ -447,8 +447,8 @@ def sft(student: ModelRef, data: dict, sft_fields: dict, seed: int, workdir: str
     """Fine-tune ``student`` on prompt/response pairs (``data``: an instructions or selfdata manifest)."""
     from sparsekd_core.config import SFTConfig
     from sparsekd_core.data import load_text, text_digest
-    from sparsekd_core.provenance import training_runtime
     from sparsekd_core.distill import identity_fields
+    from sparsekd_core.provenance import training_runtime
     from sparsekd_core.sft import sft as run_sft
 
     check = SFTConfig(**sft_fields, seed=seed, data=data["data_path"], out="out")

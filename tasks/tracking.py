@@ -86,27 +86,24 @@ class Tracker:
         import time
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if _is_number(v)]
-        with _LOCK:
-            for start in range(0, len(items), 500):
-                self.client.log_batch(run_id, metrics=items[start : start + 500])
-        self._mark_diverged(run_id, items)
+        self._log_metric_items(run_id, [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                                        if _is_number(v)])
 
     def log_curve(self, run_id: str, key: str, points: Iterable[tuple[int, float]]) -> None:
         from mlflow.entities import Metric
         import time
 
         now = int(time.time() * 1000)
-        items = [Metric(key, float(v), now, int(step)) for step, v in points if _is_number(v)]
+        self._log_metric_items(run_id, [Metric(key, float(v), now, int(step)) for step, v in points if _is_number(v)])
+
+    def _log_metric_items(self, run_id: str, items: list) -> None:
+        """Log metric items in batches, then tag every non-finite one (its first bad step), so a diverged run shows
+        as one."""
+        import math
+
         with _LOCK:
             for start in range(0, len(items), 500):
                 self.client.log_batch(run_id, metrics=items[start : start + 500])
-        self._mark_diverged(run_id, items)
-
-    def _mark_diverged(self, run_id: str, items: list) -> None:
-        """Tag every non-finite metric of ``items`` (its first bad step), so a diverged run shows as one."""
-        import math
-
         bad: dict[str, str] = {}
         for m in items:
             if not math.isfinite(m.value) and m.key not in bad:
