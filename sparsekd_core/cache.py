@@ -37,7 +37,8 @@ the model ``batch_size`` at a time (``default_batch_size``: 1 on CPU, a GPU-fill
 every sequence has the same length, so no padding enters and the bytes are those of batch 1 (tested on CPU).
 
 The group attribute ``sparsekd_cache`` is the fingerprint: weights digest, tokenizer digest, data spec + content
-digest, k, seq_len, dtype and teacher precision, code version. Opening an existing store whose fingerprint differs is an error
+digest, k, seq_len, dtype and teacher precision, and the digest of the code that writes it (identity.code_digest:
+a comment or docstring edit keeps it, a code change does not). Opening an existing store whose fingerprint differs is an error
 (``CacheMismatchError``), never a silent reuse. Resume: Zarr does not store all-fill chunks, so the store listing
 cannot say what is done; ``chunk_done`` is written after a chunk's data, so a kill -9 loses at most the chunk in
 flight, and a rerun recomputes exactly the chunks not marked done. Batches never cross a chunk and the computation
@@ -60,8 +61,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
 from .config import NAMED_MIXTURES, CacheConfig, ConfigError, MixtureComponent, MixtureConfig
+from .identity import code_digest
 
 FORMATS = {1: "top-k, fp16 log-probs", 2: "top-k, log-probs as steps below the top-1", 3: "sampled classes"}
 TAIL_EXACT_BELOW = math.log(1e-3)  # tail log-mass below which teacher_topk recomputes it exactly
@@ -377,7 +378,7 @@ def write_cache(model, input_ids: torch.Tensor, cfg: CacheConfig, fingerprint: d
     if not sampled and k > vocab_size:
         raise ConfigError(f"cache.top_k={k} is larger than the vocabulary ({vocab_size})")
     fingerprint = dict(fingerprint, format=3 if sampled else cfg.format, top_k=None if sampled else k,
-                       seq_len=int(seq_len), sequences=int(n), chunk_size=chunk, code_version=__version__,
+                       seq_len=int(seq_len), sequences=int(n), chunk_size=chunk, code_version=code_digest("cache"),
                        logprob_encoding=logprob_encoding(cfg), logprob_step=cfg.logprob_step)
     if sampled:
         fingerprint.update(kind="sampled", teacher_sample=cfg.teacher_sample,

@@ -180,6 +180,12 @@ def check_data_spec(spec: str) -> str:
     return spec
 
 
+# Shared field types: every config that names a model or a data source (stage configs here, flow sections in
+# flows/configs.py) validates it with the same rule.
+ModelSpec = Annotated[str, AfterValidator(check_model_spec)]
+DataSpec = Annotated[str, AfterValidator(check_data_spec)]
+
+
 class ModelConfig(StageConfig):
     """Which model to load, in which precision, on which device."""
 

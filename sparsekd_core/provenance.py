@@ -1,21 +1,17 @@
-"""What a stage's output depends on, resolved to content: the policy behind every stage key (tasks/store.py hashes
-what these functions return; the CLI records the same facts in its JSON).
+"""What a stage's output depends on, resolved to content (sparsekd_core/identity.py composes these into the one
+stage key; the CLI records the same facts in its JSON).
 
-A stage key must change when anything that can change the output changes, and only then:
 * the resolved runtime: dtype and device as they will be used (``auto`` is resolved first, so ``auto`` and
-  ``fp32`` on a CPU are the same stage), and for training the precision policy (fp32 masters, autocast);
+  ``fp32`` on a CPU are the same stage), for training the precision policy (fp32 masters, autocast), and on a GPU
+  its name (two GPU models round differently; two GPUs of one model compute the same numbers);
 * models by content (``models.model_fingerprint``: GGUF/directory digests, hub commits), never by path;
 * data by content (``data.source_digest``): the documents a named source, a hub stream or a file gives;
-* the code: the project's Python sources (``code_digest``), and the library versions that compute the numbers.
+* the library versions that compute the numbers (``environment``); the code is identity.code_digest's.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib
 import importlib.metadata
-from pathlib import Path
 
 # torch/transformers compute the numbers, tokenizers the token ids, gguf dequantises GGUF models, zarr stores caches.
 LIBRARIES = ("torch", "transformers", "tokenizers", "gguf", "zarr")
@@ -32,35 +28,25 @@ def environment() -> dict[str, str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _package_digest(package: str) -> str:
-    root = Path(importlib.import_module(package).__file__).parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def code_digest(packages: tuple[str, ...] = ("sparsekd_core",)) -> str:
-    """Digest of the Python sources of the given packages (16 hex chars); computed once per process."""
-    h = hashlib.sha256()
-    for package in packages:
-        h.update(package.encode())
-        h.update(_package_digest(package).encode())
-    return h.hexdigest()[:16]
-
-
 def resolved_runtime(dtype: str, device: str, stage: str = "eval") -> dict[str, str]:
     """{"dtype": "float32", "device": "cpu"}: the dtype ``stage`` really loads its model in (the precision policy,
     precision.stage_load_dtype: fp32 for prune and teacher whatever was asked) with ``auto`` resolved, and the
-    device kind (cuda:0 and cuda:1 compute the same numbers)."""
+    device kind and GPU name (cuda:0 and cuda:1 of one model compute the same numbers)."""
     from .models import resolve_device, resolve_dtype
     from .precision import stage_load_dtype
 
     dev = resolve_device(device)
     loaded = stage_load_dtype(stage, dtype, log=lambda message: None)
-    return {"dtype": str(resolve_dtype(loaded, dev)).removeprefix("torch."), "device": dev.type}
+    return {"dtype": str(resolve_dtype(loaded, dev)).removeprefix("torch."), **_device(dev)}
+
+
+def _device(dev) -> dict[str, str]:
+    """{"device": kind}, and on CUDA {"gpu": its name}: results are reused across GPUs of one model only."""
+    if dev.type != "cuda":
+        return {"device": dev.type}
+    import torch
+
+    return {"device": dev.type, "gpu": torch.cuda.get_device_name(dev)}
 
 
 def training_runtime(device: str, autocast: str) -> dict[str, str | None]:
@@ -70,7 +56,7 @@ def training_runtime(device: str, autocast: str) -> dict[str, str | None]:
 
     dev = resolve_device(device)
     cast = autocast_dtype(dev, autocast)
-    return {"weights": str(MASTER_DTYPE).removeprefix("torch."), "device": dev.type,
+    return {"weights": str(MASTER_DTYPE).removeprefix("torch."), **_device(dev),
             "autocast": None if cast is None else str(cast).removeprefix("torch.")}
 
 

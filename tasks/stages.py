@@ -177,9 +177,9 @@ def _load(ref: ModelRef, dtype: str, device: str, stage: str = "eval"):
 
 
 def _runtime(dtype: str, device: str, stage: str = "eval") -> dict:
-    from sparsekd_core.provenance import resolved_runtime
+    from sparsekd_core.identity import runtime
 
-    return resolved_runtime(dtype, device, stage)
+    return runtime(dtype, device, stage)
 
 
 def _track(tracking: dict | None, run_id: str | None, metrics: dict[str, Any], step: int | None = None,
@@ -268,11 +268,12 @@ def eval_results(manifest: dict) -> dict:
 
 def _cache_stage(teacher: ModelRef, cache_fields: dict, dtype: str, device: str) -> tuple[dict, dict, dict]:
     """(the cache fields less `shards`, the stage's key config, its inputs): how many shards wrote a store does
-    not change its bytes, so it is not part of the key."""
+    not change its bytes, so it is not part of the key (identity.NOT_IDENTITY)."""
     from sparsekd_core.cache import corpus_digests
     from sparsekd_core.config import CacheConfig
+    from sparsekd_core.identity import identity_fields
 
-    fields = {k: v for k, v in cache_fields.items() if k != "shards"}
+    fields = identity_fields(cache_fields)
     digests = corpus_digests(CacheConfig(**fields, out="unused"))
     config = {"cache": fields, "data": digests, "runtime": _runtime(dtype, device, "teacher")}
     return fields, config, {"teacher": teacher["fingerprint"]}
@@ -369,8 +370,7 @@ def distill(student: ModelRef, cache: dict, distill_fields: dict, seed: int, wor
     from sparsekd_core.config import DistillConfig
     from sparsekd_core.data import load_text, text_digest
     from sparsekd_core.distill import distill as run_distill
-    from sparsekd_core.distill import identity_fields
-    from sparsekd_core.provenance import training_runtime
+    from sparsekd_core.identity import identity_fields, training_runtime
 
     check = DistillConfig(**distill_fields, seed=seed, cache="cache", out="out")
 
@@ -382,7 +382,7 @@ def distill(student: ModelRef, cache: dict, distill_fields: dict, seed: int, wor
         return {**result.as_dict(), "student": str(directory / "student")}
 
     # The flow's dtype does not reach training (the precision policy decides), so it is not in the key; nor does the
-    # checkpoint cadence (distill.NOT_IDENTITY).
+    # checkpoint cadence (identity.NOT_IDENTITY).
     config = {"distill": identity_fields(distill_fields), "seed": seed, "val_text": text_digest(load_text(check.val_data)),
               "runtime": training_runtime(device, check.autocast)}
     manifest = _run_heavy_stage(workdir, "distill", config,
@@ -447,8 +447,7 @@ def sft(student: ModelRef, data: dict, sft_fields: dict, seed: int, workdir: str
     """Fine-tune ``student`` on prompt/response pairs (``data``: an instructions or selfdata manifest)."""
     from sparsekd_core.config import SFTConfig
     from sparsekd_core.data import load_text, text_digest
-    from sparsekd_core.distill import identity_fields
-    from sparsekd_core.provenance import training_runtime
+    from sparsekd_core.identity import identity_fields, training_runtime
     from sparsekd_core.sft import sft as run_sft
 
     check = SFTConfig(**sft_fields, seed=seed, data=data["data_path"], out="out")

@@ -1,8 +1,8 @@
 """Content-addressed stage outputs: a stage whose inputs are unchanged and whose output still verifies is not rerun.
 
-Every stage run lives in ``<root>/<stage>/<key>/`` where ``key`` hashes the stage name, its validated config,
-the *fingerprints* (keys) of the artifacts it consumes, the digest of the ``sparsekd_core`` and ``tasks`` sources
-and the library versions (``sparsekd_core.provenance`` says what a key covers). The stage writes its files there
+Every stage run lives in ``<root>/<stage>/<key>/`` where ``key`` is the stage's identity
+(``sparsekd_core/identity.py`` says what it covers: the resolved config, the *fingerprints* (keys) of the artifacts
+it consumes, the runtime, the code the stage runs and the library versions). The stage writes its files there
 (resumable stages — cache, distill — keep their own progress there, so a rerun after a crash resumes inside the
 same directory), and ``manifest.json`` is written last, atomically, with every file's size. A manifest whose
 files are all present with those sizes is a finished stage; anything else is rerun.
@@ -22,7 +22,6 @@ last upload wins.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import time
@@ -30,26 +29,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-from sparsekd_core import provenance
+from sparsekd_core import identity
 from sparsekd_core.files import write_json_atomic
 
 MANIFEST = "manifest.json"
 
 
-CODE_PACKAGES = ("sparsekd_core", "tasks")  # the code that computes a stage's output
-
-
-def code_digest() -> str:
-    """Digest of the sparsekd_core and tasks sources (16 hex chars): a code change invalidates every cached stage."""
-    return provenance.code_digest(CODE_PACKAGES)
-
-
 def stage_key(stage: str, config: dict[str, Any], inputs: dict[str, str]) -> str:
-    """Hash of what can change the stage's output (sparsekd_core/provenance.py): the stage, its config (resolved
-    runtime and content digests included by the task), its inputs' keys, the code and the library versions."""
-    payload = json.dumps({"stage": stage, "config": config, "inputs": inputs, "code": code_digest(),
-                          "env": provenance.environment()}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+    """The stage's identity (sparsekd_core.identity.stage_key): the key its directory is named by."""
+    return identity.stage_key(stage, config, inputs)
 
 
 MIRROR_ENV = "SPARSEKD_MIRROR"

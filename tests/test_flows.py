@@ -403,3 +403,31 @@ def test_study_flow_end_to_end(tiny_setup, prefect_server, tmp_path, capsys):
     assert main(["run", "study", "--config", str(_yaml(tmp_path, values)), "--json"]) == 0
     rerun = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rerun["stages"] and all(s["cached"] for s in rerun["stages"]) and rerun["ppl"] == result["ppl"]
+
+
+def test_a_prose_edit_reuses_a_run_and_a_kd_loss_edit_recomputes_only_training(prefect_server, tiny_setup, tmp_path,
+                                                                                 monkeypatch):
+    """The stage identity in a whole flow: a comment in profile.py or kd_loss.py's docstring reuses every stage;
+    a change to kd_loss.py's code recomputes the trained students and their evals, never the teacher cache, the
+    dense eval (sparsekd_core/identity.py)."""
+    from sparsekd_core import identity
+
+    values = flow_values(tiny_setup, tmp_path / "w")
+    first = run_flow("dense-kd", values)
+    real = identity.module_source
+    edits = {"sparsekd_core.profile": lambda t: "# a comment\n" + t,
+             "sparsekd_core.kd_loss": lambda t: t.replace('"""', '"""Prose.\n', 1)}
+    monkeypatch.setattr(identity, "module_source", lambda name: edits.get(name, lambda t: t)(real(name)))
+    identity.forget_code()
+    again = run_flow("dense-kd", values)
+    assert all(s["cached"] for s in again["stages"]) and again["metrics"] == first["metrics"]
+
+    edits["sparsekd_core.kd_loss"] = lambda t: t + "\nEDITED = 1\n"
+    identity.forget_code()
+    changed = run_flow("dense-kd", values)
+    recomputed = {s["stage"] for s in changed["stages"] if not s["cached"]}
+    kept = {s["stage"] for s in changed["stages"] if s["cached"]}
+    assert "distill" in recomputed and {"cache", "eval"} <= kept
+    assert all(s["stage"] in ("distill", "eval") for s in changed["stages"] if not s["cached"])
+    monkeypatch.setattr(identity, "module_source", real)
+    identity.forget_code()

@@ -77,7 +77,7 @@ def _eval(project, work, model_spec, eval_file, dtype="auto"):
 
 
 def test_stage_keys_change_with_every_input_and_only_then(project, tmp_path, monkeypatch):
-    from sparsekd_core import provenance
+    from sparsekd_core import identity, provenance
 
     work = str(tmp_path / "w")
     model, text = str(project / "dense"), project / "valid.txt"
@@ -104,10 +104,13 @@ def test_stage_keys_change_with_every_input_and_only_then(project, tmp_path, mon
     assert _eval(project, work, model, same_text_elsewhere)["config"]["sets"][0]["digest"] == \
         first["config"]["sets"][0]["digest"]
 
-    real = provenance._package_digest
-    monkeypatch.setattr(provenance, "_package_digest", lambda p: real(p) + ("x" if p == "tasks" else ""))
-    assert not _eval(project, work, model, text)["cached"]  # the tasks' code is in the key
-    monkeypatch.setattr(provenance, "_package_digest", real)
+    real = identity.module_source
+    monkeypatch.setattr(identity, "module_source",
+                        lambda name: real(name) + ("\nEDITED = 1\n" if name == "sparsekd_core.eval" else ""))
+    identity.forget_code()
+    assert not _eval(project, work, model, text)["cached"]  # the code the eval stage runs is in the key
+    monkeypatch.setattr(identity, "module_source", real)
+    identity.forget_code()
     assert _eval(project, work, model, text)["cached"]
     monkeypatch.setattr(provenance, "environment", lambda: {"torch": "0.0", "transformers": "0.0", "zarr": "0.0"})
     assert not _eval(project, work, model, text)["cached"]  # library versions are in the key
