@@ -14,15 +14,13 @@ cut to match. Stock ``transformers`` loads it; every sparsekd stage does too, an
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch import nn
 
-from ..config import ConfigError, PruneConfig
+from ..config import ConfigError
 from .calibration import forward_batches
-from .lowrank import count_params
-from .report import PruneReport, dense_mlp_params, next_round, record_round
+from .method import Method, MethodResult, PruneInput
 
 PER_LAYER_CONFIG_LISTS = ("layer_types",)  # config lists with one entry per decoder block
 
@@ -96,30 +94,24 @@ def drop_blocks(model: nn.Module, start: int, count: int) -> list[int]:
     return dropped
 
 
-def prune_depth(model: nn.Module, cfg: PruneConfig, ids: torch.Tensor, parent: str | None = None, log=print,
-                progress=None) -> PruneReport:
-    """Measure d(l, N) on the calibration tokens ``ids``, drop the N blocks with the smallest distance; report."""
-    t0 = time.perf_counter()
+def prune_depth(job: PruneInput) -> MethodResult:
+    """Measure d(l, N) on ``job.calibration_ids``, drop the N blocks with the smallest distance (N =
+    ``cfg.drop_blocks``). No per-matrix rows: the settings hold the dropped span and the distance curve."""
+    model, drop = job.model, job.cfg.drop_blocks
     n_before = len(decoder_layers(model))
-    counts_before = count_params(model)
-    dense_mlp = dense_mlp_params(model)
-    curve = angular_distances(model, ids, cfg.drop_blocks, progress=progress)
+    curve = angular_distances(model, job.calibration_ids, drop, progress=job.progress)
     start = min(range(len(curve)), key=lambda l: (curve[l], l))
-    dropped = drop_blocks(model, start, cfg.drop_blocks)
-    log(f"prune: depth: dropped blocks {dropped[0]}..{dropped[-1]} of {n_before} "
-        f"(angular distance {curve[start]:.4f}; range {min(curve):.4f}..{max(curve):.4f})")
-    report = PruneReport(
+    dropped = drop_blocks(model, start, drop)
+    job.log(f"prune: depth: dropped blocks {dropped[0]}..{dropped[-1]} of {n_before} "
+            f"(angular distance {curve[start]:.4f}; range {min(curve):.4f}..{max(curve):.4f})")
+    return MethodResult(
         method="depth",
-        round=next_round(model),
-        counts_before=counts_before,
-        counts_after=count_params(model),
-        mlp_params_dense=dense_mlp,
         layers=[],
-        seconds=time.perf_counter() - t0,
-        settings={"drop_blocks": cfg.drop_blocks, "dropped_blocks": dropped, "num_layers_before": n_before,
-                  "num_layers_after": n_before - cfg.drop_blocks,
-                  "distance_curve": [{"start": l, "blocks": f"{l}..{l + cfg.drop_blocks - 1}", "distance": d}
+        settings={"drop_blocks": drop, "dropped_blocks": dropped, "num_layers_before": n_before,
+                  "num_layers_after": n_before - drop,
+                  "distance_curve": [{"start": l, "blocks": f"{l}..{l + drop - 1}", "distance": d}
                                      for l, d in enumerate(curve)]},
     )
-    record_round(model, report, parent)
-    return report
+
+
+DEPTH = Method(transform=prune_depth, calibration=lambda cfg: "tokens")  # its calibration pass is the measurement

@@ -127,12 +127,19 @@ def module_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def count_params(model: nn.Module) -> dict[str, int]:
+def factored_ranks(matrices: list[MlpMatrix]) -> dict[str, int]:
+    """{module name: rank} of the factored (LowRankLinear) matrices: what a checkpoint's record lists as ``ranks``."""
+    return {m.name: m.rank for m in matrices if m.rank is not None}
+
+
+def count_params(model: nn.Module, matrices: list[MlpMatrix] | None = None) -> dict[str, int]:
     """Exact counts: ``total`` = Σ numel over ``model.parameters()`` (tied weights once), ``mlp`` = the MLP
     projections' parameters (factors and biases included), ``mlp_nonzero`` / ``total_nonzero`` = nonzero entries
-    (what unstructured pruning reduces)."""
+    (what unstructured pruning reduces). ``matrices``: ``find_mlp_matrices(model)`` if the caller has it already."""
     params = list(model.parameters())
-    mlp = [p for m in find_mlp_matrices(model) for p in m.module.parameters()]
+    if matrices is None:
+        matrices = find_mlp_matrices(model)
+    mlp = [p for m in matrices for p in m.module.parameters()]
     return {
         "total": sum(p.numel() for p in params),
         "mlp": sum(p.numel() for p in mlp),
@@ -224,7 +231,7 @@ def save_compressed(model: nn.Module, tokenizer, out: str | Path) -> Path:
     record = compression_record(model)
     if record is None:
         raise ValueError("model has no sparsekd_compression record; set it before saving a compressed checkpoint")
-    record["ranks"] = {m.name: m.rank for m in find_mlp_matrices(model) if m.rank is not None}
+    record["ranks"] = factored_ranks(find_mlp_matrices(model))
 
     state = model.state_dict()
     tensors = {group[0]: state[group[0]].detach().contiguous() for group in _shared_groups(model)}

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from .lowrank import COMPRESSION_KEY, FORMAT_VERSION, compression_record, count_params, find_mlp_matrices
+from .lowrank import COMPRESSION_KEY, FORMAT_VERSION, compression_record, count_params
 
 
 @dataclass
@@ -32,7 +32,7 @@ class LayerReport:
 
 @dataclass
 class PruneReport:
-    method: str  # svd, svd-whitened, wanda
+    method: str  # svd, svd-whitened, wanda, depth
     round: int
     counts_before: dict[str, int]
     counts_after: dict[str, int]
@@ -69,13 +69,17 @@ class PruneReport:
         }
 
 
-def dense_mlp_params(model: nn.Module) -> int:
+def dense_mlp_params(model: nn.Module, counts: dict[str, int] | None = None) -> int:
+    """The round-0 model's MLP parameters: from the record, or, for a model never pruned, its own MLP parameters
+    (``counts``: ``count_params(model)`` if already taken)."""
     record = compression_record(model)
-    return record["mlp_params_dense"] if record else count_params(model)["mlp"]
+    return record["mlp_params_dense"] if record else (counts if counts is not None else count_params(model))["mlp"]
 
 
-def record_round(model: nn.Module, report: PruneReport, parent: str | None) -> None:
-    """Write the round into ``model.config.sparsekd_compression`` (method, round, parent, current ranks, history)."""
+def record_round(model: nn.Module, report: PruneReport, parent: str | None, ranks: dict[str, int]) -> None:
+    """Write the round into ``model.config.sparsekd_compression`` (method, round, parent, current ranks, history).
+
+    ``ranks``: {module name: rank} of every factored MLP matrix of the model after the round."""
     previous = compression_record(model) or {}
     summary = report.summary()
     entry = {k: summary[k] for k in ("method", "round", "mlp_reduction", "mlp_params_after", "total_params_after")}
@@ -87,7 +91,7 @@ def record_round(model: nn.Module, report: PruneReport, parent: str | None) -> N
         "parent": parent,
         "mlp_params_dense": report.mlp_params_dense,
         "mlp_reduction": summary["mlp_reduction"],
-        "ranks": {m.name: m.rank for m in find_mlp_matrices(model) if m.rank is not None},
+        "ranks": ranks,
         "history": previous.get("history", []) + [entry],
     })
 

@@ -22,15 +22,15 @@ spectrum when whitened); ``target_reduction`` ρ assigns each matrix a cut s·w 
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..config import ConfigError, PruneConfig
-from .lowrank import LowRankLinear, MlpMatrix, count_params, find_mlp_matrices, module_params, set_module
-from .report import LayerReport, PruneReport, dense_mlp_params, next_round, record_round
+from .lowrank import LowRankLinear, MlpMatrix, module_params, set_module
+from .method import Calibration, Method, MethodResult, PruneInput, require_matrices
+from .report import LayerReport
 
 TOLERANCE = 0.005  # achieved reduction must be within 0.5 pp of the target
 
@@ -209,23 +209,23 @@ def truncated_layer(module: nn.Module, rank: int, whitener: torch.Tensor | None 
 # -------------------------------------------------------------------------------------------------------------- prune
 
 
-@torch.no_grad()
-def prune_svd(model: nn.Module, cfg: PruneConfig, grams: dict[str, torch.Tensor] | None = None,
-              parent: str | None = None, log=print, progress=None) -> PruneReport:
-    """Prune ``model``'s MLP matrices in place by truncated SVD as ``cfg`` says; return the round's report.
+def calibration_needed(cfg: PruneConfig) -> Calibration | None:
+    """Whitened SVD needs each matrix's input second moment; plain SVD needs no calibration."""
+    return "input_gram" if cfg.use_whitening else None
 
-    ``grams``: {matrix name: Σ x xᵀ} from ``calibration.input_statistics`` — required when ``cfg.use_whitening``.
-    The model's config gets the round's ``sparsekd_compression`` record (method, round, parent, history).
+
+@torch.no_grad()
+def prune_svd(job: PruneInput) -> MethodResult:
+    """Factor ``job.model``'s MLP matrices in place by truncated SVD as ``job.cfg`` says; one row per matrix.
+
+    ``job.input_stats``: {matrix name: Σ x xᵀ [in, in]} — required when ``cfg.use_whitening``.
     """
-    t0 = time.perf_counter()
+    model, matrices, cfg = job.model, job.matrices, job.cfg
     whiten = cfg.use_whitening
+    grams = job.input_stats
     if whiten and not grams:
-        raise ValueError("whitened SVD needs the calibration second moments (grams)")
-    matrices = find_mlp_matrices(model)
-    if not matrices:
-        raise ConfigError("prune: no MLP projections found (expected names like model.layers.<i>.mlp.<proj>)")
-    counts_before = count_params(model)
-    mlp_dense = dense_mlp_params(model)
+        raise ValueError("whitened SVD needs the calibration second moments (input_stats)")
+    require_matrices(matrices)
 
     def whitener_of(m: MlpMatrix) -> torch.Tensor | None:
         return whitening_factor(grams[m.name], cfg.damping) if whiten else None
@@ -235,7 +235,7 @@ def prune_svd(model: nn.Module, cfg: PruneConfig, grams: dict[str, torch.Tensor]
         # The energy schedule needs every spectrum before any rank is fixed (a second SVD per matrix later).
         spectra = ([spectrum(m.module, whitener_of(m))[1] for m in matrices]
                    if cfg.resolved_schedule == "energy" else None)
-        planned = plan_ranks(matrices, cfg, mlp_dense, spectra)
+        planned = plan_ranks(matrices, cfg, job.mlp_params_dense, spectra)
 
     rows = []
     for i, m in enumerate(matrices):
@@ -250,19 +250,15 @@ def prune_svd(model: nn.Module, cfg: PruneConfig, grams: dict[str, torch.Tensor]
                 kept = float((sigma[:rank] ** 2).sum() / (sigma ** 2).sum())
         rows.append(LayerReport(m.name, m.layer, m.proj, m.shape, m.rank, rank, params_before,
                                 module_params(model.get_submodule(m.name)), kept))
-        if progress is not None:
-            progress(1)
+        if job.progress is not None:
+            job.progress(1)
 
-    report = PruneReport(
+    return MethodResult(
         method="svd-whitened" if whiten else "svd",
-        round=next_round(model),
-        counts_before=counts_before,
-        counts_after=count_params(model),
-        mlp_params_dense=mlp_dense,
         layers=rows,
-        seconds=time.perf_counter() - t0,
         settings={"schedule": cfg.resolved_schedule, "target_reduction": cfg.target_reduction,
                   "energy": cfg.energy, "whiten": whiten, "damping": cfg.damping if whiten else None},
     )
-    record_round(model, report, parent)
-    return report
+
+
+SVD = Method(transform=prune_svd, calibration=calibration_needed)

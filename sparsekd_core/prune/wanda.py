@@ -9,14 +9,12 @@ Weights that are already zero score 0 and are pruned first, so a later round wit
 
 from __future__ import annotations
 
-import time
-
 import torch
-from torch import nn
 
-from ..config import ConfigError, PruneConfig
-from .lowrank import LowRankLinear, count_params, find_mlp_matrices
-from .report import LayerReport, PruneReport, dense_mlp_params, next_round, record_round
+from ..config import ConfigError
+from .lowrank import LowRankLinear
+from .method import Method, MethodResult, PruneInput, require_matrices
+from .report import LayerReport
 
 
 def wanda_mask(weight: torch.Tensor, input_sq_norm: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, float]:
@@ -37,39 +35,26 @@ def wanda_mask(weight: torch.Tensor, input_sq_norm: torch.Tensor, sparsity: floa
 
 
 @torch.no_grad()
-def prune_wanda(model: nn.Module, cfg: PruneConfig, sq_norms: dict[str, torch.Tensor], parent: str | None = None,
-                log=print, progress=None) -> PruneReport:
-    """Zero ``cfg.target_reduction`` of every MLP matrix in place by WANDA scores; return the round's report.
+def prune_wanda(job: PruneInput) -> MethodResult:
+    """Zero ``cfg.target_reduction`` of every MLP matrix of ``job.model`` in place by WANDA scores; one row per matrix.
 
-    ``sq_norms``: {matrix name: Σ_t x_t² [in]} from ``calibration.input_statistics(..., diagonal_only=True)``.
+    ``job.input_stats``: {matrix name: Σ_t x_t² [in]} (calibration ``input_sq_norm``).
     """
-    t0 = time.perf_counter()
-    matrices = find_mlp_matrices(model)
-    if not matrices:
-        raise ConfigError("prune: no MLP projections found (expected names like model.layers.<i>.mlp.<proj>)")
-    if any(isinstance(m.module, LowRankLinear) for m in matrices):
+    require_matrices(job.matrices)
+    if any(isinstance(m.module, LowRankLinear) for m in job.matrices):
         raise ConfigError("prune.method='wanda': the model has low-rank (SVD-pruned) layers; WANDA prunes dense "
                           "matrices only — start from a dense model or its dense export")
-    counts_before = count_params(model)
     rows = []
-    for m in matrices:
+    for m in job.matrices:
         weight = m.module.weight
         before = int(torch.count_nonzero(weight))
-        mask, kept = wanda_mask(weight, sq_norms[m.name], cfg.target_reduction)
+        mask, kept = wanda_mask(weight, job.input_stats[m.name], job.cfg.target_reduction)
         weight.masked_fill_(mask, 0)
         rows.append(LayerReport(m.name, m.layer, m.proj, m.shape, None, None, before,
                                 int(torch.count_nonzero(weight)), kept))
-        if progress is not None:
-            progress(1)
-    report = PruneReport(
-        method="wanda",
-        round=next_round(model),
-        counts_before=counts_before,
-        counts_after=count_params(model),
-        mlp_params_dense=dense_mlp_params(model),
-        layers=rows,
-        seconds=time.perf_counter() - t0,
-        settings={"target_reduction": cfg.target_reduction},
-    )
-    record_round(model, report, parent)
-    return report
+        if job.progress is not None:
+            job.progress(1)
+    return MethodResult(method="wanda", layers=rows, settings={"target_reduction": job.cfg.target_reduction})
+
+
+WANDA = Method(transform=prune_wanda, calibration=lambda cfg: "input_sq_norm")
