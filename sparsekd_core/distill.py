@@ -1,4 +1,4 @@
-"""Offline self-referential distillation: train a student on a teacher cache (nanoGPT-style loop, top to bottom).
+"""Offline self-referential distillation: train a student on a teacher cache (a recipe around a nanoGPT-style loop).
 
 loss = α·T²·KL(teacher_T ‖ student_T) over the cached top-k + (1−α)·CE (sparsekd_core/kd_loss.py for the math).
 The teacher is never run: its top-k distribution comes from the Zarr cache, so the teacher may be the student's own
@@ -23,22 +23,22 @@ Under torchrun the same loop runs on every rank, DDP or FSDP2, at the same globa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from . import dist, precision
+from . import dist, identity, precision
 from .cache import TeacherCache, tokenizer_digest
 from .config import ConfigError, DistillConfig, EvalConfig, TrainConfig
 from .files import recover_dir, remove_stale_tmp, replace_dir, write_file_atomic, write_json_atomic
+from .identity import NOT_IDENTITY, identity_fields  # noqa: F401 - where callers found them before
 from .kd_loss import KDLoss
 
 
@@ -150,22 +150,10 @@ def should_stop(history: list[tuple[int, float]], patience: int, min_delta: floa
     return None
 
 
-# Training fields that change no result: where it goes, how many ranks and how, how often checkpoints are written.
-# Neither a checkpoint's run key nor a flow's stage key covers them (tasks/stages.py uses identity_fields too).
-NOT_IDENTITY = frozenset({"out", "parallel", "checkpoint_every", "checkpoint_minutes"})
-
-
-def identity_fields(fields: dict) -> dict:
-    """A training config's fields less those that change no result (``NOT_IDENTITY``)."""
-    return {k: v for k, v in fields.items() if k not in NOT_IDENTITY}
-
-
-def run_key(cfg: TrainConfig, data_fingerprint: dict, student_spec: str) -> str:
-    """What a checkpoint must match to be resumed: the config less ``NOT_IDENTITY``, the training data and the
-    student."""
-    keep = identity_fields(cfg.model_dump())
-    blob = json.dumps([keep, data_fingerprint, student_spec], sort_keys=True, default=str)
-    return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
+def run_key(cfg: TrainConfig, data_fingerprint: dict, student_spec: str, stage: str = "distill") -> str:
+    """What a checkpoint must match to be resumed (identity.run_key): the config less ``NOT_IDENTITY``, the
+    training data, the student and the code the stage runs."""
+    return identity.run_key(stage, cfg.model_dump(), data_fingerprint, student_spec)
 
 
 PREFETCH = True  # read the next micro-batch on a background thread (False: read in the loop; tests compare the two)
@@ -247,6 +235,79 @@ class DistillResult:
         return dict(self.__dict__)
 
 
+# ---------------------------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class StepLosses:
+    """One optimizer step's loss terms: the mean over its grad_accum micro-batches of each micro-batch's global mean
+    (``dist.Ranks.mean_terms``). ``finite`` is False once a micro-batch's loss was NaN/inf (it adds nothing here)."""
+
+    loss: float = 0.0
+    kd: float = 0.0  # 0.0 when the loss has no KD term (has_kd False: SFT)
+    ce: float = 0.0
+    has_kd: bool = False
+    finite: bool = True
+
+    def add(self, loss: float, kd: float | None, ce: float, grad_accum: int) -> None:
+        self.has_kd = kd is not None
+        self.kd += kd / grad_accum if self.has_kd else 0.0
+        self.ce += ce / grad_accum
+        self.loss += loss / grad_accum
+
+
+@dataclass
+class TrainState:
+    """Everything the loop carries from one optimizer step to the next. With the weights and the optimizer state it
+    is the checkpoint: ``checkpoint/state.pt`` holds ``as_dict()``, ``from_dict`` reads it back."""
+
+    step: int = 0  # optimizer steps done
+    micro_index: int = 0  # global micro-batches consumed: the data position (batch_indices), on any number of ranks
+    best_ppl: float | None = None  # the best validation perplexity so far, at best_step: the model in best/
+    best_step: int | None = None
+    best_counts: dict | None = None  # measured_compression of that model (rank 0)
+    history: list = field(default_factory=list)  # (step, validation ppl) of every validation so far
+    kd_first: float | None = None  # the first and the latest update's KD and CE terms (KD None without a KD term)
+    ce_first: float | None = None
+    kd_last: float | None = None
+    ce_last: float | None = None
+    bad_in_row: int = 0  # NaN/inf steps skipped in a row (the guard gives up at max_bad_steps), and in all
+    bad_total: int = 0
+    tokens: int = 0  # tokens trained on, all ranks together
+    train_seconds: float = 0.0  # wall time of the optimizer steps
+    data_wait_seconds: float = 0.0  # of which the loop waited for its batches
+    rng: dict | None = None  # the RNG states when the checkpoint was taken (_rng_state)
+    run_key: str | None = None  # the run the state belongs to (run_key): another run's checkpoint is refused
+    finished: bool = False  # training is over (publication may remain); stop_reason says why
+    stop_reason: str | None = None
+    loss_history: list = field(default_factory=list)  # (step, loss, kd, ce) of every update
+
+    def as_dict(self) -> dict:
+        """The fields by name, in declaration order; the values themselves, not copies."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> TrainState:
+        """The state that ``as_dict`` gave (a field it lacks takes its default)."""
+        state = cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+        state.history = [tuple(h) for h in state.history]  # (step, ppl) pairs, as the loop appends them
+        return state
+
+    def record_update(self, losses: StepLosses) -> None:
+        """An applied update: its terms are the latest (the first time also the first), and join the history."""
+        kd = losses.kd if losses.has_kd else None  # SFT has no KD term: None, not a zero
+        if self.ce_first is None:
+            self.kd_first, self.ce_first = kd, losses.ce
+        self.kd_last, self.ce_last = kd, losses.ce
+        self.loss_history.append((self.step + 1, losses.loss, kd, losses.ce))
+        self.bad_in_row = 0
+
+    def record_skip(self) -> None:
+        """A skipped update (a NaN/inf loss or gradient)."""
+        self.bad_in_row += 1
+        self.bad_total += 1
+
+
 # ---------------------------------------------------------------------------------------------------------------- loop
 
 
@@ -319,243 +380,348 @@ def train(cfg: TrainConfig, model, tokenizer, data, loss_fn, key: str, stage: st
 
 def _train(ranks: dist.Ranks, cfg: TrainConfig, model, tokenizer, data, loss_fn, key, stage, log, progress, on_step,
            self_referential, extra) -> DistillResult:
-    from .data import load_text
-    from .eval import perplexity, tokenize_text
-    from .prune.masks import MaskGuard, measured_compression, unstructured_masks
+    recipe = TrainRecipe(ranks, cfg, stage, model, tokenizer, loss_fn, log=log, progress=progress, on_step=on_step)
+    done = recipe.recover(key)
+    if done is not None:
+        return done
+    state = recipe.setup(data, key)
+    recipe.run(state)
+    return recipe.publish(state, self_referential, extra)
 
-    if not ranks.is_main:  # rank 0 speaks for the run
-        log, progress = (lambda message: None), None
-    out = Path(cfg.out).expanduser()
-    ckpt_dir, best_dir = out / "checkpoint", out / "best"
-    done_file = out / f"{stage}.json"
-    if ranks.is_main:
-        for work_dir in (ckpt_dir, best_dir):  # finish or undo a directory swap a kill interrupted
-            recover_dir(work_dir)
-    ranks.barrier()  # from here on every rank sees the same files
-    if done_file.is_file():
-        finished = json.loads(done_file.read_text())
-        if finished.get("run_key") == key:
-            if ranks.is_main:
-                shutil.rmtree(best_dir, ignore_errors=True)  # a kill after the JSON, before the clean-up
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
-            log(f"{stage}: {out} already holds this finished run; nothing to do")
-            return DistillResult(**{k: finished[k] for k in DistillResult.__dataclass_fields__ if k in finished})
-        raise ConfigError(f"{stage}.out={cfg.out!r} holds a different finished run; give another --out")
 
-    n = len(data)
-    micro_per_epoch = n // cfg.batch_size
-    steps_per_epoch = micro_per_epoch // cfg.grad_accum
+# ---------------------------------------------------------------------------------------------------------------- recipe
+
+
+def plan_steps(n: int, cfg: TrainConfig, stage: str) -> tuple[int, int]:
+    """(optimizer steps of the run, warmup steps) on ``n`` training sequences: cfg.epochs of whole steps, at most
+    cfg.max_steps; warmup cfg.warmup_steps, by default a twentieth of the run."""
+    steps_per_epoch = n // cfg.batch_size // cfg.grad_accum
     if steps_per_epoch == 0:
         raise ConfigError(f"{stage}: the training data has {n} sequences, fewer than one step needs "
                           f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum})")
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
-    precision.ensure_master_weights(model, log=log)
-    device = next(model.parameters()).device
-    autocast = lambda: precision.autocast(device, cfg.autocast)  # noqa: E731 - a fresh context each use
-    masks = unstructured_masks(model)  # the pruned checkpoint's zeros, taken before a checkpoint is loaded
-    val_ids = tokenize_text(tokenizer, load_text(cfg.val_data), cfg.val_tokens)
-    val_cfg = EvalConfig(ctx=cfg.val_ctx, stride=cfg.val_ctx, protocol="standard", batch_size=1)
-    parallel = f", {ranks.world_size} processes ({ranks.strategy})" if ranks.world_size > 1 else ""
-    log(f"{stage}: {precision.describe(device, cfg.autocast)} on {device.type}{parallel}, {total} steps")
+    return total, warmup
 
-    # Everything the loop carries from step to step; it is the checkpoint (with model and optimizer).
-    state = dict(step=0, micro_index=0, best_ppl=None, best_step=None, best_counts=None, history=[], kd_first=None,
-                 ce_first=None, kd_last=None, ce_last=None, bad_in_row=0, bad_total=0, tokens=0, train_seconds=0.0,
-                 data_wait_seconds=0.0, rng=None, run_key=key, finished=False, stop_reason=None, loss_history=[])
-    resumed_from = 0
-    saved_optimizer = None
-    if (ckpt_dir / "state.pt").is_file():
-        saved_optimizer, saved = load_checkpoint(ckpt_dir, model)
+
+class TrainRecipe:
+    """The training loop every training stage shares (distill, SFT), in named phases:
+
+    ``recover``  finish the directory swaps a kill interrupted; a run already finished in ``out`` is its result
+    ``setup``    schedule, validation text, ``resume`` (weights, optimizer, RNG and ``TrainState`` from the last
+                 checkpoint, or a seeded start), the DDP/FSDP wrapper, AdamW, the mask guard, the batch reader
+    ``run``      the loop: per step ``validate`` (maybe stop), ``step`` (one optimizer step), ``checkpoint`` when due
+    ``publish``  the best model's files into ``out``, then ``<stage>.json`` (the result), then the clean-up
+
+    The state that changes from step to step is the ``TrainState`` each phase is given; the recipe holds what stays
+    (``setup`` sets total, warmup, device, val_ids, trained, optimizer, guard, reader, resumed_from). Every rank runs
+    every phase (collectives inside); rank 0 alone logs and writes files (``dist.py``).
+    """
+
+    def __init__(self, ranks: dist.Ranks, cfg: TrainConfig, stage: str, model, tokenizer, loss_fn, log=print,
+                 progress=None, on_step=None):
+        if not ranks.is_main:  # rank 0 speaks for the run
+            log, progress = (lambda message: None), None
+        self.ranks, self.cfg, self.stage = ranks, cfg, stage
+        self.model, self.tokenizer, self.loss_fn = model, tokenizer, loss_fn
+        self.log, self.progress, self.on_step = log, progress, on_step
+        self.out = Path(cfg.out).expanduser()
+        self.ckpt_dir, self.best_dir = self.out / "checkpoint", self.out / "best"
+        self.done_file = self.out / f"{stage}.json"
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def recover(self, key: str) -> DistillResult | None:
+        """Finish or undo the directory swaps a kill interrupted; the result of this run if ``out`` holds it
+        finished (nothing left to do), else None. Another finished run in ``out`` is refused."""
+        if self.ranks.is_main:
+            for work_dir in (self.ckpt_dir, self.best_dir):
+                recover_dir(work_dir)
+        self.ranks.barrier()  # from here on every rank sees the same files
+        if not self.done_file.is_file():
+            return None
+        finished = json.loads(self.done_file.read_text())
+        if finished.get("run_key") != key:
+            raise ConfigError(f"{self.stage}.out={self.cfg.out!r} holds a different finished run; give another --out")
+        if self.ranks.is_main:
+            shutil.rmtree(self.best_dir, ignore_errors=True)  # a kill after the JSON, before the clean-up
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        self.log(f"{self.stage}: {self.out} already holds this finished run; nothing to do")
+        return DistillResult(**{k: finished[k] for k in DistillResult.__dataclass_fields__ if k in finished})
+
+    def setup(self, data, key: str) -> TrainState:
+        """Everything the loop needs, in an order that makes a resume exact; returns the state to start from.
+        ``data[indices]``: a batch dict with ``input_ids`` [B, L]."""
+        from .data import load_text
+        from .eval import tokenize_text
+        from .prune.masks import MaskGuard, unstructured_masks
+
+        cfg, model = self.cfg, self.model
+        self.sequences = len(data)
+        self.total, self.warmup = plan_steps(self.sequences, cfg, self.stage)
+        precision.ensure_master_weights(model, log=self.log)
+        self.device = next(model.parameters()).device
+        masks = unstructured_masks(model)  # the pruned checkpoint's zeros, taken before a checkpoint is loaded
+        self.val_ids = tokenize_text(self.tokenizer, load_text(cfg.val_data), cfg.val_tokens)
+        self.val_cfg = EvalConfig(ctx=cfg.val_ctx, stride=cfg.val_ctx, protocol="standard", batch_size=1)
+        ranks = self.ranks
+        parallel = f", {ranks.world_size} processes ({ranks.strategy})" if ranks.world_size > 1 else ""
+        self.log(f"{self.stage}: {precision.describe(self.device, cfg.autocast)} on {self.device.type}{parallel}, "
+                 f"{self.total} steps")
+
+        state, saved_optimizer = self.resume(key)
+        self.resumed_from = state.step
+        # What forward/backward run through: a DDP wrapper, or `model` itself (one process; FSDP2 shards it in place).
+        # Wrapped after loading, so every rank starts from the checkpoint's weights; the optimizer and the mask guard
+        # then hold the parameters as trained (FSDP: this rank's shards).
+        self.trained = ranks.wrap(model)
+        self.optimizer = self.make_optimizer(saved_optimizer)
+        self.guard = MaskGuard(model, masks)
+        if self.guard.pairs:
+            self.log(f"{self.stage}: holding {self.guard.masked_entries:,} pruned MLP entries at zero (unstructured "
+                     f"mask of {len(self.guard.pairs)} matrices)")
+        self.saved_at = _clock()  # when the last checkpoint was written (or the loop began): checkpoint_minutes' clock
+        # Each micro-step's batch is read while the one before computes (a background thread, BatchReader).
+        self.reader = BatchReader(data, self.rank_indices, stop=self.total * cfg.grad_accum, device=self.device,
+                                  ahead=PREFETCH)
+        return state
+
+    def resume(self, key: str) -> tuple[TrainState, dict | None]:
+        """The state to start from and the optimizer state dict to load: from the last checkpoint of this run (its
+        weights loaded into the model, the RNG restored), or a fresh state with the RNG seeded (cfg.seed) and None."""
+        if not (self.ckpt_dir / "state.pt").is_file():
+            torch.manual_seed(self.cfg.seed)
+            return TrainState(run_key=key), None
+        optimizer_state, saved = load_checkpoint(self.ckpt_dir, self.model)
         if saved.get("run_key") != key:
-            raise ConfigError(f"{stage}.out={cfg.out!r} holds a checkpoint of a different run (config, data or "
-                              "student differ); give another --out or delete it")
-        state.update(saved)
-        state["history"] = [tuple(h) for h in state["history"]]
-        _set_rng_state(state["rng"])
-        resumed_from = state["step"]
-        log(f"{stage}: resuming from step {resumed_from} ({ckpt_dir})"
-            + (", training had finished" if state["finished"] else ""))
-    else:
-        torch.manual_seed(cfg.seed)
+            raise ConfigError(f"{self.stage}.out={self.cfg.out!r} holds a checkpoint of a different run (config, data "
+                              "or student differ); give another --out or delete it")
+        state = TrainState.from_dict(saved)
+        _set_rng_state(state.rng)
+        self.log(f"{self.stage}: resuming from step {state.step} ({self.ckpt_dir})"
+                 + (", training had finished" if state.finished else ""))
+        return state, optimizer_state
 
-    # What forward/backward run through: a DDP wrapper, or `model` itself (one process; FSDP2 shards it in place).
-    # Wrapped after loading, so every rank starts from the checkpoint's weights; the optimizer and the mask guard
-    # then hold the parameters as trained (FSDP: this rank's shards).
-    trained = ranks.wrap(model)
-    fused = device.type == "cuda"  # one kernel for all parameters; the CPU keeps the reference implementation
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    if saved_optimizer is not None:
-        ranks.load_optimizer_state(model, optimizer, saved_optimizer)
-        for group in optimizer.param_groups:
-            group["fused"] = fused  # the saved groups carry the flag of the device that wrote them
-    guard = MaskGuard(model, masks)
-    if guard.pairs:
-        log(f"{stage}: holding {guard.masked_entries:,} pruned MLP entries at zero (unstructured mask of "
-            f"{len(guard.pairs)} matrices)")
+    def make_optimizer(self, saved: dict | None) -> torch.optim.Optimizer:
+        """AdamW over the parameters as trained (FSDP: this rank's shards), holding ``saved`` if resuming."""
+        fused = self.device.type == "cuda"  # one kernel for all parameters; the CPU keeps the reference implementation
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                      fused=fused)
+        if saved is not None:
+            self.ranks.load_optimizer_state(self.model, optimizer, saved)
+            for group in optimizer.param_groups:
+                group["fused"] = fused  # the saved groups carry the flag of the device that wrote them
+        return optimizer
 
-    def evaluate() -> float:
-        """Every rank evaluates (an FSDP forward needs them all); rank 0's figure is the one every rank keeps, so
-        every rank takes the same stopping decision."""
-        model.eval()
-        with autocast():
-            ppl = perplexity(model, val_ids, val_cfg).ppl
-        model.train()
-        return ranks.broadcast(ppl)
+    def rank_indices(self, micro_index: int) -> list[int]:
+        """This rank's contiguous slice of global micro-batch `micro_index`: N ranks together see what one would."""
+        return self.ranks.shard(batch_indices(micro_index, self.sequences, self.cfg.batch_size, self.cfg.seed))
 
-    saved_at = _clock()  # when the last checkpoint was written (or the loop began): the clock of checkpoint_minutes
+    def autocast(self):
+        """A fresh autocast context for a forward pass (bf16 on CUDA unless cfg.autocast says otherwise)."""
+        return precision.autocast(self.device, self.cfg.autocast)
 
-    def checkpoint() -> None:
-        """Every rank takes part (FSDP gathers the full state); rank 0 writes; nobody goes on before it is whole."""
-        nonlocal saved_at
-        state["rng"] = _rng_state()
-        weights, optimizer_state = ranks.full_model(model), ranks.optimizer_state(model, optimizer)
-        if ranks.is_main:
-            save_checkpoint(ckpt_dir, weights, optimizer_state, state)
-        ranks.barrier()
-        saved_at = _clock()
+    # ------------------------------------------------------------------------------------------------ the loop
 
-    def checkpoint_due() -> bool:
+    def run(self, state: TrainState) -> None:
+        """Train from ``state`` to the end of the run (or an early stop) and checkpoint it as finished. A resumed
+        run that had finished goes straight on to publication."""
+        cfg, total = self.cfg, self.total
+        stop_reason = "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "epochs"
+        try:
+            self.model.train()
+            while not state.finished:
+                lr = get_lr(state.step, total, cfg, self.warmup)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+
+                # Validate at the start, every eval_every steps and at the end; keep the best model; maybe stop.
+                early_stop = self.validate(state)
+                if early_stop is not None:
+                    stop_reason = early_stop
+                    break
+                if state.step >= total:
+                    break
+
+                postfix = self.step(state)
+                if self.progress is not None:
+                    self.progress(state.step, total, postfix)
+                if self.checkpoint_due(state) and state.step < total:
+                    self.checkpoint(state)
+                if self.on_step is not None:
+                    self.on_step(state.step)
+
+            if not state.finished:  # training is over: record that first, so a kill below never retrains
+                state.finished, state.stop_reason = True, stop_reason
+                self.checkpoint(state)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """The end of the loop, however it ended: no reader thread outlives it, the caller's model keeps no hooks."""
+        self.reader.close()
+        self.guard.remove()
+
+    def step(self, state: TrainState) -> dict:
+        """One optimizer step: grad_accum micro-steps of forward/backward, then (unless the NaN/inf guard skips it)
+        the clipped AdamW update with the pruned entries held at zero. Returns the progress figures of the step."""
+        t0, waited = time.perf_counter(), self.reader.waited
+        losses = self.accumulate(state)
+        self.update(state, losses)
+        state.train_seconds += time.perf_counter() - t0
+        state.data_wait_seconds += self.reader.waited - waited
+        state.step += 1
+        return {"loss": losses.loss, "kd": losses.kd, "ce": losses.ce,
+                "tok/s": state.tokens / max(state.train_seconds, 1e-9),
+                "wait_s": self.reader.waited - waited}  # this step's wait for data
+
+    def accumulate(self, state: TrainState) -> StepLosses:
+        """The step's grad_accum micro-batches, forward and backward: their mean loss's gradient accumulates in the
+        parameters' ``.grad`` (reduced over ranks at the last one). Every micro-batch is consumed, even after a
+        non-finite loss, so the data position stays step-aligned."""
+        cfg, ranks = self.cfg, self.ranks
+        losses = StepLosses()
+        for micro in range(cfg.grad_accum):
+            batch = self.reader.get(state.micro_index)
+            state.micro_index += 1
+            ranks.sync_gradients(self.trained, micro == cfg.grad_accum - 1)  # reduce gradients once per step
+            with self.autocast():
+                logits = self.trained(input_ids=batch["input_ids"], use_cache=False).logits
+            out_loss = self.loss_fn(logits, batch)
+            # The global micro-batch's terms, the same on every rank (one all-reduce; dist.Ranks.mean_terms).
+            all_finite, loss_value, kd_value, ce_value, scale = ranks.mean_terms(out_loss)
+            if not all_finite:
+                losses.finite = False
+                continue
+            (out_loss.loss * scale / cfg.grad_accum).backward()
+            losses.add(loss_value, kd_value, ce_value, cfg.grad_accum)
+            state.tokens += batch["input_ids"].numel() * ranks.world_size  # equal slices: the global count
+        return losses
+
+    def update(self, state: TrainState, losses: StepLosses) -> None:
+        """Clip the global gradient and apply it, or skip a non-finite step (NaN/inf guard: counted, and after
+        max_bad_steps in a row a DistillError); the gradients are cleared either way."""
+        cfg = self.cfg
+        self.guard.mask_grads()  # FSDP's sharded gradients bypass the guard's hooks
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        norm = self.ranks.clip_grad_norm(self.model.parameters(), clip)  # of the global gradient, on every rank
+        if losses.finite and torch.isfinite(norm):
+            self.optimizer.step()
+            self.guard.apply()  # weight decay and rounding must not bring a pruned entry back
+            state.record_update(losses)
+        else:
+            state.record_skip()
+            step = state.step + 1  # the step being taken, counted from 1
+            self.log(f"{self.stage}: step {step}: non-finite loss or gradient, update skipped")
+            if state.bad_in_row >= cfg.max_bad_steps:
+                raise DistillError(
+                    f"{self.stage}: the loss or gradient was NaN/inf at {state.bad_in_row} steps in a row "
+                    f"(steps {step + 1 - state.bad_in_row}..{step}); lower --lr, check the student and the cache, or "
+                    "resume from the last checkpoint"
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------------------------------------ validation
+
+    def evaluate(self) -> float:
+        """Validation perplexity of the model as it is. Every rank evaluates (an FSDP forward needs them all);
+        rank 0's figure is the one every rank keeps, so every rank takes the same stopping decision."""
+        from .eval import perplexity
+
+        self.model.eval()
+        with self.autocast():
+            ppl = perplexity(self.model, self.val_ids, self.val_cfg).ppl
+        self.model.train()
+        return self.ranks.broadcast(ppl)
+
+    def validate(self, state: TrainState) -> str | None:
+        """At step 0, every eval_every steps and at the last step (once per step, a resume included): evaluate,
+        keep the model if it is the best so far; the reason to stop early (``should_stop``) or None to go on."""
+        step, cfg = state.step, self.cfg
+        due = step == 0 or step == self.total or (cfg.eval_every and step % cfg.eval_every == 0)
+        if not due or any(s == step for s, _ in state.history):
+            return None
+        ppl = self.evaluate()
+        state.history.append((step, ppl))
+        self.log(f"{self.stage}: step {step}: validation ppl {ppl:.3f}")
+        if state.best_ppl is None or ppl < state.best_ppl:
+            self.keep_best(state, ppl)
+        reason = should_stop(state.history, cfg.patience, cfg.min_delta)
+        if reason is None or step >= self.total:
+            return None
+        self.log(f"{self.stage}: stopping at step {step}: validation ppl {reason}")
+        return reason
+
+    def keep_best(self, state: TrainState, ppl: float) -> None:
+        """The model as it is becomes the best: written to best/ (an HF directory), with a checkpoint that says so."""
+        from .prune.masks import measured_compression
+
+        state.best_ppl, state.best_step = ppl, state.step
+        weights = self.ranks.full_model(self.model)
+        if self.ranks.is_main:
+            state.best_counts = measured_compression(weights)
+            save_hf(self.best_dir, weights, self.tokenizer)
+        # best/ and the state that describes it move together: a replay of the steps since the last checkpoint need
+        # not give the same weights on a GPU.
+        if 0 < state.step < self.total:
+            self.checkpoint(state)
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, state: TrainState) -> None:
+        """Write checkpoint/ (weights, optimizer, ``state`` with the RNG now). Every rank takes part (FSDP gathers the
+        full state); rank 0 writes; nobody goes on before it is whole."""
+        state.rng = _rng_state()
+        weights = self.ranks.full_model(self.model)
+        optimizer_state = self.ranks.optimizer_state(self.model, self.optimizer)
+        if self.ranks.is_main:
+            save_checkpoint(self.ckpt_dir, weights, optimizer_state, state.as_dict())
+        self.ranks.barrier()
+        self.saved_at = _clock()
+
+    def checkpoint_due(self, state: TrainState) -> bool:
         """Every checkpoint_every steps, or once checkpoint_minutes have passed since the last checkpoint; rank 0's
         clock decides for every rank (a checkpoint is a collective)."""
-        by_steps = cfg.checkpoint_every is not None and state["step"] % cfg.checkpoint_every == 0
-        by_time = cfg.checkpoint_minutes > 0 and ranks.broadcast(_clock() - saved_at >= 60 * cfg.checkpoint_minutes)
+        cfg = self.cfg
+        by_steps = cfg.checkpoint_every is not None and state.step % cfg.checkpoint_every == 0
+        by_time = cfg.checkpoint_minutes > 0 and self.ranks.broadcast(
+            _clock() - self.saved_at >= 60 * cfg.checkpoint_minutes)
         return by_steps or by_time
 
-    def rank_indices(micro_index: int) -> list[int]:
-        """This rank's contiguous slice of global micro-batch `micro_index`: N ranks together see what one would."""
-        return ranks.shard(batch_indices(micro_index, n, cfg.batch_size, cfg.seed))
+    # ------------------------------------------------------------------------------------------------ publication
 
-    # Each micro-step's batch is read while the one before computes (a background thread, BatchReader).
-    reader = BatchReader(data, rank_indices, stop=total * cfg.grad_accum, device=device, ahead=PREFETCH)
+    def publish(self, state: TrainState, self_referential: bool, extra: dict | None) -> DistillResult:
+        """The final student is the best-validation model: its files go to ``out``; ``<stage>.json`` marks the run
+        done; only then are the work directories removed (a rerun after a kill anywhere here redoes this part only).
+        Rank 0 alone touches the files; every rank returns the result."""
+        result = None
+        if self.ranks.is_main:
+            _publish_final(self.best_dir, self.out)
+            result = self.result(state, self_referential, extra)
+            # loss_history: [step, loss, kd, ce] of every update, the global micro-batch's means (not in the CLI JSON).
+            write_json_atomic(self.done_file, result.as_dict() | {
+                "run_key": state.run_key, "config": self.cfg.model_dump(),
+                "loss_history": [list(h) for h in state.loss_history], **(extra or {})})
+            shutil.rmtree(self.best_dir, ignore_errors=True)
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        return self.ranks.broadcast(result)
 
-    stop_reason = "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "epochs"
-    try:
-        model.train()
-        while not state["finished"]:
-            step = state["step"]
-            lr = get_lr(step, total, cfg, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            # Validate at the start, every eval_every steps and at the end; keep the best model; maybe stop.
-            if step == 0 or step == total or (cfg.eval_every and step % cfg.eval_every == 0):
-                if not any(s == step for s, _ in state["history"]):
-                    ppl = evaluate()
-                    state["history"].append((step, ppl))
-                    log(f"{stage}: step {step}: validation ppl {ppl:.3f}")
-                    if state["best_ppl"] is None or ppl < state["best_ppl"]:
-                        state["best_ppl"], state["best_step"] = ppl, step
-                        weights = ranks.full_model(model)
-                        if ranks.is_main:
-                            state["best_counts"] = measured_compression(weights)
-                            save_hf(best_dir, weights, tokenizer)
-                        # best/ and the state that describes it move together: a replay of the steps since the
-                        # last checkpoint need not give the same weights on a GPU.
-                        if 0 < step < total:
-                            checkpoint()
-                    reason = should_stop(state["history"], cfg.patience, cfg.min_delta)
-                    if reason is not None and step < total:
-                        stop_reason = reason
-                        log(f"{stage}: stopping at step {step}: validation ppl {reason}")
-                        break
-            if step >= total:
-                break
-
-            # One optimizer step = grad_accum micro-steps; the loss is averaged over them.
-            t0, waited = time.perf_counter(), reader.waited
-            kd_sum = ce_sum = loss_sum = 0.0
-            has_kd = False
-            finite = True
-            for micro in range(cfg.grad_accum):
-                batch = reader.get(state["micro_index"])
-                state["micro_index"] += 1
-                ranks.sync_gradients(trained, micro == cfg.grad_accum - 1)  # reduce gradients once per step
-                with autocast():
-                    logits = trained(input_ids=batch["input_ids"], use_cache=False).logits
-                out_loss = loss_fn(logits, batch)
-                # The global micro-batch's terms, the same on every rank (one all-reduce; dist.Ranks.mean_terms).
-                all_finite, loss_value, kd_value, ce_value, scale = ranks.mean_terms(out_loss)
-                if not all_finite:
-                    finite = False  # keep consuming this step's data so the data position stays step-aligned
-                    continue
-                (out_loss.loss * scale / cfg.grad_accum).backward()
-                has_kd = kd_value is not None
-                kd_sum += kd_value / cfg.grad_accum if has_kd else 0.0
-                ce_sum += ce_value / cfg.grad_accum
-                loss_sum += loss_value / cfg.grad_accum
-                state["tokens"] += batch["input_ids"].numel() * ranks.world_size  # equal slices: the global count
-            guard.mask_grads()  # FSDP's sharded gradients bypass the guard's hooks
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            norm = ranks.clip_grad_norm(model.parameters(), clip)  # of the global gradient, on every rank
-            if finite and torch.isfinite(norm):
-                optimizer.step()
-                guard.apply()  # weight decay and rounding must not bring a pruned entry back
-                state["bad_in_row"] = 0
-                kd_value = kd_sum if has_kd else None  # SFT has no KD term: None, not a zero
-                if state["ce_first"] is None:
-                    state["kd_first"], state["ce_first"] = kd_value, ce_sum
-                state["kd_last"], state["ce_last"] = kd_value, ce_sum
-                state["loss_history"].append((step + 1, loss_sum, kd_value, ce_sum))
-            else:  # NaN/inf guard: skip the update, count it, give up after max_bad_steps in a row
-                state["bad_in_row"] += 1
-                state["bad_total"] += 1
-                log(f"{stage}: step {step + 1}: non-finite loss or gradient, update skipped")
-                if state["bad_in_row"] >= cfg.max_bad_steps:
-                    raise DistillError(
-                        f"{stage}: the loss or gradient was NaN/inf at {state['bad_in_row']} steps in a row "
-                        f"(steps {step + 2 - state['bad_in_row']}..{step + 1}); lower --lr, check the student and "
-                        "the cache, or resume from the last checkpoint"
-                    )
-            optimizer.zero_grad(set_to_none=True)
-            state["train_seconds"] += time.perf_counter() - t0
-            state["data_wait_seconds"] += reader.waited - waited
-            state["step"] = step + 1
-
-            if progress is not None:
-                progress(state["step"], total, {
-                    "loss": loss_sum, "kd": kd_sum, "ce": ce_sum,
-                    "tok/s": state["tokens"] / max(state["train_seconds"], 1e-9),
-                    "wait_s": reader.waited - waited})  # this step's wait for data
-            if checkpoint_due() and state["step"] < total:
-                checkpoint()
-            if on_step is not None:
-                on_step(state["step"])
-
-        if not state["finished"]:  # training is over: record that first, so a kill below never retrains
-            state["finished"], state["stop_reason"] = True, stop_reason
-            checkpoint()
-    finally:
-        reader.close()  # no reader thread outlives the loop, however it ended
-        guard.remove()  # the caller's model keeps no hooks, whether training ended or raised
-
-    # The final student is the best-validation model: its files go to `out`; distill.json marks the run done;
-    # only then are the work directories removed (a rerun after a kill anywhere here redoes this part only).
-    # Rank 0 alone touches the files; every rank returns its result.
-    result = None
-    if ranks.is_main:
-        _publish_final(best_dir, out)
-        counts = state["best_counts"]
-        result = DistillResult(
-            steps=state["step"], kd_loss_first=state["kd_first"], kd_loss_last=state["kd_last"],
-            ce_loss_first=state["ce_first"], ce_loss_last=state["ce_last"], val_ppl_best=state["best_ppl"],
-            tokens_per_s=state["tokens"] / state["train_seconds"] if state["train_seconds"] > 0 else 0.0,
-            resumed_from_step=resumed_from, val_ppl_start=state["history"][0][1] if state["history"] else None,
-            best_step=state["best_step"], stop_reason=state["stop_reason"], bad_steps=state["bad_total"],
-            val_history=[list(h) for h in state["history"]], self_referential=self_referential, out=str(out),
-            precision=precision.describe(device, cfg.autocast), mlp_params=counts["mlp_params"],
+    def result(self, state: TrainState, self_referential: bool, extra: dict | None) -> DistillResult:
+        """The run's figures from its final state (rank 0: the compression is counted on the best model)."""
+        counts, device, autocast = state.best_counts, self.device, self.cfg.autocast
+        teacher_precision = (extra or {}).get("teacher", {}).get("teacher_precision")
+        return DistillResult(
+            steps=state.step, kd_loss_first=state.kd_first, kd_loss_last=state.kd_last,
+            ce_loss_first=state.ce_first, ce_loss_last=state.ce_last, val_ppl_best=state.best_ppl,
+            tokens_per_s=state.tokens / state.train_seconds if state.train_seconds > 0 else 0.0,
+            resumed_from_step=self.resumed_from, val_ppl_start=state.history[0][1] if state.history else None,
+            best_step=state.best_step, stop_reason=state.stop_reason, bad_steps=state.bad_total,
+            val_history=[list(h) for h in state.history], self_referential=self_referential, out=str(self.out),
+            precision=precision.describe(device, autocast), mlp_params=counts["mlp_params"],
             mlp_nonzero=counts["mlp_nonzero"], mlp_zero_fraction=counts["mlp_zero_fraction"],
             mlp_reduction=counts["mlp_reduction"], total_params=counts["total_params"],
-            masked_entries=guard.masked_entries, train_seconds=state["train_seconds"],
-            data_wait_seconds=state["data_wait_seconds"],
-            self_referential_meaning=precision.self_referential_meaning(
-                device, cfg.autocast, (extra or {}).get("teacher", {}).get("teacher_precision"))
+            masked_entries=self.guard.masked_entries, train_seconds=state.train_seconds,
+            data_wait_seconds=state.data_wait_seconds,
+            self_referential_meaning=precision.self_referential_meaning(device, autocast, teacher_precision)
             if self_referential else None,
         )
-        # loss_history: [step, loss, kd, ce] of every update, the global micro-batch's means (not in the CLI JSON).
-        write_json_atomic(done_file, result.as_dict() | {
-            "run_key": key, "config": cfg.model_dump(), "loss_history": [list(h) for h in state["loss_history"]],
-            **(extra or {})})
-        shutil.rmtree(best_dir, ignore_errors=True)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return ranks.broadcast(result)

@@ -94,5 +94,5 @@ def sft(cfg: SFTConfig, model, tokenizer, student_spec: str = "", log=print, pro
 
     data = build_sft_data(cfg, tokenizer)
     log(f"sft: {len(data)} examples of up to {cfg.max_len} tokens, {int(data.loss_mask.sum())} response tokens")
-    return train(cfg, model, tokenizer, data, response_loss, run_key(cfg, data.fingerprint, student_spec), "sft",
+    return train(cfg, model, tokenizer, data, response_loss, run_key(cfg, data.fingerprint, student_spec, "sft"), "sft",
                  log=log, progress=progress, on_step=on_step, extra={"data": data.fingerprint})
