@@ -333,13 +333,42 @@ def load_text(spec: str) -> str:
         return wikitext_rows_to_raw(_hub_rows_for(spec, None)[1])
     path = Path(spec).expanduser()
     if spec not in NAMED_SOURCES and hub is None and path.is_file() and path.suffix.lower() in (".txt", ".raw"):
-        raw = path.read_bytes()
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"data.data={spec!r}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    docs = [d.decode("utf-8", "replace") if isinstance(d, bytes) else d for d in load_documents(spec)]  # code: bytes
+        return _eval_document_text(spec, path.read_bytes(), 0)
+    docs = [_eval_document_text(spec, d, i) for i, d in enumerate(load_documents(spec))]  # code files: bytes
     return "\n\n".join(d for d in docs if d.strip())
+
+
+def _eval_document_text(spec: str, doc: str | bytes, index: int) -> str:
+    """A document of an evaluation text, decoded strictly: a replaced byte would change the text that is scored,
+    and its perplexity with it, without a trace. Raises DataQualityError naming the file and the byte offset."""
+    if isinstance(doc, str):
+        return doc
+    try:
+        return doc.decode("utf-8")
+    except UnicodeDecodeError as err:
+        where, offset = _locate_document(spec, doc, index)
+        raise DataQualityError(
+            f"data source {spec!r}: {where} is not UTF-8: {err.reason} (byte 0x{doc[err.start]:02x}) at byte "
+            f"offset {offset + err.start}; evaluation text is never altered: re-encode the file as UTF-8 from its "
+            "encoding (e.g. `iconv -f latin1 -t utf-8`) or leave it out of the source"
+        ) from None
+
+
+def _locate_document(spec: str, doc: bytes, index: int) -> tuple[str, int]:
+    """(the local file that holds ``doc``, the offset of ``doc`` in it); a document of a named source, which has no
+    file the user can edit, is named by its index. Only called on the error path: it reads the source again."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        files = []  # a named source: python:stdlib's modules are bytes
+    for file in files:
+        at = file.read_bytes().find(doc)
+        if at >= 0:
+            return f"file {str(file)!r}", at
+    return f"document {index}", 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,12 +13,3 @@ def test_ci_runs_the_readme_test_command():
     assert len(readme_commands) >= 2
     ci = (ROOT / ".ci" / "run").read_text()
     assert readme_commands[1].strip() in ci
-
-
-def test_core_imports_no_prefect_or_mlflow():
-    offenders = [
-        str(p.relative_to(ROOT))
-        for p in (ROOT / "sparsekd_core").rglob("*.py")
-        if re.search(r"^\s*(import|from)\s+(prefect|mlflow)\b", p.read_text(), re.M)
-    ]
-    assert offenders == []
