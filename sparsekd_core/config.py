@@ -195,7 +195,8 @@ class ModelConfig(StageConfig):
                                              "it says (the precision policy, precision.py).")
     device: Device = Field("auto", description="auto = cuda when available, else cpu; cuda:N = the N-th GPU.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
-    trust_remote_code: bool = Field(False, description="Allow code from the hub repository to run. Off by default.")
+    trust_remote_code: bool = Field(False, description="Allow code from the hub repository to run (only for a "
+                                                       "repository you trust).")
 
     @field_validator("model")
     @classmethod
@@ -462,7 +463,8 @@ class CacheConfig(StageConfig):
     seq_len: int = Field(512, gt=1, description="Tokens per sequence.")
     seed: int = Field(0, ge=0, description="Seed for the corpus build (document order and offsets).")
     max_sequences_per_document: int = Field(
-        1, gt=0, description="A document gives at most this many sequences (default 1: a sample is a document).")
+        1, gt=0, description="A document gives at most this many sequences (1: a sample is a document, as in the "
+                             "paper).")
     top_k: int = Field(32, gt=0, description="Token ids kept per position.")
     format: Literal[1, 2] = Field(2, description="Top-k store format: 2 (log-probs as whole steps of logprob_step "
                                                   "below the position's top-1, ~20% smaller) or 1 (fp16 log-probs).")
@@ -474,7 +476,7 @@ class CacheConfig(StageConfig):
     sample_temperature: float = Field(2.0, gt=0, description="Temperature the classes are sampled at (= the "
                                                              "distillation temperature).")
     teacher_precision: Literal["fp32", "tf32", "bf16"] = Field(
-        "fp32", description="The teacher's forward: fp32 (default: fp32 weights and math, whatever dtype the model "
+        "fp32", description="The teacher's forward: fp32 (fp32 weights and math, whatever dtype the model "
                             "config asks); tf32 (TF32 matmuls on CUDA) or bf16 (bf16 weights) are opt-ins whose "
                             "error against fp32 the cache reports (teacher_fidelity).")
     batch_size: int | None = Field(None, gt=0, description="Sequences per forward pass (divides chunk_size). "
@@ -560,7 +562,8 @@ class TrainConfig(StageConfig):
 class DistillConfig(TrainConfig):
     """Offline self-referential KD: train a student on a teacher cache (see sparsekd_core/distill.py)."""
 
-    cache: str = Field(description="Teacher cache written by `sparsekd cache` (path or URL).")
+    cache: str = Field(description="Teacher cache written by `sparsekd cache` (path or URL), from any model "
+                                   "with the student's tokenizer.")
     alpha: float = Field(0.5, ge=0, le=1, description="KD weight; 0 = the CE-only control.")
     temperature: float = Field(2.0, gt=0, description="KD temperature T (loss is scaled by T²).")
     tail: Literal["topk", "bucket", "paper", "sampled"] = Field(
@@ -593,9 +596,10 @@ class SelfDataConfig(StageConfig):
                                                  "prompt/response (or question/answer, instruction/output) fields.")
     num_samples: int | None = Field(None, gt=0, description="The first N records (default: all).")
     max_new_tokens: int = Field(256, gt=0, description="Generation budget per rewrite.")
-    batch_size: int = Field(8, gt=0, description="Records per generate() call.")
+    batch_size: int = Field(8, gt=0, description="Records per generate() call (divides chunk_size).")
     chunk_size: int = Field(16, gt=0, description="Records per committed chunk (a kill loses at most one).")
-    sampling: Literal["greedy", "sample"] = Field("greedy", description="greedy, or sampled (temperature, top_p).")
+    sampling: Literal["greedy", "sample"] = Field("greedy", description="greedy decoding, or sample at temperature "
+                                                                       "and top_p.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature (sampling=sample).")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus mass (sampling=sample).")
     seed: int = Field(0, ge=0, description="Sampling seed (per chunk, so a resumed run samples the same).")

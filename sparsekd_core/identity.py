@@ -36,18 +36,18 @@ NOT_IDENTITY = frozenset({"out", "parallel", "checkpoint_every", "checkpoint_min
                           "num_shards"})
 
 # The modules each stage runs (their imports within sparsekd_core are followed). Every stage loads its model
-# through ``models`` under the precision policy; ``stages`` is the core entry point the CLI and the tasks share.
+# through ``models`` under the precision policy; ``stages.<stage>`` is the body the CLI and the tasks share.
 _LOAD = ("sparsekd_core.models", "sparsekd_core.precision")
 STAGE_ROOTS: dict[str, tuple[str, ...]] = {
-    "eval": _LOAD + ("sparsekd_core.stages", "sparsekd_core.eval", "sparsekd_core.downstream",
+    "eval": _LOAD + ("sparsekd_core.stages.eval", "sparsekd_core.eval", "sparsekd_core.downstream",
                      "sparsekd_core.prune.masks"),
     "cache": _LOAD + ("sparsekd_core.cache",),
-    "prune": _LOAD + ("sparsekd_core.stages", "sparsekd_core.prune"),
+    "prune": _LOAD + ("sparsekd_core.stages.prune", "sparsekd_core.prune"),
     "distill": _LOAD + ("sparsekd_core.distill",),
     "sft": _LOAD + ("sparsekd_core.sft",),
     "selfdata": _LOAD + ("sparsekd_core.selfdata",),
     "instructions": ("sparsekd_core.selfdata",),
-    "profile": _LOAD + ("sparsekd_core.stages", "sparsekd_core.profile"),
+    "profile": _LOAD + ("sparsekd_core.stages.profile", "sparsekd_core.profile"),
 }
 
 # Bump a stage's number when its output changes for a reason its code digest cannot see (a packaged data file's

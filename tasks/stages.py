@@ -205,9 +205,8 @@ def evaluate(model: ModelRef, eval_sets: list[dict], eval_cfg: dict, workdir: st
     model that was evaluated (what a report must state, e.g. WANDA sparsity)."""
     from sparsekd_core.config import AccuracyConfig, EvalConfig
     from sparsekd_core.data import gsm8k_records, load_text, text_digest
-    from sparsekd_core.downstream import gsm8k_accuracy
-    from sparsekd_core.eval import perplexity, tokenize_text
     from sparsekd_core.prune.masks import measured_compression
+    from sparsekd_core.stages import evaluate_gsm8k, evaluate_text  # the same stage bodies as `sparsekd eval`
 
     inputs = {}  # what each set evaluates on: a text, or the GSM8K problems (its first max_problems)
     for es in eval_sets:
@@ -224,13 +223,13 @@ def evaluate(model: ModelRef, eval_sets: list[dict], eval_cfg: dict, workdir: st
             name = es["name"]
             if es.get("kind", "perplexity") == "gsm8k":
                 acc = AccuracyConfig(**{k: es[k] for k in ("max_problems", "max_new_tokens") if es.get(k)})
-                res = gsm8k_accuracy(loaded.model, loaded.tokenizer, inputs[name], acc.max_new_tokens, acc.batch_size)
+                res = evaluate_gsm8k(loaded, inputs[name], acc)
                 out[name] = {**res.as_dict(), "kind": "gsm8k", "data": es["data"]}
                 run_log()(f"eval {name}: accuracy {res.accuracy:.4f} ({res.correct}/{res.problems}), reference "
                           f"log-likelihood {res.reference_loglik:.4f}")
                 continue
-            ids = tokenize_text(loaded.tokenizer, inputs[name], es.get("max_tokens"))
-            out[name] = {**perplexity(loaded.model, ids, cfg).as_dict(), "kind": "perplexity", "data": es["data"]}
+            res, _ = evaluate_text(loaded, inputs[name], cfg, es.get("max_tokens"), log=run_log())
+            out[name] = {**res.as_dict(), "kind": "perplexity", "data": es["data"]}
             run_log()(f"eval {name}: ppl {out[name]['ppl']:.3f}")
         out[MODEL_COUNTS] = measured_compression(loaded.model)
         write_json_atomic(directory / "metrics.json", out)
@@ -337,15 +336,14 @@ def prune(model: ModelRef, prune_fields: dict, workdir: str, dtype: str = "auto"
     """One pruning round of `model` (SVD or WANDA); the compressed checkpoint is in <stage dir>/model."""
     from sparsekd_core.config import PruneConfig
     from sparsekd_core.provenance import data_digests
-    from sparsekd_core.prune import prune_model, save_compressed
 
     cfg = PruneConfig(**prune_fields)
 
     def produce(directory: Path) -> dict:
+        from sparsekd_core.stages import prune_and_save  # the same stage body as `sparsekd prune`
+
         loaded = _load(model, dtype, device, "prune")
-        report = prune_model(loaded.model, loaded.tokenizer, cfg, parent=model["spec"], log=run_log())
-        save_compressed(loaded.model, loaded.tokenizer, directory / "model")
-        summary = report.summary()
+        summary = prune_and_save(loaded, [cfg], directory / "model", parent=model["spec"], log=run_log()).summary
         write_json_atomic(directory / "layers.json", summary.get("layers", []))
         return {k: v for k, v in summary.items() if k != "layers"}
 
@@ -475,18 +473,13 @@ def profile(models: list[ModelRef], profile_fields: dict, workdir: str, dtype: s
     """TTFT/TPOT/memory/breakdown of several models side by side (the first is the baseline); profile.json,
     profile.md, speedup.png. A ModelRef may carry a ``label`` (the name in the tables; default its spec)."""
     from sparsekd_core.config import ProfileConfig
-    from sparsekd_core.profile import add_speedups, markdown_table, profile_model, speedup_plot
     from sparsekd_core.provenance import machine
+    from sparsekd_core.stages import profile_models, save_profile  # the same stage body as `sparsekd profile`
 
     def produce(directory: Path) -> dict:
-        cfg = ProfileConfig(**profile_fields)
-        results = []
-        for index, ref in enumerate(models):
-            results += profile_model(ref.get("label", ref["spec"]), _load(ref, dtype, device).model, cfg, index)
-        add_speedups(results)
-        write_json_atomic(directory / "profile.json", {"results": results})
-        write_text_atomic(directory / "profile.md", markdown_table(results))
-        speedup_plot(results, directory / "speedup.png")
+        loaders = [(ref.get("label", ref["spec"]), lambda ref=ref: _load(ref, dtype, device)) for ref in models]
+        results = profile_models(loaders, ProfileConfig(**profile_fields), log=run_log())
+        save_profile(results, directory)
         return {"results": results}
 
     # Timings are measurements of this machine: keyed by the models, labels, settings and the hardware.

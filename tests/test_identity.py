@@ -143,3 +143,11 @@ def test_the_cache_store_fingerprint_records_the_cache_code(tmp_path):
 
     found = zarr.open_group(cfg.out, mode="r").attrs["sparsekd_cache"]
     assert found["code_version"] == identity.code_digest("cache")
+
+
+def test_a_stage_body_counts_for_its_own_stage_only():
+    """The CLI and the tasks share one body per stage (sparsekd_core/stages/); each is in its stage's code only."""
+    modules = {stage: set(identity.code_modules(stage)) for stage in ("eval", "prune", "profile")}
+    for stage, found in modules.items():
+        assert f"sparsekd_core.stages.{stage}" in found
+        assert not {f"sparsekd_core.stages.{other}" for other in modules if other != stage} & found

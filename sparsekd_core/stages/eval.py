@@ -1,0 +1,35 @@
+"""The eval stage body: perplexity of a text, GSM8K accuracy of a problem set."""
+
+from __future__ import annotations
+
+from ..config import AccuracyConfig, ConfigError, EvalConfig
+from ._common import quiet, run_with_progress
+
+
+def evaluate_text(loaded, text: str, cfg: EvalConfig, max_tokens: int | None = None, *, log=quiet,
+                  progress_factory=None):
+    """Sliding-window perplexity of ``text`` (its first ``max_tokens`` tokens if given) under ``cfg``.
+
+    Returns ``(eval.PerplexityResult, text_tokens)``; a text of fewer than 2 tokens is a ConfigError (the caller
+    names the data field). ``progress_factory`` counts windows.
+    """
+    from ..eval import make_windows, perplexity, tokenize_text
+
+    ids = tokenize_text(loaded.tokenizer, text, max_tokens)
+    if ids.numel() < 2:
+        raise ConfigError(f"the text has {ids.numel()} token(s); at least 2 are needed")
+    n_windows = len(make_windows(ids.numel(), cfg.ctx, cfg.stride, cfg.protocol))
+    log(f"eval: {ids.numel()} tokens, {n_windows} windows of {cfg.ctx} (stride {cfg.stride}), protocol "
+        f"{cfg.protocol}, {loaded.device.type} {str(loaded.dtype).removeprefix('torch.')}")
+    result = run_with_progress(progress_factory, n_windows,
+                                lambda update: perplexity(loaded.model, ids, cfg, progress=update))
+    return result, int(ids.numel())
+
+
+def evaluate_gsm8k(loaded, records: list[dict], cfg: AccuracyConfig, *, progress_factory=None):
+    """GSM8K exact-match accuracy of greedy answers on ``records`` and the reference solutions' log-likelihood
+    (``downstream.gsm8k_accuracy``); ``progress_factory`` counts problems."""
+    from ..downstream import gsm8k_accuracy
+
+    return run_with_progress(progress_factory, len(records), lambda update: gsm8k_accuracy(
+        loaded.model, loaded.tokenizer, records, cfg.max_new_tokens, cfg.batch_size, progress=update))
