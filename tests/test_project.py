@@ -1,4 +1,4 @@
-"""The project's own contract: README's test command is what CI runs; the core imports no Prefect/MLflow."""
+"""The project's own contract: README's test command is what CI runs (the import layers: tests/test_layering.py)."""
 
 from __future__ import annotations
 
