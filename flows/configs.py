@@ -1,6 +1,11 @@
 """Flow configurations: one pydantic model per flow, loaded from YAML (`sparsekd run FLOW --config F`) and used
-as the deployment's parameter form. Stage sections (`distill`, `prune`, `eval`) are validated here against the
-stage configs of sparsekd_core, so a bad value fails before any work starts.
+as the deployment's parameter form. Stage sections (`corpus`, `distill`, `prune`, `eval`, ...) are made from the
+stage configs of sparsekd_core (the same fields, types, constraints and descriptions) and validated against them,
+so a bad value fails before any work starts.
+
+Where a flow's default differs from the stage's, the section overrides that one field (``from_stage(...,
+default=...)``) and a comment says why: it is the value the deployments' parameters and the committed configs that
+leave the field out were run with, so no number changes.
 """
 
 from __future__ import annotations
@@ -11,57 +16,94 @@ import re
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
+from sparsekd_core import report
 from sparsekd_core.config import (
+    PAPER_ROUND_TARGETS,
+    AccuracyConfig,
     CacheConfig,
+    DataConfig,
+    DataSpec,
     Device,
     DistillConfig,
+    Dtype,
     EvalConfig,
     ModelConfig,
+    ModelSpec,
     ProfileConfig,
     PruneConfig,
     SelfDataConfig,
     SFTConfig,
-    check_data_spec,
-    check_model_spec,
     format_validation_error,
 )
 
-# The paper's 8-round schedule: R1 15%, R4 35%, R6 51%, R8 65% MLP-parameter reduction (§V-B); the rounds in
-# between are interpolated (the paper gives only these four).
-PAPER_TARGETS = [0.15, 0.22, 0.29, 0.35, 0.43, 0.51, 0.58, 0.65]
+# The paper's 8-round schedule (sparsekd_core/config.py): R1 15%, R4 35%, R6 51%, R8 65% MLP-parameter reduction
+# (§V-B); the rounds in between are interpolated (the paper gives only these four).
+PAPER_TARGETS = list(PAPER_ROUND_TARGETS)
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class CorpusSpec(_Section):
-    """The KD corpus the teacher is cached on (a mixture, named source or file)."""
+def from_stage(cls: type[BaseModel], name: str, **changes: Any) -> FieldInfo:
+    """Field ``name`` of the stage config ``cls``: its default, constraints and description, with ``changes``
+    (``default=``: the flow's own default, where it differs; ``description=``: one that says what the flow does)."""
+    return FieldInfo.merge_field_infos(cls.model_fields[name], **changes)
 
-    data: str = Field("mix:paper-offline", description="Mixture name (mix:paper, mix:paper-offline), source or file.")
-    num_samples: int = Field(64, gt=0, description="Sequences in the corpus.")
-    seq_len: int = Field(256, gt=1, description="Tokens per sequence.")
-    seed: int = Field(0, ge=0, description="Corpus build seed.")
-    max_sequences_per_document: int = Field(
-        1, gt=0, description="A document gives at most this many sequences (default 1: a sample is a document).")
-    top_k: int = Field(32, gt=0, description="Teacher top-k cached per position.")
-    teacher_precision: Literal["fp32", "tf32", "bf16"] = copy.copy(CacheConfig.model_fields["teacher_precision"])
-    batch_size: int | None = copy.copy(CacheConfig.model_fields["batch_size"])
+
+def as_stage(cls: type[BaseModel], name: str) -> FieldInfo:
+    """The default and description of the stage config's field ``name``, for a flow field annotated with the same
+    shared type (``Dtype``, ``Device``): the type brings the allowed values and the validator (a copy of the
+    stage's field would bring the validator a second time)."""
+    info = cls.model_fields[name]
+    return Field(info.default, description=info.description)
+
+
+def section_model(cls: type[BaseModel], name: str, doc: str, exclude: set[str] = frozenset(),
+                  keep: set[str] | None = None, narrow: dict[str, Any] | None = None) -> type[BaseModel]:
+    """A flow's typed form section made from a core stage config: the same fields, types, defaults, allowed values
+    and descriptions, less the fields the flow sets itself (``narrow``: a field's type narrowed to what the flow
+    supports, or given a shared Annotated type such as ``DataSpec`` that validates it). The stage's cross-field
+    validators run in the flow's validator (``_check_stage``)."""
+    fields = {n: ((narrow or {}).get(n, f.annotation), copy.copy(f)) for n, f in cls.model_fields.items()
+              if n not in exclude and (keep is None or n in keep)}
+    return create_model(name, __base__=_Section, __doc__=doc, **fields)
+
+
+_CorpusFields = section_model(CacheConfig, "_CorpusFields", "The cache stage's corpus fields.",
+                              keep={"data", "num_samples", "seq_len", "seed", "max_sequences_per_document", "top_k",
+                                    "teacher_precision", "batch_size"},
+                              narrow={"data": DataSpec})
+
+
+class CorpusSpec(_CorpusFields):
+    """The KD corpus the teacher is cached on (a mixture, named source or file): the cache stage's corpus fields
+    (sparsekd_core/config.py, CacheConfig) and how many task runs write the cache."""
+
+    # Flow defaults, not the cache stage's (all of a source; 512 tokens): a flow's corpus has always been 64
+    # sequences of 256 tokens, and the deployments (deployments/prefect.yaml: `config: {model: ...}` only) and any
+    # config that leaves these out were run with them; a flow always sizes its corpus (the report states N×L).
+    num_samples: int = from_stage(CacheConfig, "num_samples", default=64, description="Sequences in the corpus.")
+    seq_len: int = from_stage(CacheConfig, "seq_len", default=256)
     shards: int = Field(1, gt=0, le=64, description="Write each teacher cache as this many concurrent task runs, "
                                                     "each a disjoint chunk range of one store (same bytes as one; "
                                                     "on a host with several GPUs, one GPU each).")
 
-    @field_validator("data")
-    @classmethod
-    def _data(cls, v: str) -> str:
-        return check_data_spec(v)
-
     @model_validator(mode="after")
     def _as_cache(self) -> "CorpusSpec":
         """Every check of the cache stage (batch_size divides the chunk, ...) before any work."""
-        _check_stage(CacheConfig, "corpus", self.model_dump(exclude={"shards"}), out="unused")
+        _check_stage(CacheConfig, "corpus", self.cache_fields(), out="unused")
         return self
+
+    def cache_fields(self) -> dict[str, Any]:
+        """The cache stage's fields (the flow sets `out`; `shards` is how the flow writes the store, not what)."""
+        return self.model_dump(exclude={"shards"})
+
+    def cache_config(self) -> CacheConfig:
+        """The corpus as the cache stage's config (its `out` unset: for what reads the corpus, not the store)."""
+        return CacheConfig(**self.cache_fields(), out="unused")
 
 
 EVAL_SET_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
@@ -70,13 +112,20 @@ EVAL_SET_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 class EvalSet(_Section):
     name: str = Field(description="Short name used in tables, file names and metric keys: a letter, then letters, "
                                   "digits or underscores (e.g. wikitext2, c4_heldout).")
-    data: str = Field(description="Named source or file.")
+    data: DataSpec = Field(description="Named source or file.")
     kind: Literal["perplexity", "gsm8k"] = Field(
         "perplexity", description="perplexity (protocol of `eval`), or gsm8k: exact-match accuracy of greedy answers "
                                   "and the reference solutions' log-likelihood (data: gsm8k:test or a .jsonl).")
-    max_tokens: int | None = Field(None, gt=0, description="perplexity: first N tokens only.")
-    max_problems: int | None = Field(None, gt=0, description="gsm8k: the first N problems (default 100).")
-    max_new_tokens: int | None = Field(None, gt=0, description="gsm8k: greedy decode budget (default 256).")
+    max_tokens: int | None = from_stage(DataConfig, "max_tokens", description="perplexity: first N tokens only.")
+    # Unset (None) means the accuracy stage's default (AccuracyConfig: 100 problems, 256 tokens), resolved by the
+    # eval task; a set stays None here because an eval set is part of the eval stage's key as given, and the fields
+    # of the other kind must be unset.
+    max_problems: int | None = from_stage(
+        AccuracyConfig, "max_problems", default=None,
+        description=f"gsm8k: the first N problems (default {AccuracyConfig.model_fields['max_problems'].default}).")
+    max_new_tokens: int | None = from_stage(
+        AccuracyConfig, "max_new_tokens", default=None,
+        description=f"gsm8k: greedy decode budget (default {AccuracyConfig.model_fields['max_new_tokens'].default}).")
 
     @model_validator(mode="after")
     def _fields_of_its_kind(self) -> "EvalSet":
@@ -93,12 +142,12 @@ class EvalSet(_Section):
             raise ValueError("must be an identifier: a letter, then up to 63 letters, digits or underscores")
         return v
 
-    @field_validator("data")
+    @field_validator("data", mode="before")
     @classmethod
-    def _data(cls, v: str) -> str:
-        if v == "mix:paper" or v.startswith("mix:"):
+    def _one_source(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.startswith("mix:"):
             raise ValueError("an eval set is one source, not a mixture")
-        return check_data_spec(v)
+        return v
 
 
 STORAGE_ROOT_ENV = "SPARSEKD_STORAGE_ROOT"
@@ -119,16 +168,6 @@ def _check_stage(cls, section: str, values: Any, **fill: Any) -> Any:
     except ValidationError as err:
         raise ValueError(format_validation_error(section, err)) from None
     return values
-
-
-def section_model(cls: type[BaseModel], name: str, doc: str, exclude: set[str] = frozenset(),
-                  keep: set[str] | None = None, narrow: dict[str, Any] | None = None) -> type[BaseModel]:
-    """A flow's typed form section made from a core stage config: the same fields, types, defaults, allowed values
-    and descriptions, less the fields the flow sets itself (``narrow``: a field's type narrowed to what the flow
-    supports). The stage's validators run in the flow's validator."""
-    fields = {n: ((narrow or {}).get(n, f.annotation), copy.copy(f)) for n, f in cls.model_fields.items()
-              if n not in exclude and (keep is None or n in keep)}
-    return create_model(name, __base__=_Section, __doc__=doc, **fields)
 
 
 DistillSection = section_model(DistillConfig, "DistillSection", "Distillation: the KD loss and the training loop "
@@ -156,19 +195,19 @@ SFTSection = section_model(SFTConfig, "SFTSection", "SFT-only settings; training
 class FlowConfig(_Section):
     """Settings every flow shares."""
 
-    model: str = Field("smollm2-135m", description="Dense model: alias, hub id, local directory or .gguf file.")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="Precision of evaluation, profiling and generation (auto = bf16 on CUDA, fp32 on CPU). "
-                            "The teacher cache, pruning and training always load fp32 weights (the precision policy, "
-                            "sparsekd_core/precision.py).")
-    device: Device = Field("auto", description="auto = cuda when available; cuda:N = the N-th GPU of the worker.")
+    model: ModelSpec = Field("smollm2-135m", description="Dense model: alias, hub id, local directory or .gguf file.")
+    dtype: Dtype = as_stage(ModelConfig, "dtype")
+    device: Device = as_stage(ModelConfig, "device")
     workdir: str = Field(default_factory=lambda: os.environ.get(STORAGE_ROOT_ENV) or "runs",
                          description="Storage root for caches, checkpoints, manifests, reports: a path every "
                                      "worker sees (a shared volume), or an object-store URL (s3://bucket/prefix; "
                                      "credentials from the environment). Default: $SPARSEKD_STORAGE_ROOT, else ./runs.")
     tracking_uri: str | None = Field(None, description="MLflow URI; default $MLFLOW_TRACKING_URI or sqlite in workdir.")
     experiment: str | None = Field(None, description="MLflow experiment name (default: sparsekd-<flow>).")
-    seed: int = Field(42, ge=0, description="Distillation seed.")
+    # The flows' seed is the paper's first (42, 123, 456), not the training stage's 0: the committed configs and
+    # the deployments' parameters that leave it out were run with 42.
+    seed: int = from_stage(DistillConfig, "seed", default=42,
+                           description="Distillation seed (data order and torch RNG).")
     corpus: CorpusSpec = Field(CorpusSpec(), description="The KD corpus the teacher is cached on.")
     distill: DistillSection = Field(DistillSection(), description="KD loss and training loop settings.")
     eval: EvalConfig = Field(EvalConfig(), description="Perplexity protocol: ctx, stride, protocol, batch size.")
@@ -183,11 +222,6 @@ class FlowConfig(_Section):
         from tasks.store import check_root
 
         return check_root(v.strip())
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        return check_model_spec(v)
 
     @field_validator("eval_sets")
     @classmethod
@@ -243,7 +277,7 @@ class PruningFlowConfig(FlowConfig):
 class IterativeConfig(PruningFlowConfig):
     """Rounds of prune → eval (pre-KD) → distill → eval (post-KD) → re-cache the recovered model."""
 
-    targets: list[float] = Field(list(PAPER_TARGETS),
+    targets: list[float] = Field(list(PAPER_ROUND_TARGETS),
                                  description="Cumulative MLP-parameter reduction after each round.")
     keep_original_teacher: bool = Field(False, description="Distill every round from the dense model's cache.")
     profile: bool = Field(False, description="Also profile the dense model and each round's recovered model side by "
@@ -307,8 +341,8 @@ class SelfDataFlowConfig(FlowConfig):
     """Depth pruning (and optionally SVD) recovered three ways on the same prompts, same steps and seed: SFT on
     the original responses, SFT on the dense model's own rewrites (self-data distillation), and logit KD."""
 
-    instructions: str = Field("gsm8k:train", description="Instruction data: gsm8k:train, hub:gsm8k:train or a .jsonl "
-                                                         "of prompt/response (question/answer) records.")
+    instructions: DataSpec = Field("gsm8k:train", description="Instruction data: gsm8k:train, hub:gsm8k:train or a "
+                                                              ".jsonl of prompt/response (question/answer) records.")
     num_samples: int = Field(64, gt=0, description="The first N records: the prompts every arm trains on.")
     drop_blocks: int = Field(4, gt=0, description="Decoder blocks removed by depth pruning.")
     svd_target: float | None = Field(None, gt=0, lt=1, description="Also SVD-prune the remaining blocks to this "
@@ -319,11 +353,6 @@ class SelfDataFlowConfig(FlowConfig):
                                                       "`distill`.")
     eval_sets: list[EvalSet] = Field(_default_selfdata_eval_sets(), min_length=1,
                                      description="Default: WikiText-2 test perplexity and GSM8K accuracy (32 problems).")
-
-    @field_validator("instructions")
-    @classmethod
-    def _instructions(cls, v: str) -> str:
-        return check_data_spec(v)
 
     @field_validator("prune", mode="before")
     @classmethod
@@ -426,6 +455,14 @@ class StudyConfig(PaperConfig):
                                                       "teacher-swap student.")
     standard_protocol_set: str | None = Field("wikitext2", description="Also evaluate the dense model on this eval "
                                                                        "set with the standard protocol.")
+    verdict_much_lower: float = Field(
+        report.DEFAULT_MUCH_LOWER, gt=0, description="Verdict 'post-KD ≪ post-prune' holds when every round's "
+                                                     "post-KD in-domain PPL is at most this fraction of its pre-KD "
+                                                     "PPL.")
+    verdict_comparable: float = Field(
+        report.DEFAULT_COMPARABLE, gt=0, description="Verdict 'low-sparsity post-KD comparable to dense' holds when "
+                                                     "the first round's post-KD in-domain PPL is at most this many "
+                                                     "times the dense model's.")
 
     @model_validator(mode="after")
     def _every_part(self) -> "StudyConfig":  # replaces PaperConfig's: the paper part is validated without our fields
@@ -443,15 +480,10 @@ def paper_part(config: StudyConfig) -> PaperConfig:
 class ProfileFlowConfig(FlowConfig):
     """Inference profiling of several models side by side: `model` is the baseline, `compare` the others."""
 
-    compare: list[str] = Field([], description="Models profiled after the baseline `model` (aliases, hub ids, "
-                                               "local directories such as pruned checkpoints).")
+    compare: list[ModelSpec] = Field([], description="Models profiled after the baseline `model` (aliases, hub ids, "
+                                                     "local directories such as pruned checkpoints).")
     profile: ProfileSection = Field(ProfileSection(), description="Batch sizes, prompt lengths, decode steps, "
                                                                   "repeats. Run it on an idle machine.")
-
-    @field_validator("compare")
-    @classmethod
-    def _compare(cls, v: list[str]) -> list[str]:
-        return [check_model_spec(m) for m in v]
 
     @field_validator("profile")
     @classmethod
@@ -512,9 +544,7 @@ FLOW_CONFIGS: dict[str, type[BaseModel]] = {
 
 def cache_config_fields(corpus: CorpusSpec) -> dict[str, Any]:
     """CacheConfig fields for a corpus (the flow sets `out`; `shards` is how the flow writes it, not what)."""
-    fields = corpus.model_dump(exclude={"shards"})
-    fields["data"] = corpus.data
-    return fields
+    return corpus.cache_fields()
 
 
 __all__ = ["FLOW_CONFIGS", "PAPER_TARGETS", "CacheConfig", "StudyConfig", "cache_config_fields", "paper_part"]
