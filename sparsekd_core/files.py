@@ -16,16 +16,17 @@ Rules, the same for every file and directory the project writes:
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 __all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic", "write_file_atomic", "replace_dir",
-           "publish_dir", "recover_dir", "remove_stale_tmp"]
+           "publish_dir", "recover_dir", "remove_stale_tmp", "sha256_file"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -163,3 +164,15 @@ def publish_dir(build: Callable[[Path], None], final: str | os.PathLike) -> Path
         if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
             raise  # not "another process finished the same work first"
     return final
+
+
+def sha256_file(source: str | os.PathLike | BinaryIO) -> str:
+    """The hex sha256 of a file's bytes: a path, or a file object opened for binary reading (an fsspec object in a
+    bucket). ~1.3 GB/s on one core with SHA-NI (a 500 MB file in the page cache); a cold disk or a bucket is slower."""
+    if not isinstance(source, (str, os.PathLike)):
+        h = hashlib.sha256()
+        while block := source.read(1 << 22):
+            h.update(block)
+        return h.hexdigest()
+    with open(source, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
