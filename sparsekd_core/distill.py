@@ -468,7 +468,8 @@ class TrainRecipe:
             return None
         finished = json.loads(self.done_file.read_text())
         if finished.get("run_key") != key:
-            raise ConfigError(f"{self.stage}.out={self.cfg.out!r} holds a different finished run; give another --out")
+            raise ConfigError(f"{self.stage}.out={self.cfg.out!r} holds a different finished run (config, data, student "
+                              "or the code that trains differ); give another --out")
         # The student must still be the one the run published (not truncated or altered): else train it again.
         problem = self.ranks.broadcast(
             student_problem(self.out, finished.get("student_files")) if self.ranks.is_main else None)
@@ -529,8 +530,8 @@ class TrainRecipe:
             return TrainState(run_key=key), None
         optimizer_state, saved = load_checkpoint(self.ckpt_dir, self.model)
         if saved.get("run_key") != key:
-            raise ConfigError(f"{self.stage}.out={self.cfg.out!r} holds a checkpoint of a different run (config, data "
-                              "or student differ); give another --out or delete it")
+            raise ConfigError(f"{self.stage}.out={self.cfg.out!r} holds a checkpoint of a different run (config, data, "
+                              "student or the code that trains differ); give another --out or delete it")
         state = TrainState.from_dict(saved)
         _set_rng_state(state.rng)
         self.log(f"{self.stage}: resuming from step {state.step} ({self.ckpt_dir})"

@@ -38,17 +38,24 @@ NOT_IDENTITY = frozenset({"out", "parallel", "checkpoint_every", "checkpoint_min
 # The modules each stage runs (their imports within sparsekd_core are followed). Every stage loads its model
 # through ``models`` under the precision policy; ``stages.<stage>`` is the body the CLI and the tasks share.
 _LOAD = ("sparsekd_core.models", "sparsekd_core.precision")
+# A factored checkpoint ships this modeling file (prune/lowrank.py copies it): the stages that write checkpoints
+# count it, though nothing imports it.
+_SHIPPED = ("sparsekd_core.prune.remote_code.modeling_sparsekd",)
 STAGE_ROOTS: dict[str, tuple[str, ...]] = {
     "eval": _LOAD + ("sparsekd_core.stages.eval", "sparsekd_core.eval", "sparsekd_core.downstream",
                      "sparsekd_core.prune.masks"),
     "cache": _LOAD + ("sparsekd_core.cache",),
-    "prune": _LOAD + ("sparsekd_core.stages.prune", "sparsekd_core.prune"),
-    "distill": _LOAD + ("sparsekd_core.distill",),
-    "sft": _LOAD + ("sparsekd_core.sft",),
+    "prune": _LOAD + _SHIPPED + ("sparsekd_core.stages.prune", "sparsekd_core.prune"),
+    "distill": _LOAD + _SHIPPED + ("sparsekd_core.distill",),
+    "sft": _LOAD + _SHIPPED + ("sparsekd_core.sft",),
     "selfdata": _LOAD + ("sparsekd_core.selfdata",),
     "instructions": ("sparsekd_core.selfdata",),
     "profile": _LOAD + ("sparsekd_core.stages.profile", "sparsekd_core.profile"),
 }
+
+# The key machinery itself: it decides keys, it computes no stage's output (a change to it that changes keys
+# changes them by itself). ``sparsekd_core`` is the package's __init__ (``__version__``).
+NOT_STAGE_CODE = frozenset({"sparsekd_core", "sparsekd_core.identity", "sparsekd_core.provenance"})
 
 # Bump a stage's number when its output changes for a reason its code digest cannot see (a packaged data file's
 # meaning, a library behaviour worked around elsewhere); tests/test_identity.py lists the stages.
@@ -79,8 +86,12 @@ def module_source(name: str) -> str:
     return path.read_text(encoding="utf-8") if path is not None else ""
 
 
-def _strip_docstrings(tree: ast.AST) -> ast.AST:
+def _strip_prose(tree: ast.AST) -> ast.AST:
+    """Docstrings, and the ``description=``/``title=``/``examples=`` of pydantic ``Field(...)`` calls (help text of
+    the CLI and the UI forms: prose too)."""
     for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Field":
+            node.keywords = [k for k in node.keywords if k.arg not in ("description", "title", "examples")]
         if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             body = node.body
             if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
@@ -90,9 +101,9 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
 
 
 def code_fingerprint(source: str) -> str:
-    """Digest of what a module's code does: its syntax tree without docstrings (comments and layout never reach
-    the tree; positions are left out), so an edit of prose or formatting keeps the digest."""
-    tree = _strip_docstrings(ast.parse(source))
+    """Digest of what a module's code does: its syntax tree without docstrings and field descriptions (comments
+    and layout never reach the tree; positions are left out), so an edit of prose or formatting keeps the digest."""
+    tree = _strip_prose(ast.parse(source))
     return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
 
 
@@ -121,15 +132,18 @@ def code_modules(stage: str) -> list[str]:
     module does not know counts the whole package (conservative)."""
     roots = STAGE_ROOTS.get(stage)
     if roots is None:
-        return sorted(_all_modules())
+        return sorted(_all_modules() - NOT_STAGE_CODE)
+    missing = [r for r in roots if _module_file(r) is None]
+    if missing:  # a renamed module must not silently shrink what a key covers
+        raise RuntimeError(f"identity.STAGE_ROOTS[{stage!r}] names modules that do not exist: {missing}")
     seen: set[str] = set()
-    todo = [r for r in roots if _module_file(r) is not None]
+    todo = list(roots)
     while todo:
         name = todo.pop()
         if name in seen:
             continue
         seen.add(name)
-        todo.extend(_imports(name, module_source(name)) - seen)
+        todo.extend(_imports(name, module_source(name)) - seen - NOT_STAGE_CODE)
     return sorted(seen)
 
 
@@ -182,22 +196,15 @@ def training_runtime(device: str, autocast: str) -> dict[str, str | None]:
 
 
 def stage_key(stage: str, config: dict[str, Any], inputs: dict[str, str]) -> str:
-    """The key of one stage run (20 hex chars): the stage, its config (less ``NOT_IDENTITY``; the caller includes
-    the resolved runtime and content digests), its inputs' keys, its code and the library versions."""
+    """The key of one stage run (20 hex chars): the stage, its config (less ``NOT_IDENTITY`` at its top level: a
+    caller passes each stage config section through ``identity_fields``, never data such as ``{source: digest}``;
+    the caller includes the resolved runtime and content digests), its inputs' keys, its code and the library
+    versions."""
     from .provenance import environment
 
-    payload = json.dumps({"stage": stage, "config": _without_non_identity(config), "inputs": inputs,
+    payload = json.dumps({"stage": stage, "config": identity_fields(config), "inputs": inputs,
                           "code": code_digest(stage), "env": environment()}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
-
-
-def _without_non_identity(value: Any) -> Any:
-    """``value`` with every NOT_IDENTITY key removed at any depth (a stage config nests its sections)."""
-    if isinstance(value, dict):
-        return {k: _without_non_identity(v) for k, v in value.items() if k not in NOT_IDENTITY}
-    if isinstance(value, list):
-        return [_without_non_identity(v) for v in value]
-    return value
 
 
 def run_key(stage: str, fields: dict[str, Any], data_fingerprint: dict, student_spec: str) -> str:

@@ -52,6 +52,15 @@ def instruction_records(spec: str, limit: int | None = None) -> tuple[list[dict]
                       "instruction/output fields")
 
 
+def write_instruction_records(records: list[dict], is_gsm8k: bool, path: Path) -> None:
+    """Write ``records`` as the .jsonl the selfdata and SFT stages read back with ``instruction_records``: GSM8K
+    records keep GSM8K's field names (question/answer), so their answers stay checkable."""
+    from .files import write_text_atomic
+
+    rows = [({"question": r["prompt"], "answer": r["response"]} if is_gsm8k else r) for r in records]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
 @dataclass
 class SelfDataResult:
     out: str

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from sparsekd_core.config import ConfigError
-from sparsekd_core.files import write_json_atomic, write_text_atomic
+from sparsekd_core.files import write_json_atomic
 
 from .store import remote_path, run_stage
 from .tracking import Tracker
@@ -406,14 +406,13 @@ def _trained(manifest: dict, tracking: dict | None, run_id: str | None) -> dict:
 def instructions(data: str, num_samples: int, workdir: str) -> dict:
     """The first ``num_samples`` instruction records of ``data`` as a .jsonl of {prompt, response}: the one set of
     prompts every arm of the self-data comparison trains on."""
-    from sparsekd_core.selfdata import instruction_records
+    from sparsekd_core.selfdata import instruction_records, write_instruction_records
 
     records, is_gsm8k = instruction_records(data, num_samples)
 
     def produce(directory: Path) -> dict:
-        rows = [({"question": r["prompt"], "answer": r["response"]} if is_gsm8k else r) for r in records]
-        write_text_atomic(directory / "records.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        return {"records": len(rows), "gsm8k": is_gsm8k}
+        write_instruction_records(records, is_gsm8k, directory / "records.jsonl")
+        return {"records": len(records), "gsm8k": is_gsm8k}
 
     config = {"records": json.dumps(records, sort_keys=True), "num_samples": num_samples}
     manifest = run_stage(workdir, "instructions", config, {}, produce, log=run_log())

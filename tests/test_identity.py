@@ -94,15 +94,51 @@ def test_a_stage_version_bump_changes_only_that_stage(monkeypatch):
     assert {s for s in STAGES if after[s] != before[s]} == {"prune"}
 
 
-def test_fields_that_change_no_number_are_not_identity_at_any_depth():
+def test_fields_that_change_no_number_are_not_identity():
+    """Stripped at the top level and, through identity_fields, from each stage section; never from data (a
+    {source: digest} mapping keeps a source named like a field)."""
     base = {"cache": {"top_k": 8, "shards": 1}, "distill": {"lr": 1e-3, "parallel": "none", "checkpoint_every": 5}}
     other = {"cache": {"top_k": 8, "shards": 4}, "distill": {"lr": 1e-3, "parallel": "ddp", "checkpoint_every": 50,
                                                              "checkpoint_minutes": 2.0}, "out": "/elsewhere"}
-    assert identity.stage_key("distill", base, {"a": "1"}) == identity.stage_key("distill", other, {"a": "1"})
-    assert identity.stage_key("distill", base, {"a": "1"}) != identity.stage_key("distill", base, {"a": "2"})
+
+    def key(stage, config, inputs):
+        sections = {k: identity.identity_fields(v) if isinstance(v, dict) else v for k, v in config.items()}
+        return identity.stage_key(stage, sections, inputs)
+
+    assert key("distill", base, {"a": "1"}) == key("distill", other, {"a": "1"})
+    assert key("distill", base, {"a": "1"}) != key("distill", base, {"a": "2"})
     changed = {**base, "distill": {**base["distill"], "lr": 2e-3}}
-    assert identity.stage_key("distill", base, {}) != identity.stage_key("distill", changed, {})
-    assert identity.stage_key("eval", base, {}) != identity.stage_key("prune", base, {})
+    assert key("distill", base, {}) != key("distill", changed, {})
+    assert key("eval", base, {}) != key("prune", base, {})
+    data = {"prune": {}, "calibration": {"out": "digest-a"}}
+    assert identity.stage_key("prune", data, {}) != identity.stage_key("prune", {**data, "calibration": {"out": "b"}}, {})
+
+
+def test_field_descriptions_are_prose(edit):
+    """A flag's help text (a Field description in config.py) is prose: rewording it reuses every stage; a default
+    beside it is code."""
+    before = _digests()
+    old = 'description="Tokens per sequence."'
+    assert old in identity.module_source("sparsekd_core.config")  # the edit below really edits something
+    assert edit("sparsekd_core.config", lambda t: t.replace(old, 'description="Tokens in each sequence."')) == before
+    after = edit("sparsekd_core.config", lambda t: t.replace("seq_len: int = Field(512,", "seq_len: int = Field(256,"))
+    assert after != before
+
+
+def test_the_key_machinery_and_the_shipped_modeling_file():
+    """identity/provenance decide keys and compute no output: not stage code. The modeling file a factored
+    checkpoint ships is code of every stage that writes checkpoints, though nothing imports it."""
+    shipped = "sparsekd_core.prune.remote_code.modeling_sparsekd"
+    for stage in identity.STAGE_ROOTS:
+        modules = identity.code_modules(stage)
+        assert not set(modules) & identity.NOT_STAGE_CODE
+        assert (shipped in modules) == (stage in ("prune", "distill", "sft"))
+
+
+def test_a_stage_root_that_does_not_exist_is_an_error(monkeypatch):
+    monkeypatch.setitem(identity.STAGE_ROOTS, "eval", ("sparsekd_core.no_such_module",))
+    with pytest.raises(RuntimeError, match="no_such_module"):
+        identity.code_modules("eval")
 
 
 def test_a_training_run_key_follows_its_code(edit):
