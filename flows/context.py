@@ -24,6 +24,7 @@ from tasks.store import is_url, local_root, remote_path
 from tasks.tracking import FlowTracking, Tracker, save_report, tracking_settings
 
 from .configs import FlowConfig
+from .preflight import preflight
 
 
 @dataclass
@@ -181,7 +182,9 @@ def check_held_out(cfg: FlowConfig) -> dict:
 
 
 def start(cfg: FlowConfig, flow_name: str, parent_run_id: str | None = None, check_data: bool = True) -> Run:
-    """Check the data, open the flow's MLflow parent run; use as ``with start(...) as run:``."""
+    """Check the inputs and the data, open the flow's MLflow parent run (closing the runs a dead process of this
+    host left RUNNING in its experiment); use as ``with start(...) as run:``."""
+    preflight(cfg)  # every check before any work (flows/preflight.py): a deployment's run gets it too
     checked = check_held_out(cfg) if check_data else {}
     workdir = cfg.workdir if is_url(cfg.workdir) else str(local_root(cfg.workdir))
     local = local_root(workdir)  # under a URL root: this worker's mirror (the SQLite default stays per worker)
@@ -190,4 +193,5 @@ def start(cfg: FlowConfig, flow_name: str, parent_run_id: str | None = None, che
     mlflow = FlowTracking.start(settings, f"{flow_name}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}",
                                 parent_run_id, tags={"flow": flow_name, "model": cfg.model, "seed": cfg.seed},
                                 params=cfg.model_dump())
+    mlflow.close_dead_runs()
     return Run(cfg, flow_name, mlflow, workdir, disjoint=checked)

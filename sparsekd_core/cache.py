@@ -313,8 +313,12 @@ def prepare_teacher(loaded, cfg: CacheConfig, input_ids: torch.Tensor, log=print
 
 def _open_group(url: str, mode: str):
     import zarr
+    from zarr.errors import ContainsGroupError
 
-    return zarr.open_group(store=url, mode=mode, zarr_format=3)
+    try:
+        return zarr.open_group(store=url, mode=mode, zarr_format=3)
+    except ContainsGroupError:  # mode "a": another shard created the group between zarr's check and its write
+        return zarr.open_group(store=url, mode=mode, zarr_format=3)
 
 
 def _differences(have: dict, want: dict) -> list[str]:

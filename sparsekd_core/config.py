@@ -328,14 +328,24 @@ def build(cls: type[StageConfig], section: str, values: dict[str, Any]) -> Any:
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config file into a dict of sections (e.g. {'model': {...}, 'eval': {...}})."""
+    """Read a YAML config file into a dict of sections (e.g. {'model': {...}, 'eval': {...}}).
+
+    An empty file (or one of comments only) is an error, not "all defaults": a config that lost its content must
+    not start the default job. ``{}`` written out is an explicit choice and is accepted."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"config: {str(path)!r} is a directory, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"config: file {str(path)!r} does not exist")
     try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"config: {str(path)!r} is not valid YAML ({str(err).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config: {str(path)!r} cannot be read ({err})") from None
+    if loaded is None:
+        raise ConfigError(f"config: {str(path)!r} is empty (no settings in it); write the settings to run with "
+                          "(an empty file is not taken as the defaults)")
     if not isinstance(loaded, dict):
         raise ConfigError(f"config: {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
     return loaded

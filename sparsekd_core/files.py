@@ -11,6 +11,12 @@ Rules, the same for every file and directory the project writes:
   A kill at any point leaves a state that ``recover_dir`` turns into exactly one complete ``<name>`` (the new one
   once the commit point is passed, else the old one); every writer and every reader of a replaced directory calls
   it first. Leftover ``.tmp-*`` builds are garbage and removed.
+
+A write that fails because the filesystem is full (``ENOSPC``, or a used-up quota, ``EDQUOT``) raises
+``DiskFullError``: one line, "no space left on device writing <path>", whatever the writer said (``OSError``,
+torch's ``[enforce fail at inline_container.cc:...] unexpected pos`` / ``PytorchStreamWriter failed writing file``,
+safetensors' ``No space left on device (os error 28)``). The temporary name is removed, so a full disk leaves no
+half-written file, and a rerun after space is freed resumes.
 """
 
 from __future__ import annotations
@@ -26,7 +32,61 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 __all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic", "write_file_atomic", "replace_dir",
-           "publish_dir", "recover_dir", "remove_stale_tmp", "sha256_file"]
+           "publish_dir", "recover_dir", "remove_stale_tmp", "sha256_file", "DiskFullError", "disk_full_message"]
+
+
+class DiskFullError(OSError):
+    """A write failed for want of space (ENOSPC, or EDQUOT: the quota is used up); its text is one line."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(errno.ENOSPC, f"no space left on device writing {path}", str(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+# What torch and safetensors say when a write comes up short: they drop the OSError (and its errno) on the way.
+_DISK_FULL_TEXT = ("PytorchStreamWriter failed writing file", "No space left on device", "os error 28",
+                   "Disk quota exceeded", "os error 122")
+
+
+def _errors(err: BaseException | None):
+    """``err`` and the errors it was raised from or during (``__cause__`` / ``__context__``), once each."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _out_of_space(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(err)
+    # torch's stream writer: "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534", i.e. it
+    # wrote fewer bytes than it asked to (on a local filesystem: a full disk or quota).
+    return any(t in text for t in _DISK_FULL_TEXT) or ("inline_container" in text and "unexpected pos" in text)
+
+
+def disk_full_message(err: BaseException) -> str | None:
+    """"no space left on device writing <path>" (without the path where no writer here named it) when ``err`` or
+    an error it came from is a write that ran out of space; else None."""
+    chain = list(_errors(err))
+    named = [e for e in chain if isinstance(e, DiskFullError)]
+    if named:
+        return str(named[0])
+    for e in chain:
+        if _out_of_space(e):
+            filename = getattr(e, "filename", None)
+            return "no space left on device" + (f" writing {filename}" if filename else "")
+    return None
+
+
+def _naming_full_disk(path: Path, err: BaseException) -> BaseException:
+    """The error to raise for a failed write of ``path``: a ``DiskFullError`` naming it when space ran out."""
+    if isinstance(err, Exception) and not isinstance(err, DiskFullError) and disk_full_message(err) is not None:
+        return DiskFullError(path)
+    return err
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -58,9 +118,12 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], None]) ->
         os.replace(tmp, path)
         # rename() of two hard links to one file does nothing and succeeds (POSIX): drop the spare name.
         tmp.unlink(missing_ok=True)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise
+        named = _naming_full_disk(path, err)
+        if named is err:
+            raise
+        raise named from err
     _fsync_dir(path.parent)
     return path
 
@@ -131,9 +194,12 @@ def _build(build: Callable[[Path], None], final: Path) -> Path:
         build(tmp)
         _user_permissions(tmp)
         _fsync_tree(tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        named = _naming_full_disk(final, err)
+        if named is err:
+            raise
+        raise named from err
     return tmp
 
 

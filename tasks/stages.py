@@ -45,11 +45,13 @@ def dense_ref(spec: str) -> ModelRef:
 def _transient(task, task_run, state) -> bool:
     """Retry only errors that may pass by themselves (I/O, network); never bad input or a diverged run."""
     from sparsekd_core.data import DataQualityError, DataUnavailableError
+    from sparsekd_core.files import DiskFullError
     from sparsekd_core.models import ModelLoadError
 
     try:
         state.result()
-    except (ConfigError, DataQualityError, DataUnavailableError, ModelLoadError, ValueError, FloatingPointError):
+    except (ConfigError, DataQualityError, DataUnavailableError, ModelLoadError, ValueError, FloatingPointError,
+            DiskFullError):  # a full disk stays full: retrying only repeats the failure
         return False
     except (OSError, ConnectionError, TimeoutError):
         return True

@@ -8,23 +8,41 @@ in ``<workdir>/mlartifacts``.
 
 A diverged figure is never dropped: a NaN or infinite metric is logged as it is (MLflow stores NaN, and ±inf as
 ±1.8e308) and the run gets a tag ``sparsekd.diverged.<metric>`` saying what and at which step; a flow that fails
-tags its runs ``sparsekd.error`` with the reason before marking them FAILED (``FlowTracking.fail``).
+tags its runs ``sparsekd.error`` with the reason before marking them FAILED, or KILLED when a signal stopped it
+(``FlowTracking.fail``); runs left RUNNING by a process that died are closed as KILLED by the next run
+(``FlowTracking.close_dead_runs``).
 
 A flow run is one parent MLflow run with a nested run per arm (``FlowTracking``); its report (rendered by
 ``sparsekd_core.report``) is written beside the stages, attached to the Prefect flow run as a Markdown artifact and
 logged to the parent run (``save_report``, ``FlowTracking.finish``). The model registry is ``tasks/registry.py``.
+
+Before any work the tracking URI is checked once (``check_tracking_uri``: a scheme MLflow opens; a tracking server
+or database server that answers within 3 s, one attempt, where MLflow's client would retry for minutes). The first
+open of a store in a process (MLflow then creates and migrates its database) happens under a lock
+(``_first_open_lock``), so two first runs at once on one fresh database both succeed. Every flow run tags its runs
+with the host and process that own them (``process_tags``); a flow run that starts closes the runs of its
+experiment that a dead process of this host left RUNNING (``FlowTracking.close_dead_runs``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import urlsplit, urlunsplit
 
+from sparsekd_core.checks import check_workdir
+from sparsekd_core.config import ConfigError
 from sparsekd_core.files import write_json_atomic, write_text_atomic
 
 from .store import is_url, remote_path, upload_dir
@@ -34,6 +52,203 @@ _LOCK = threading.RLock()
 
 def default_tracking_uri(workdir: str | os.PathLike) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).expanduser().resolve() / 'mlflow.db'}"
+
+
+# ---------------------------------------------------------------------------------------------------------------- the store
+
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+ANSWER_TIMEOUT_S = 3.0
+
+
+def uri_scheme(uri: str) -> str:
+    """The store kind of a tracking URI: ``postgresql+psycopg2://...`` -> ``postgresql``; a plain path -> ``file``."""
+    if uri == "databricks":
+        return "databricks"
+    scheme = urlsplit(uri).scheme.split("+", 1)[0].lower()
+    return scheme if scheme else "file"
+
+
+def redact(uri: str) -> str:
+    """The URI with its password (if any) replaced by ``***``: what messages show."""
+    parts = urlsplit(uri)
+    if not parts.password:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URI (None for an in-memory one)."""
+    path = uri.split(":///", 1)[1] if ":///" in uri else ""
+    return None if path in ("", ":memory:") else Path(path.split("?", 1)[0])
+
+
+def check_tracking_uri(uri: str, field: str = "tracking_uri", timeout: float = ANSWER_TIMEOUT_S) -> str:
+    """Before any work: MLflow can open ``uri``. Its scheme is one MLflow knows; a tracking server (http/https)
+    answers MLflow's REST API within ``timeout`` seconds (``_server_answers``); a database server's
+    port accepts a TCP connection within it; a SQLite file or a file store can be created where it is to be. One
+    attempt each, no retries. Raises ConfigError (one line, the password hidden); returns ``uri``."""
+    shown = redact(uri)
+    scheme = uri_scheme(uri)
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(f"{field}={shown!r}: MLflow does not open {scheme}:// URIs; allowed: http(s)://host:port "
+                          "(a tracking server), sqlite:///path/mlflow.db, postgresql://..., mysql://..., "
+                          "mssql://..., file:///path (or a directory), databricks")
+    if scheme == "sqlite" and _sqlite_path(uri) is not None:
+        db = _sqlite_path(uri)
+        if db.is_dir():
+            raise ConfigError(f"{field}={shown!r}: {db} is a directory, not a database file")
+        check_workdir(db.parent, f"{field}'s directory")
+    elif scheme == "file":
+        check_workdir(Path(urlsplit(uri).path if "://" in uri or uri.startswith("file:") else uri), field)
+    elif scheme in ("http", "https"):
+        _server_answers(uri, field, timeout)
+    elif scheme in DATABASE_PORTS and urlsplit(uri).hostname:
+        host, port = urlsplit(uri).hostname, urlsplit(uri).port or DATABASE_PORTS[scheme]
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as err:
+            raise ConfigError(f"{field}={shown!r}: the database server at {host}:{port} does not accept a "
+                              f"connection within {timeout:g} s ({err.strerror or err})") from None
+    return uri
+
+
+SERVER_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"  # the REST API the client will use
+
+
+def _server_answers(uri: str, field: str, timeout: float) -> None:
+    """One GET of the tracking server's experiment search with a timeout (urllib: no retries, no backoff). 200 is
+    a tracking server; 401/403 one that wants the credentials MLflow's client sends from the environment; any other
+    status is something else at that address. The TLS settings MLflow's client takes from the environment are
+    honoured, so that both agree."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    context = None
+    if uri.startswith("https"):
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+            context = ssl._create_unverified_context()  # noqa: S323 - the user asked MLflow for exactly this
+        else:
+            context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + SERVER_PROBE, timeout=timeout, context=context):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            return
+        raise ConfigError(f"{field}={redact(uri)!r}: the server there answers HTTP {err.code} to MLflow's API "
+                          f"(GET {SERVER_PROBE.split('?')[0]}); is it an MLflow tracking server (mlflow server), "
+                          "and is the URL its root?") from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise ConfigError(f"{field}={redact(uri)!r}: the MLflow tracking server does not answer within "
+                          f"{timeout:g} s ({reason}); start it, or give another tracking_uri (unset: runs log to "
+                          "sqlite in the workdir)") from None
+
+
+_OPENED: set[str] = set()  # stores this process has opened (created and migrated): no lock needed again
+_PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"sparsekd: first open of an MLflow store").digest()[:8], "big",
+                              signed=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, wait_s: float = 600.0):
+    """An exclusive flock on ``path`` (made if missing), polled so that a signal is handled while waiting."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"MLflow store: {path} still locked after {wait_s:.0f} s by another run "
+                                       "creating the database") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _pg_advisory_lock(uri: str):
+    """A session advisory lock on the PostgreSQL server: it serialises first opens from every host, and the server
+    drops it when the holder's connection ends (a killed holder cannot leave it held)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
+def _first_open_lock(uri: str):
+    """Held while this process opens the store at ``uri`` for the first time: MLflow creates and migrates a
+    database on first open, and two processes doing it at once on a fresh one race (one dies in the migration).
+    SQLite: an flock on ``<db>.lock`` beside the file (a shared volume's workers included, where flock works);
+    PostgreSQL: an advisory lock on the server (every host); MySQL, SQL Server and file stores: an flock on a file
+    in the temporary directory named by the URI's hash (this host only); a tracking server (http, databricks)
+    migrates its own database: no lock."""
+    scheme = uri_scheme(uri)
+    if uri in _OPENED or scheme in ("http", "https", "databricks"):
+        return contextlib.nullcontext()
+    if scheme == "postgresql":
+        return _pg_advisory_lock(uri)
+    db = _sqlite_path(uri) if scheme == "sqlite" else None
+    if db is not None:
+        return _file_lock(db.with_name(db.name + ".lock"))
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return _file_lock(Path(tempfile.gettempdir()) / f"sparsekd-mlflow-{digest}.lock")
+
+
+# ---------------------------------------------------------------------------------------------------------------- runs and processes
+
+HOST_TAG, PID_TAG, PID_START_TAG = "sparsekd.host", "sparsekd.pid", "sparsekd.pid_start"
+KILLED_TAG = "sparsekd.killed"
+
+
+def _process_state(pid: int) -> tuple[str, str] | None:
+    """(state letter, start time in clock ticks after boot) of a process of this host from ``/proc`` (Linux);
+    None where that cannot be read (no such process, or no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], fields[19]  # fields 3 (state) and 22 (starttime) of proc(5)
+
+
+def process_tags() -> dict[str, str]:
+    """The host and process that own a run: ``sparsekd.host``, ``sparsekd.pid`` and, where /proc tells it,
+    ``sparsekd.pid_start`` (so that a later process given the same PID is not taken for this one)."""
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    state = _process_state(os.getpid())
+    if state is not None:
+        tags[PID_START_TAG] = state[1]
+    return tags
+
+
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether process ``pid`` of this host still runs: it exists, is not a zombie, and (with ``started``, its
+    recorded start time) is the same process, not a newer one given the same PID."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists: another user's
+    state = _process_state(pid)
+    if state is None:
+        return True  # no /proc: existence is all we can tell
+    return state[0] != "Z" and (started is None or state[1] == started)
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -57,16 +272,29 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        with _LOCK:
+        # The client opens the store (creating and migrating a new database): under the first-open lock, with the
+        # experiment, so that two first runs neither race on the migration nor both create the experiment.
+        with _LOCK, _first_open_lock(tracking_uri):
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            self.experiment_id = self._experiment_id(experiment, artifact_root)
+            _OPENED.add(tracking_uri)
+
+    def _experiment_id(self, experiment: str, artifact_root: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if artifact_root is not None:
+            location = Path(artifact_root).expanduser().resolve().as_uri()
+        try:
+            return self.client.create_experiment(experiment, artifact_location=location)
+        except MlflowException as err:  # another host made it first (a tracking server: no lock spans hosts)
             found = self.client.get_experiment_by_name(experiment)
-            if found is not None:
-                self.experiment_id = found.experiment_id
-            else:
-                location = None
-                if artifact_root is not None:
-                    location = Path(artifact_root).expanduser().resolve().as_uri()
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            if found is None or "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise
+            return found.experiment_id
 
     def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, Any] | None = None,
                   params: dict[str, Any] | None = None) -> str:
@@ -206,7 +434,8 @@ def prefect_run_tags() -> dict[str, Any]:
 @dataclass
 class FlowTracking:
     """One flow run in MLflow: its parent run and the arm runs nested under it. ``open_runs`` are the runs not yet
-    ended: if the flow raises, ``fail`` tags them with the reason and marks them FAILED, so none stays RUNNING."""
+    ended: if the flow raises, ``fail`` tags them with the reason and marks them FAILED (KILLED for a signal), so none
+    stays RUNNING."""
 
     tracker: Tracker
     settings: dict  # tracking_settings(...): what the stage tasks log to
@@ -218,14 +447,41 @@ class FlowTracking:
               params: dict[str, Any]) -> "FlowTracking":
         """Open the flow run's parent run (nested under ``parent_run_id`` when a flow runs inside another)."""
         tracker = Tracker(settings["uri"], settings["experiment"], settings["artifact_root"])
-        parent = tracker.start_run(run_name, parent_run_id=parent_run_id, tags={**tags, **prefect_run_tags()},
-                                   params=params)
+        parent = tracker.start_run(run_name, parent_run_id=parent_run_id,
+                                   tags={**tags, **prefect_run_tags(), **process_tags()}, params=params)
         return cls(tracker, settings, parent, [parent])
 
     def start_arm(self, name: str, tags: dict[str, Any]) -> str:
-        run_id = self.tracker.start_run(name, parent_run_id=self.parent_id, tags=tags)
+        run_id = self.tracker.start_run(name, parent_run_id=self.parent_id, tags={**tags, **process_tags()})
         self.open_runs.append(run_id)
         return run_id
+
+    def close_dead_runs(self) -> list[str]:
+        """Mark KILLED, with a ``sparsekd.killed`` tag saying why, the runs of this experiment left RUNNING by a
+        process of this host that no longer exists (killed with -9, crashed, or the host rebooted); returns their
+        ids. Same host only: a run of a live process, of another host (its process cannot be checked from here)
+        or without the owner tags (from before they were recorded) is never touched."""
+        host, closed = socket.gethostname(), []
+        query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+        token = None
+        while True:
+            with _LOCK:
+                page = self.tracker.client.search_runs([self.tracker.experiment_id], filter_string=query,
+                                                       max_results=1000, page_token=token)
+            for run in page:
+                tags = run.data.tags
+                if not tags.get(PID_TAG, "").isdigit() or process_alive(int(tags[PID_TAG]), tags.get(PID_START_TAG)):
+                    continue
+                why = (f"process {tags[PID_TAG]} on {host} that ran it no longer exists; closed by the run "
+                       f"{self.parent_id} of this experiment at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+                self.tracker.set_tags(run.info.run_id, {KILLED_TAG: why})
+                self.tracker.end_run(run.info.run_id, status="KILLED")
+                closed.append(run.info.run_id)
+                _log(f"mlflow: run {run.info.run_id} ({run.info.run_name}) left RUNNING by dead process "
+                     f"{tags[PID_TAG]}: marked KILLED")
+            token = page.token
+            if not token:
+                return closed
 
     def end(self, run_id: str) -> None:
         self.tracker.end_run(run_id)
@@ -233,12 +489,29 @@ class FlowTracking:
             self.open_runs.remove(run_id)
 
     def fail(self, error: BaseException) -> None:
-        """Tag every open run with ``sparsekd.error`` (the reason) and mark it FAILED, innermost first."""
-        reason = f"{type(error).__name__}: {error}"[:5000]
+        """Tag every open run with ``sparsekd.error`` (the reason) and end it, innermost first: KILLED when a signal
+        stopped the flow (SIGTERM or SIGHUP: Prefect's ``TerminationSignal`` inside a flow run, the CLI's
+        ``Terminated`` outside it; Ctrl-C: ``KeyboardInterrupt``, which ``Terminated`` subclasses), also when the
+        error arose while unwinding from one; else FAILED."""
+        import signal
+
+        from prefect.exceptions import TerminationSignal
+
+        chain: list[BaseException] = []  # the error, then what it was raised from or while handling
+        cause: BaseException | None = error
+        while cause is not None and len(chain) < 8:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        stop = next((e for e in chain if isinstance(e, (TerminationSignal, KeyboardInterrupt))), None)
+        if stop is None:
+            status, reason = "FAILED", f"{type(error).__name__}: {error}"[:5000]
+        else:
+            signum = getattr(stop, "signal", None) or getattr(stop, "signum", None) or signal.SIGINT
+            status, reason = "KILLED", f"stopped by {signal.Signals(signum).name}"
         for run_id in reversed(self.open_runs):
             try:
                 self.tracker.set_tags(run_id, {"sparsekd.error": reason})
-                self.tracker.end_run(run_id, status="FAILED")
+                self.tracker.end_run(run_id, status=status)
             except Exception:  # noqa: BLE001 - the flow's own error is the one to report
                 pass
         self.open_runs.clear()

@@ -7,6 +7,7 @@ import argparse
 from sparsekd_core.config import ConfigError, load_yaml
 
 from ._common import add_output_flags, emit
+from ._signals import start_temporary_prefect_server, until_stopped
 
 DEMO_CONFIG = {
     # Sized for ~15 minutes on 2 CPU cores: a 64×256-token offline mixture, 16 distillation steps per arm
@@ -57,8 +58,12 @@ def _run_flow(flow_name: str, values: dict, as_json: bool) -> int:
         config = FLOW_CONFIGS[flow_name](**values)
     except ValidationError as err:  # before any work starts
         raise ConfigError(format_validation_error(flow_name, err)) from None
+    from flows.preflight import preflight
+
+    preflight(config)  # before the flow starts the temporary Prefect server: a bad input is one line, exit 2
     from flows.registry import ALL_FLOWS
 
+    start_temporary_prefect_server()  # one that dies with this process, however it dies (_signals.py)
     summary = ALL_FLOWS[flow_name](config)
     db = summary["tracking_uri"]
     ran = sum(not s["cached"] for s in summary["stages"])
@@ -72,7 +77,7 @@ def _run_flow(flow_name: str, values: dict, as_json: bool) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     values = load_yaml(args.config) if args.config else {}
-    return _run_flow(args.flow, values, args.json)
+    return until_stopped(lambda: _run_flow(args.flow, values, args.json))  # SIGTERM/SIGHUP: exit 128 + signal
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -81,4 +86,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
         values["workdir"] = args.workdir
     if args.model:
         values["model"] = args.model
-    return _run_flow("cascade", values, args.json)
+    return until_stopped(lambda: _run_flow("cascade", values, args.json))
