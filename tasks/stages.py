@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,6 +66,7 @@ STAGE_TASK = dict(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponent
 
 
 GPU_SLOT_ENV = "SPARSEKD_GPU_SLOT"
+GPU_WAIT_NOTICE_SECONDS = 2.0
 
 
 @contextmanager
@@ -82,9 +84,16 @@ def gpu_slot():
     from prefect.concurrency.sync import concurrency
 
     ensure_concurrency_limit(name, 1)
-    run_log()(f"waiting for GPU slot {name!r}")
-    with concurrency(name, occupy=1, strict=True):
-        yield
+    # Said only when the slot is really awaited: most stages find it free at once.
+    notice = threading.Timer(GPU_WAIT_NOTICE_SECONDS, run_log(), args=(f"waiting for GPU slot {name!r} (held by "
+                                                                       "another stage on this GPU)",))
+    notice.start()
+    try:
+        with concurrency(name, occupy=1, strict=True):
+            notice.cancel()
+            yield
+    finally:
+        notice.cancel()
 
 
 def ensure_concurrency_limit(name: str, limit: int) -> bool:
@@ -152,19 +161,20 @@ class SteadyProgress:
 
     def _report(self, postfix: dict) -> None:
         now = time.monotonic()
-        if self.start_done is None:  # a resumed stage starts counting where it resumed
-            self.start_done, self.t0 = self.done - 1 if self.done else 0, now - 1e-9
+        if self.start_done is None:  # the rate counts from the first report (a resumed stage: where it resumed)
+            self.start_done, self.t0 = self.done, now
         finished = self.total is not None and self.done >= self.total
         if now - self.last < self.every and not finished:
             return
         self.last = now
-        rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
         parts = [f"{self.stage}: {self.unit} {self.done}" + (f"/{self.total} ({100 * self.done / self.total:.0f}%)"
                                                             if self.total else "")]
         parts += [f"{k} {v:.4g}" for k, v in postfix.items() if isinstance(v, (int, float))]
-        parts.append(f"{rate:.3g} {self.unit}/s")
-        if self.total and rate > 0 and not finished:
-            parts.append(f"ETA {(self.total - self.done) / rate:.0f} s")
+        if self.done > self.start_done and now > self.t0:  # no rate from a single point in time
+            rate = (self.done - self.start_done) / (now - self.t0)
+            parts.append(f"{rate:.3g} {self.unit}/s")
+            if self.total and not finished:
+                parts.append(f"ETA {(self.total - self.done) / rate:.0f} s")
         self.log(", ".join(parts))
 
 
