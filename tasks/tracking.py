@@ -265,6 +265,10 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+# MLflow's UI opens an experiment of this kind on its training-runs view, not the GenAI traces overview.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 class Tracker:
     """Thin, explicit-run-id wrapper over MlflowClient."""
 
@@ -284,12 +288,15 @@ class Tracker:
 
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
+            if EXPERIMENT_KIND_TAG not in found.tags:  # made before sparsekd set the kind
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return found.experiment_id
         location = None
         if artifact_root is not None:
             location = Path(artifact_root).expanduser().resolve().as_uri()
         try:
-            return self.client.create_experiment(experiment, artifact_location=location)
+            return self.client.create_experiment(experiment, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as err:  # another host made it first (a tracking server: no lock spans hosts)
             found = self.client.get_experiment_by_name(experiment)
             if found is None or "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):

@@ -22,3 +22,20 @@ def test_non_finite_metrics_are_logged_and_tagged(tmp_path):
     history = tracker.client.get_metric_history(run, "val_ppl_curve")
     assert [h.step for h in history] == [0, 8, 16]  # every point is there, the bad ones too
     assert "sparsekd.diverged.ce_loss_last" not in data.tags
+
+
+def test_experiments_are_of_the_model_training_kind(tmp_path):
+    """MLflow opens an experiment tagged custom_model_development on its runs view, not the GenAI overview; an
+    experiment made before the tag gets it on the next open."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "sparsekd-dense-kd")
+    client = MlflowClient(uri)
+    assert client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    old = client.create_experiment("made-elsewhere")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    Tracker(uri, "made-elsewhere")
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
