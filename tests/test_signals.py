@@ -116,8 +116,11 @@ with stop_on_signals(_Stopping(grace_s=1.0)):
 
 
 def test_a_hanging_cleanup_still_ends_at_the_deadline_with_128_plus_the_signal():
+    # Under nohup (a CI runner may use it) SIGHUP arrives ignored, and an ignored signal stays ignored by design:
+    # the child starts with SIGHUP's default disposition, as in a terminal.
     proc = subprocess.Popen([sys.executable, "-c", HANGING_CLEANUP], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGHUP)
