@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import torch
 
 from .config import MODEL_ALIASES, ConfigError, ModelConfig
-from .files import publish_dir
+from .files import publish_dir, sha256_file
 
 
 class ModelLoadError(RuntimeError):
@@ -104,19 +104,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes (hex); memoised per (path, size, mtime), so a model is hashed once per process."""
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (hex; files.sha256_file); memoised per (path, size, mtime), so a model is hashed
+    once per process."""
     st = Path(path).stat()
-    return _file_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, chunk)
+    return _file_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=4096)
-def _file_digest(path: str, size: int, mtime_ns: int, chunk: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
 
 
 def directory_digest(path: Path) -> str:
