@@ -1,8 +1,8 @@
 """Create the work pools and GPU limits on a Prefect server and apply ``deployments/prefect.yaml``.
 
     export PREFECT_API_URL=http://127.0.0.1:4200/api
-    python -m deployments.setup                 # pool sparsekd-gpu (process) + the <flow>/gpu deployments
-    python -m deployments.setup --docker        # also pool sparsekd-docker + the <flow>/docker deployments
+    python -m deployments.setup                 # pool sparsekd-gpu (process) + the <flow>/<flow>-gpu deployments
+    python -m deployments.setup --docker        # also pool sparsekd-docker + the <flow>/<flow>-docker deployments
     python -m deployments.setup --gpu-slots gpu-host1-0,gpu-host1-1   # pre-create per-GPU limits (optional)
 
 Idempotent: pools and limits that exist are left as they are; deployments are updated in place.
@@ -101,7 +101,7 @@ def deploy(pattern: str, project_dir: str, image: str, log=print) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.setup", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--docker", action="store_true", help=f"also create {DOCKER_POOL} and the */docker deployments")
+    parser.add_argument("--docker", action="store_true", help=f"also create {DOCKER_POOL} and the <flow>/<flow>-docker deployments")
     parser.add_argument("--image", default=os.environ.get("SPARSEKD_IMAGE", DEFAULT_IMAGE),
                         help="worker image for the docker pool (default: %(default)s)")
     parser.add_argument("--project-dir", default=os.environ.get("SPARSEKD_PROJECT_DIR", str(PROJECT_ROOT)),
@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         for slot in filter(None, (s.strip() for s in args.gpu_slots.split(","))):
             made = ensure_concurrency_limit(slot, 1)
             print(f"concurrency limit {slot} (1 slot): {'created' if made else 'exists'}")
-        deploy("*/gpu", args.project_dir, args.image)
+        deploy("*/*-gpu", args.project_dir, args.image)
         if args.docker:
-            deploy("*/docker", args.project_dir, args.image)
+            deploy("*/*-docker", args.project_dir, args.image)
     except SetupError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

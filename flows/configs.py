@@ -13,10 +13,21 @@ from __future__ import annotations
 import copy
 import os
 import re
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
+from pydantic.json_schema import SkipJsonSchema
 
 from sparsekd_core import report
 from sparsekd_core.config import (
@@ -43,8 +54,46 @@ from sparsekd_core.config import (
 PAPER_TARGETS = list(PAPER_ROUND_TARGETS)
 
 
+def _form_schema(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """How a section reads as the deployment's Run form (Prefect UI), where the schema went through PostgreSQL JSONB.
+
+    - ``position``: the declared field order. JSONB reorders object keys (by length, then alphabetically) and the
+      UI sorts fields by ``position``, so without it a form opens with Eval, Seed, Dtype, Model.
+    - An optional field (``int | None``) is offered as its plain type, not as Prefect's ``int | None`` switch
+      ("Property is type None"). Where the default is None ("unset: the stage decides"), a field left empty is
+      left out by the UI and takes its default; where it is not, the field takes a string that means None
+      (calibration 'none', standard_protocol_set ''). Validation is pydantic's, on the model, unchanged.
+    - Section defaults (the values a form opens with) leave out the fields that default to None (``_without_none``).
+    A class's ``__form_first__`` names fields that go first (multi-seed's ``flow`` choice).
+    """
+    if isinstance(schema.get("default"), (dict, list)):
+        schema["default"] = _without_none(schema["default"])
+    first = getattr(cls, "__form_first__", ())
+    props = schema.get("properties", {})
+    ordered = [*(n for n in first if n in props), *(n for n in props if n not in first)]
+    for position, prop in enumerate(props[n] for n in ordered):
+        options = prop.get("anyOf", [])
+        if len(options) == 2 and {"type": "null"} in options:
+            kept = {k: v for k, v in prop.items() if k != "anyOf" and not (k == "default" and v is None)}
+            prop.clear()
+            prop.update({**next(o for o in options if o != {"type": "null"}), **kept})
+        if isinstance(prop.get("default"), (dict, list)):
+            prop["default"] = _without_none(prop["default"])
+        if "auto" in prop.get("enum", ()) and prop.get("default", "auto") is None:
+            prop["default"] = "auto"  # AutoOnOff: None is offered as 'auto'
+        prop["position"] = position
+
+
+def _without_none(value: Any) -> Any:
+    """A section's default as the form fills it in: fields that default to None left out (the UI would send null,
+    which an enum refuses, and turn a None boolean into false), so that they take their default on the worker."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return [_without_none(v) for v in value] if isinstance(value, list) else value
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_form_schema)
 
 
 def from_stage(cls: type[BaseModel], name: str, **changes: Any) -> FieldInfo:
@@ -74,7 +123,7 @@ def section_model(cls: type[BaseModel], name: str, doc: str, exclude: set[str] =
 
 _CorpusFields = section_model(CacheConfig, "_CorpusFields", "The cache stage's corpus fields.",
                               keep={"data", "num_samples", "seq_len", "seed", "max_sequences_per_document", "top_k",
-                                    "teacher_precision", "batch_size"},
+                                    "teacher_sample", "sample_temperature", "teacher_precision", "batch_size"},
                               narrow={"data": DataSpec})
 
 
@@ -98,8 +147,11 @@ class CorpusSpec(_CorpusFields):
         return self
 
     def cache_fields(self) -> dict[str, Any]:
-        """The cache stage's fields (the flow sets `out`; `shards` is how the flow writes the store, not what)."""
-        return self.model_dump(exclude={"shards"})
+        """The cache stage's fields (the flow sets `out`; `shards` is how the flow writes the store, not what).
+        A top-k corpus leaves out the sampled cache's two fields: they do not change its bytes, and the cache
+        stage's key is over these fields, so top-k stores written before the flows offered sampling are reused."""
+        unused = set() if self.teacher_sample is not None else {"teacher_sample", "sample_temperature"}
+        return self.model_dump(exclude={"shards", *unused})
 
     def cache_config(self) -> CacheConfig:
         """The corpus as the cache stage's config (its `out` unset: for what reads the corpus, not the store)."""
@@ -173,21 +225,33 @@ def _check_stage(cls, section: str, values: Any, **fill: Any) -> Any:
 DistillSection = section_model(DistillConfig, "DistillSection", "Distillation: the KD loss and the training loop "
                                "(sparsekd_core/distill.py). The flow sets the cache, the output and the seed; a "
                                "flow's stage trains in one process (torchrun is for `sparsekd distill`).",
-                               exclude={"cache", "out", "seed", "parallel"},
-                               # The flows cache the top-k (tail=sampled needs a --teacher-sample cache: the CLI).
-                               narrow={"tail": Literal["topk", "bucket", "paper"]})
+                               exclude={"cache", "out", "seed", "parallel"})
+def _auto_on_off(v: Any) -> Any:
+    return {"auto": None, "on": True, "off": False}.get(v, v) if isinstance(v, str) else v
+
+
+# A stage's three-way switch (None = "the stage decides") as the form offers it: auto / on / off. As `bool | None`
+# the form showed a None switch, or, with the section's default, a toggle that submitted false: an unchanged form
+# turned whitening off. The value is still None/True/False for the stage.
+AutoOnOff = Annotated[bool | None, BeforeValidator(_auto_on_off),
+                      WithJsonSchema({"type": "string", "enum": ["auto", "on", "off"], "default": "auto"})]
+
 PruneSection = section_model(PruneConfig, "PruneSection", "Pruning (sparsekd_core/prune). The flow sets the "
-                             "reduction of each round.", exclude={"target_reduction", "energy", "drop_blocks"})
+                             "reduction of each round.", exclude={"target_reduction", "energy", "drop_blocks"},
+                             narrow={"whiten": AutoOnOff})
 WandaSection = section_model(PruneConfig, "WandaSection", "WANDA calibration (the flow sets the sparsities).",
                              keep={"calibration", "calibration_samples", "calibration_seq_len"})
 DepthSection = section_model(PruneConfig, "DepthSection", "Depth (and optional SVD) pruning calibration; the flow "
                              "sets the method, drop_blocks and the SVD target.",
-                             exclude={"method", "drop_blocks", "target_reduction", "energy"})
+                             exclude={"method", "drop_blocks", "target_reduction", "energy"},
+                             narrow={"whiten": AutoOnOff})
 SelfDataSection = section_model(SelfDataConfig, "SelfDataSection", "Self-data generation by the dense model "
-                                "(sparsekd_core/selfdata.py); the flow sets its data and output.",
-                                exclude={"data", "out"})
+                                "(sparsekd_core/selfdata.py); the flow sets its data, how many records (the "
+                                "flow's num_samples) and output.",
+                                exclude={"data", "num_samples", "out"})
 ProfileSection = section_model(ProfileConfig, "ProfileSection", "Inference profiling cells (sparsekd_core/profile.py): "
                                "TTFT/TPOT per batch size and prompt length, attention vs FFN time.")
+EvalSection = section_model(EvalConfig, "EvalSection", "The perplexity protocol (sparsekd_core/eval.py).")
 SFTSection = section_model(SFTConfig, "SFTSection", "SFT-only settings; training settings come from `distill`, "
                            "so every arm trains the same way.", keep={"max_len"})
 
@@ -203,14 +267,15 @@ class FlowConfig(_Section):
                                      "worker sees (a shared volume), or an object-store URL (s3://bucket/prefix; "
                                      "credentials from the environment). Default: $SPARSEKD_STORAGE_ROOT, else ./runs.")
     tracking_uri: str | None = Field(None, description="MLflow URI; default $MLFLOW_TRACKING_URI or sqlite in workdir.")
-    experiment: str | None = Field(None, description="MLflow experiment name (default: sparsekd-<flow>).")
+    experiment: str | None = Field(None, description="MLflow experiment name (default: sparsekd- and the flow's "
+                                                     "name, e.g. sparsekd-dense-kd).")
     # The flows' seed is the paper's first (42, 123, 456), not the training stage's 0: the committed configs and
     # the deployments' parameters that leave it out were run with 42.
     seed: int = from_stage(DistillConfig, "seed", default=42,
                            description="Distillation seed (data order and torch RNG).")
     corpus: CorpusSpec = Field(CorpusSpec(), description="The KD corpus the teacher is cached on.")
     distill: DistillSection = Field(DistillSection(), description="KD loss and training loop settings.")
-    eval: EvalConfig = Field(EvalConfig(), description="Perplexity protocol: ctx, stride, protocol, batch size.")
+    eval: EvalSection = Field(EvalSection(), description="Perplexity protocol: ctx, stride, protocol, batch size.")
     eval_sets: list[EvalSet] = Field(_default_eval_sets(), min_length=1,
                                      description="What every model is evaluated on (default: WikiText-2 test and a "
                                                  "held-out C4 sample, 8192 tokens each).")
@@ -245,11 +310,31 @@ class FlowConfig(_Section):
     def _distill(cls, v: BaseModel) -> BaseModel:
         return _check_stage(DistillConfig, "distill", v, cache="cache", out="out")
 
+    @field_validator("eval")
+    @classmethod
+    def _eval(cls, v: BaseModel) -> BaseModel:
+        return _check_stage(EvalConfig, "eval", v)
+
+    @model_validator(mode="after")
+    def _tail_fits_the_cache(self) -> "FlowConfig":
+        """tail=sampled trains from a sampled-class cache and only from one (sparsekd_core/distill.py checks the
+        same when it opens the cache; here it fails before any work)."""
+        sampled = self.corpus.teacher_sample is not None
+        if sampled != (self.distill.tail == "sampled"):
+            raise ValueError("distill.tail=sampled and corpus.teacher_sample go together: a sampled-class cache "
+                             f"trains with tail=sampled only (corpus.teacher_sample={self.corpus.teacher_sample}, "
+                             f"distill.tail={self.distill.tail!r})")
+        if sampled and abs(self.corpus.sample_temperature - self.distill.temperature) > 1e-9:
+            raise ValueError(f"distill.temperature={self.distill.temperature} must equal corpus.sample_temperature="
+                             f"{self.corpus.sample_temperature}: the sampled estimator is unbiased only at the "
+                             "temperature the classes were drawn at")
+        return self
+
     def model_config_for(self, spec: str) -> ModelConfig:
         return ModelConfig(model=spec, dtype=self.dtype, device=self.device)
 
     def eval_config(self) -> EvalConfig:
-        return self.eval
+        return EvalConfig(**self.eval.model_dump())
 
 
 class DenseKDConfig(FlowConfig):
@@ -332,6 +417,14 @@ class WandaConfig(FlowConfig):
         return _check_stage(PruneConfig, "prune", v, method="wanda", target_reduction=0.5)
 
 
+class SelfDataCorpus(CorpusSpec):
+    """The KD arm's teacher cache: taken over the flow's own prompts (``instructions``, first ``num_samples``),
+    so the corpus's data and size are not form fields; the other cache settings are."""
+
+    data: SkipJsonSchema[DataSpec] = CorpusSpec.model_fields["data"].default
+    num_samples: SkipJsonSchema[int] = CorpusSpec.model_fields["num_samples"].default
+
+
 def _default_selfdata_eval_sets() -> list[EvalSet]:
     return [EvalSet(name="wikitext2", data="wikitext2:test", max_tokens=4096),
             EvalSet(name="gsm8k", data="gsm8k:test", kind="gsm8k", max_problems=32)]
@@ -344,6 +437,10 @@ class SelfDataFlowConfig(FlowConfig):
     instructions: DataSpec = Field("gsm8k:train", description="Instruction data: gsm8k:train, hub:gsm8k:train or a "
                                                               ".jsonl of prompt/response (question/answer) records.")
     num_samples: int = Field(64, gt=0, description="The first N records: the prompts every arm trains on.")
+    # A factory, not an instance: the form then opens with the fields' own defaults, not with a dump that holds
+    # the hidden data and num_samples (which the server's schema check refuses).
+    corpus: SelfDataCorpus = Field(default_factory=SelfDataCorpus,
+                                   description="The KD arm's teacher cache (over the same prompts).")
     drop_blocks: int = Field(4, gt=0, description="Decoder blocks removed by depth pruning.")
     svd_target: float | None = Field(None, gt=0, lt=1, description="Also SVD-prune the remaining blocks to this "
                                                                    "cumulative MLP reduction (off by default).")
@@ -454,7 +551,8 @@ class StudyConfig(PaperConfig):
     pruned_ce_control: bool = Field(True, description="CE-only twins of the first round's and the one-shot "
                                                       "teacher-swap student.")
     standard_protocol_set: str | None = Field("wikitext2", description="Also evaluate the dense model on this eval "
-                                                                       "set with the standard protocol.")
+                                                                       "set with the standard protocol (empty: "
+                                                                       "not at all).")
     verdict_much_lower: float = Field(
         report.DEFAULT_MUCH_LOWER, gt=0, description="Verdict 'post-KD ≪ post-prune' holds when every round's "
                                                      "post-KD in-domain PPL is at most this fraction of its pre-KD "
@@ -464,9 +562,17 @@ class StudyConfig(PaperConfig):
                                                      "the first round's post-KD in-domain PPL is at most this many "
                                                      "times the dense model's.")
 
+    @field_validator("standard_protocol_set")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
     @model_validator(mode="after")
     def _every_part(self) -> "StudyConfig":  # replaces PaperConfig's: the paper part is validated without our fields
         paper_part(self)
+        if self.corpus.teacher_sample is not None and self.tails:
+            raise ValueError("tails: the study's extra Dense+KD arms use top-k tails, which a sampled-class corpus "
+                             "(corpus.teacher_sample) cannot train; set tails: []")
         if self.standard_protocol_set and self.standard_protocol_set not in {e.name for e in self.eval_sets}:
             raise ValueError(f"standard_protocol_set={self.standard_protocol_set!r} is not one of the eval sets")
         return self
@@ -491,41 +597,85 @@ class ProfileFlowConfig(FlowConfig):
         return _check_stage(ProfileConfig, "profile", v)
 
 
-InnerFlowConfigs = (DenseKDConfig, IterativeConfig, CascadeConfig, TeacherSwapConfig, WandaConfig,
-                    SelfDataFlowConfig)
+INNER_FLOWS: dict[str, type[FlowConfig]] = {"iterative": IterativeConfig, "dense-kd": DenseKDConfig,
+                                             "cascade": CascadeConfig, "teacher-swap": TeacherSwapConfig,
+                                             "wanda": WandaConfig, "selfdata": SelfDataFlowConfig}
+
+
+def _seeded(name: str, cls: type[FlowConfig]) -> type[FlowConfig]:
+    """``cls`` with a first field ``flow`` fixed to ``name``: one choice of multi-seed's ``config``, titled by the
+    flow. The choice carries its flow, so the form's tab and the flow it runs cannot disagree."""
+    return type(f"{cls.__name__}Seeds", (cls,), {
+        "__module__": __name__, "__doc__": cls.__doc__, "__form_first__": ("flow",),
+        "__annotations__": {"flow": Literal[name]},
+        "flow": Field(name, description="The flow run once per seed."),
+        "model_config": ConfigDict(title=name)})
+
+
+_SEEDED = {name: _seeded(name, cls) for name, cls in INNER_FLOWS.items()}
 
 
 class MultiSeedConfig(_Section):
     """Any other flow over several seeds; reports mean ± std per metric."""
 
-    flow: Literal["dense-kd", "iterative", "cascade", "teacher-swap", "wanda", "selfdata"] = Field(
-        "iterative", description="The flow run once per seed.")
+    config: Union[tuple(_SEEDED.values())] = Field(  # noqa: UP007 - a Union of the classes: one tab per flow
+        _SEEDED["iterative"](), union_mode="left_to_right",
+        description="The flow run once per seed (the tab) and its config (its `seed` is set per run).")
     seeds: list[int] = Field([42, 123, 456], min_length=1, description="One run of the inner flow per seed.")
-    config: Union[InnerFlowConfigs] = Field(  # noqa: UP007 - a Union of the classes renders as a choice in the form
-        IterativeConfig(), union_mode="left_to_right",
-        description="The inner flow's config (its `seed` is set per run); validated as the config of `flow`.")
     fan_out: Literal["subflows", "deployments"] = Field(
         "subflows", description="subflows: seeds run one after another in this flow run; deployments: one run of "
                                 "the inner flow's deployment per seed, on the work pool, so several GPU workers "
                                 "share the seeds.")
-    deployment: str = Field("gpu", description="With fan_out=deployments: the inner flow's deployment name "
-                                                 "(runs go to '<flow>/<deployment>').")
+    pool: Literal["gpu", "docker"] = Field(
+        "gpu", description="With fan_out=deployments: the seeds' runs go to the inner flow's deployment on this "
+                           "pool (gpu: e.g. cascade/cascade-gpu on sparsekd-gpu; docker: cascade/cascade-docker "
+                           "on sparsekd-docker).")
     wait_timeout_s: float = Field(7 * 24 * 3600, gt=0, description="With fan_out=deployments: give up waiting "
                                                                      "for the seeds' runs after this long.")
 
-    @model_validator(mode="after")
-    def _inner(self) -> "MultiSeedConfig":
-        # The union matched some class; the config is the inner flow's: validate (and keep) it as that class.
-        cls = FLOW_CONFIGS[self.flow]
+    @model_validator(mode="before")
+    @classmethod
+    def _inner(cls, data: Any) -> Any:
+        """Validate ``config`` as the config of its flow, with that flow's error messages. The flow may also be
+        given beside it (``flow: cascade`` at the top, as configs written before the tabs do), and the pool as
+        ``deployment: gpu``."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "deployment" in data and "pool" not in data:
+            data["pool"] = data.pop("deployment")
+        inner = data.get("config", {})
+        if isinstance(inner, BaseModel):
+            inner = inner.model_dump(exclude_unset=True)
+        inner = dict(inner)
+        outer = data.pop("flow", None)
+        if outer is not None and inner.setdefault("flow", outer) != outer:
+            raise ValueError(f"flow={outer!r} but config.flow={inner['flow']!r}: give the flow once")
+        name = inner.setdefault("flow", "iterative")
+        if name not in _SEEDED:
+            raise ValueError(f"config.flow={name!r}: multi-seed runs one of {', '.join(_SEEDED)}")
         try:
-            self.config = cls(**{**self.inner_values(), "seed": self.seeds[0]})
+            data["config"] = _SEEDED[name](**inner)
         except ValidationError as err:
-            raise ValueError(format_validation_error(f"config({self.flow})", err)) from None
-        return self
+            raise ValueError(format_validation_error(f"config({name})", err)) from None
+        return data
+
+    @property
+    def flow(self) -> str:
+        return self.config.flow
+
+    def deployment(self) -> str:
+        """The inner flow's deployment the seeds go to with fan_out=deployments."""
+        return deployment_name(self.flow, self.pool)
 
     def inner_values(self) -> dict[str, Any]:
-        """The inner config as given (fields left out keep the inner flow's defaults), without its seed."""
-        return {k: v for k, v in self.config.model_dump(exclude_unset=True).items() if k != "seed"}
+        """The inner config as given (fields left out keep the inner flow's defaults), without its seed or flow."""
+        return {k: v for k, v in self.config.model_dump(exclude_unset=True).items() if k not in ("seed", "flow")}
+
+
+def deployment_name(flow_name: str, pool: str) -> str:
+    """'<flow>/<flow>-<pool>': deployments are named after their flow, so the UI's list reads as the flows."""
+    return f"{flow_name}/{flow_name}-{pool}"
 
 
 FLOW_CONFIGS: dict[str, type[BaseModel]] = {

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefect import flow
+from pydantic.json_schema import SkipJsonSchema
 
 from sparsekd_core import report as rep
 from tasks.stages import cache_teacher, dense_ref, instructions, run_log, self_data, sft
@@ -137,7 +138,7 @@ def iterative_rounds(run: Run, dense: dict, dense_cache: dict, targets: list[flo
 
 
 @flow(name="dense-kd")
-def dense_kd_flow(config: DenseKDConfig, parent_run_id: str | None = None) -> dict:
+def dense_kd_flow(config: DenseKDConfig, parent_run_id: SkipJsonSchema[str | None] = None) -> dict:
     with start(config, "dense-kd", parent_run_id) as run:
         arms = _dense_kd_arms(run, config.ce_control)
         text, metrics = _dense_kd_section(config, arms)
@@ -145,7 +146,7 @@ def dense_kd_flow(config: DenseKDConfig, parent_run_id: str | None = None) -> di
 
 
 @flow(name="iterative")
-def iterative_flow(config: IterativeConfig, parent_run_id: str | None = None) -> dict:
+def iterative_flow(config: IterativeConfig, parent_run_id: SkipJsonSchema[str | None] = None) -> dict:
     with start(config, "iterative", parent_run_id) as run:
         names = _set_names(config)
         dense, dense_ppl, dense_cache = _dense_and_cache(run)
@@ -196,7 +197,7 @@ def _profile_rounds(run: Run, config: IterativeConfig, dense: dict, rounds: list
 
 
 @flow(name="cascade")
-def cascade_flow(config: CascadeConfig, parent_run_id: str | None = None) -> dict:
+def cascade_flow(config: CascadeConfig, parent_run_id: SkipJsonSchema[str | None] = None) -> dict:
     """Dense → Dense+KD (+ CE-only twin) → prune the Dense+KD model → Pruned+KD from the Dense+KD cache;
     teacher swap: the same pruned student distilled from the original dense cache."""
     with start(config, "cascade", parent_run_id) as run:
@@ -230,7 +231,7 @@ def cascade_flow(config: CascadeConfig, parent_run_id: str | None = None) -> dic
 
 
 @flow(name="teacher-swap")
-def teacher_swap_flow(config: TeacherSwapConfig, parent_run_id: str | None = None) -> dict:
+def teacher_swap_flow(config: TeacherSwapConfig, parent_run_id: SkipJsonSchema[str | None] = None) -> dict:
     with start(config, "teacher-swap", parent_run_id) as run:
         names = _set_names(config)
         arms = _dense_kd_arms(run, ce_control=False)
@@ -255,7 +256,7 @@ def teacher_swap_flow(config: TeacherSwapConfig, parent_run_id: str | None = Non
 
 
 @flow(name="wanda")
-def wanda_flow(config: WandaConfig, parent_run_id: str | None = None) -> dict:
+def wanda_flow(config: WandaConfig, parent_run_id: SkipJsonSchema[str | None] = None) -> dict:
     with start(config, "wanda", parent_run_id) as run:
         dense, dense_ppl, dense_cache = _dense_and_cache(run)
         arms = []
@@ -276,7 +277,7 @@ def wanda_flow(config: WandaConfig, parent_run_id: str | None = None) -> dict:
 
 
 @flow(name="selfdata")
-def selfdata_flow(config: SelfDataFlowConfig, parent_run_id: str | None = None) -> dict:
+def selfdata_flow(config: SelfDataFlowConfig, parent_run_id: SkipJsonSchema[str | None] = None) -> dict:
     """Dense → depth-prune (and optionally SVD) → three recoveries on the same prompts, steps and seed: SFT on the
     original responses, SFT on the dense model's rewrites (self-data distillation), logit KD from the dense model."""
     with start(config, "selfdata", parent_run_id) as run:
@@ -322,7 +323,7 @@ def selfdata_flow(config: SelfDataFlowConfig, parent_run_id: str | None = None) 
 
 
 @flow(name="profile")
-def profile_flow(config: ProfileFlowConfig, parent_run_id: str | None = None) -> dict:
+def profile_flow(config: ProfileFlowConfig, parent_run_id: SkipJsonSchema[str | None] = None) -> dict:
     """Several models profiled side by side (the baseline first): Tables VII-VIII and the speedup plot."""
     with start(config, "profile", parent_run_id, check_data=False) as run:
         models = [{**dense_ref(spec), "label": spec} for spec in [config.model, *config.compare]]
@@ -334,6 +335,8 @@ def profile_flow(config: ProfileFlowConfig, parent_run_id: str | None = None) ->
         return run.finish([text], metrics, [run.report_dir() / "speedup.png"], header=header)
 
 
+# Every flow's `parent_run_id` (the MLflow run a flow nests under when multi-seed or paper runs it) is set by the
+# calling flow, never by a user: SkipJsonSchema keeps it out of the deployment's Run form.
 FLOWS = {"dense-kd": dense_kd_flow, "iterative": iterative_flow, "cascade": cascade_flow,
          "teacher-swap": teacher_swap_flow, "wanda": wanda_flow, "selfdata": selfdata_flow}
 
@@ -347,7 +350,7 @@ def multi_seed_flow(config: MultiSeedConfig) -> dict:
     base = cls(**{**config.inner_values(), "seed": config.seeds[0]})
     on_pool = config.fan_out == "deployments"
     if on_pool:
-        _check_deployment(f"{config.flow}/{config.deployment}")
+        _check_deployment(config.deployment())
     with start(base, "multi-seed") as run:
         # Nested runs must live in the parent's experiment to show under it in MLflow.
         inner = {seed: cls(**{**config.inner_values(), "seed": seed, "experiment": run.tracking["experiment"]})
@@ -386,7 +389,7 @@ def _seeds_on_pool(run: Run, config: MultiSeedConfig, inner: dict[int, FlowConfi
     from prefect.deployments import run_deployment
     from prefect.runtime import flow_run as this_run
 
-    name = f"{config.flow}/{config.deployment}"
+    name = config.deployment()
     submitted = {}
     for seed, cfg in inner.items():
         fr = run_deployment(name, parameters={"config": cfg.model_dump(mode="json"), "parent_run_id": run.parent_id},

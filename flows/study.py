@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from prefect import flow
+from pydantic.json_schema import SkipJsonSchema
 
 from sparsekd_core import report as rep
 from sparsekd_core.report import metric_key, verdict_lines, verdicts
@@ -42,8 +43,15 @@ __all__ = ["StudyConfig", "metric_key", "publish", "study_flow", "verdict_lines"
 
 
 @flow(name="study")
-def study_flow(config: StudyConfig, out: str | None = None, command: str | None = None) -> dict:
-    """The paper flow, the extra arms, and the self-judging report (copied with its plots to ``out``)."""
+def study_flow(config: StudyConfig, out: str = "", command: SkipJsonSchema[str | None] = None) -> dict:
+    """The paper flow, the extra arms, and the self-judging report (copied with its plots to ``out``).
+
+    Args:
+        config: The study's settings.
+        out: Also publish the report, its plots and a README to this directory on the worker (e.g.
+            docs/results/study-smollm2); empty: the report stays in the storage root and MLflow only.
+        command: How the study was started, quoted in the report (set by `python -m flows.study`).
+    """
     t0 = time.time()
     paper = paper_flow(paper_part(config))
     t_paper = time.time() - t0

@@ -160,7 +160,12 @@ def test_the_flow_defaults_are_those_the_committed_results_were_run_with():
 
     assert CorpusSpec().model_dump() == {"data": "mix:paper-offline", "num_samples": 64, "seq_len": 256, "seed": 0,
                                          "max_sequences_per_document": 1, "top_k": 32, "teacher_precision": "fp32",
-                                         "batch_size": None, "shards": 1}
+                                         "batch_size": None, "shards": 1, "teacher_sample": None,
+                                         "sample_temperature": 2.0}
+    # The cache stage's key is over these fields: a top-k corpus gives the ones it gave before sampling was offered.
+    assert CorpusSpec().cache_fields() == {"data": "mix:paper-offline", "num_samples": 64, "seq_len": 256,
+                                           "seed": 0, "max_sequences_per_document": 1, "top_k": 32,
+                                           "teacher_precision": "fp32", "batch_size": None}
     study = StudyConfig()
     assert (study.seed, study.dtype, study.device, study.targets) == (42, "auto", "auto",
                                                                       [0.15, 0.22, 0.29, 0.35, 0.43, 0.51, 0.58, 0.65])

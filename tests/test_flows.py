@@ -189,7 +189,7 @@ def test_multi_seed_fan_out_needs_the_deployment(prefect_server, tiny_setup, tmp
     """Under a server without deployments (here the test harness), the fan-out fails before any work."""
     values = {"flow": "dense-kd", "seeds": [1, 2], "fan_out": "deployments",
               "config": flow_values(tiny_setup, tmp_path / "w", ce_control=False)}
-    with pytest.raises(ValueError, match="needs the deployment 'dense-kd/gpu'"):
+    with pytest.raises(ValueError, match="needs the deployment 'dense-kd/dense-kd-gpu'"):
         run_flow("multi-seed", values)
     assert not (tmp_path / "w").exists()
 
@@ -431,3 +431,45 @@ def test_a_prose_edit_reuses_a_run_and_a_kd_loss_edit_recomputes_only_training(p
     assert all(s["stage"] in ("distill", "eval") for s in changed["stages"] if not s["cached"])
     monkeypatch.setattr(identity, "module_source", real)
     identity.forget_code()
+
+
+def test_a_flow_writes_and_trains_from_a_sampled_class_cache(prefect_server, tiny_setup, tmp_path):
+    """corpus.teacher_sample + distill.tail=sampled (the form offers `sampled`, so the flows must run it): the
+    flow writes a format-3 cache of N sampled classes per position and both arms train from it; the KD arm's
+    weights moved, and differ from the CE-only twin's (the sampled KD term did something)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sparsekd_core.cache import TeacherCache
+
+    values = flow_values(tiny_setup, tmp_path / "w", ce_control=True)
+    values["corpus"] = {**values["corpus"], "teacher_sample": 4}
+    values["distill"] = {**values["distill"], "tail": "sampled"}
+    summary = run_flow("dense-kd", values)
+    caches = [json.loads(p.read_text()) for p in (tmp_path / "w").glob("cache/*/manifest.json")]
+    assert len(caches) == 1
+    cache = TeacherCache(caches[0]["result"]["path"] if "path" in caches[0]["result"] else
+                         str(next((tmp_path / "w").glob("cache/*/cache.zarr"))))
+    assert cache.kind == "sampled" and cache.teacher_sample == 4 and cache.format == 3
+    trained = {json.loads(p.read_text())["config"]["distill"]["alpha"]: json.loads(p.read_text())
+               for p in (tmp_path / "w").glob("distill/*/manifest.json")}
+    assert set(trained) == {0.0, 0.5} and trained[0.5]["config"]["distill"]["tail"] == "sampled"
+    dense = load_file(str(next(Path(tiny_setup / "model").glob("*.safetensors"))))
+    kd = load_file(str(next(Path(trained[0.5]["result"]["student"]).glob("*.safetensors"))))
+    ce = load_file(str(next(Path(trained[0.0]["result"]["student"]).glob("*.safetensors"))))
+    name = next(n for n in kd if "mlp" in n and n in dense)
+    assert not torch.equal(kd[name], dense[name]) and not torch.equal(kd[name], ce[name])
+    assert summary["metrics"]["ppl_dense_kd_text"] > 1
+
+
+def test_sampled_tail_and_sampled_corpus_go_together(tiny_setup, tmp_path):
+    from flows.configs import DenseKDConfig
+
+    values = flow_values(tiny_setup, tmp_path / "w")
+    with pytest.raises(ValueError, match="tail=sampled and corpus.teacher_sample go together"):
+        DenseKDConfig(**{**values, "distill": {**values["distill"], "tail": "sampled"}})
+    with pytest.raises(ValueError, match="go together"):
+        DenseKDConfig(**{**values, "corpus": {**values["corpus"], "teacher_sample": 4}})
+    with pytest.raises(ValueError, match="sample_temperature"):
+        DenseKDConfig(**{**values, "corpus": {**values["corpus"], "teacher_sample": 4, "sample_temperature": 1.0},
+                         "distill": {**values["distill"], "tail": "sampled"}})
