@@ -164,10 +164,19 @@ class Run:
                                            self.cfg.eval_config().model_dump(),
                                            [es.model_dump() for es in self.cfg.eval_sets],
                                            self.cfg.corpus.model_dump(), self.disjoint)
-        text = rep.flow_report(header, sections, list(plots), self.stages)
-        save_report(d, text, metrics, self.cfg.model_dump_json(indent=1), self.flow_name, self.workdir)
+        # One report, its plots linked for where it is read. On disk (and where the study publishes it) they lie
+        # beside it: by file name. The Prefect UI shows data: images. MLflow's preview shows only http(s) images:
+        # the tracking server's URL of each plot; a local store has no server, so data: images (MLflow's preview
+        # cannot show them, but the text then stands on its own wherever it is downloaded to).
+        plots = list(plots)
+        text = rep.flow_report(header, sections, plots, self.stages)
+        embedded = rep.flow_report(header, sections, plots, self.stages, plot_src=rep.png_data_uri)
+        served = rep.flow_report(header, sections, plots, self.stages,
+                                 plot_src=lambda p: self.mlflow.report_file_url(p.name) or rep.png_data_uri(p))
+        save_report(d, text, metrics, self.cfg.model_dump_json(indent=1), self.flow_name, self.workdir,
+                    artifact_text=embedded)
         ran = sum(not s["cached"] for s in self.stages)
-        self.mlflow.finish(d, metrics, ran, len(self.stages) - ran)
+        self.mlflow.finish(d, metrics, ran, len(self.stages) - ran, report_text=served)
         return {"flow": self.flow_name, "report": str(d / "report.md"), "metrics": metrics, "stages": self.stages,
                 "report_url": remote_path(self.workdir, d / "report.md"),
                 "registered": self.registered,

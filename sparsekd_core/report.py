@@ -11,11 +11,12 @@ profile, cascade, teacher swap, WANDA, selfdata, profile, multi-seed, paper); th
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 import statistics
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .files import write_file_atomic
 
@@ -140,13 +141,24 @@ def registry_section(registered: list[dict]) -> str:
             + table(["registered model", "version", "MLflow", "checkpoint"], rows))
 
 
-def flow_report(header: str, sections: list[str], plots: list[Path], stages: list[dict]) -> str:
-    """The whole report: header, sections, the plots (linked by file name: they lie beside the report) and every
-    stage with whether it ran or was reused."""
+def flow_report(header: str, sections: list[str], plots: list[Path], stages: list[dict],
+                plot_src: Callable[[Path], str] | None = None) -> str:
+    """The whole report: header, sections, the plots and every stage with whether it ran or was reused.
+
+    ``plot_src`` says where a reader's viewer loads each plot from. By default a plot is linked by its file name,
+    for the copy that lies beside the PNGs (the report directory, a published folder); a copy read elsewhere (a
+    Prefect artifact, MLflow's preview) needs an absolute source: ``png_data_uri`` or a server's URL."""
+    src = plot_src or (lambda path: path.name)
     ran = sum(not s["cached"] for s in stages)
     stage_table = table(["stage", "cached", "seconds"], [[s["label"], s["cached"], s["seconds"]] for s in stages])
-    return (header + "\n".join(sections) + "\n## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n\n" for p in plots)
+    return (header + "\n".join(sections) + "\n## Plots\n\n" + "".join(f"![{p.stem}]({src(p)})\n\n" for p in plots)
             + f"## Stages ({ran} ran, {len(stages) - ran} reused from cache)\n\n" + stage_table)
+
+
+def png_data_uri(path: str | Path) -> str:
+    """A PNG file inside the text: ``data:image/png;base64,...`` (about 4/3 of the file's size). Prefect's UIs show
+    it as an image; MLflow's Markdown preview does not (it drops every image source but http(s))."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 # ---------------------------------------------------------------------------------------------------------------- one section per flow

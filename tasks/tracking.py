@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from sparsekd_core.checks import check_workdir
 from sparsekd_core.config import ConfigError
@@ -527,23 +527,41 @@ class FlowTracking:
         """The checkpoint's files as the run's ``model`` artifacts (hundreds of MB: flows do it with `log_models`)."""
         self.tracker.log_artifact(run_id, checkpoint, "model")
 
-    def finish(self, report_dir: Path, metrics: dict[str, float], stages_ran: int, stages_cached: int) -> None:
+    def report_file_url(self, name: str) -> str | None:
+        """Where a browser loads file ``name`` of the parent run's ``report`` artifacts: the tracking server's
+        ``/get-artifact`` (what MLflow's UI fetches an artifact with), without any credentials of the tracking URI;
+        None for a local store (no server to name). The tracking URI must be one the reader's browser reaches too."""
+        parts = urlsplit(self.tracker.tracking_uri)
+        if uri_scheme(self.tracker.tracking_uri) not in ("http", "https"):
+            return None
+        server = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query="", fragment=""))
+        query = urlencode({"path": f"report/{name}", "run_uuid": self.parent_id})
+        return f"{server.rstrip('/')}/get-artifact?{query}"
+
+    def finish(self, report_dir: Path, metrics: dict[str, float], stages_ran: int, stages_cached: int,
+               report_text: str) -> None:
         """The flow's metrics, the report's place and the stage counts on the parent run, the report directory as
-        its ``report`` artifacts; then the parent run ends."""
+        its ``report`` artifacts with ``report_text`` as their ``report.md`` (the copy on disk links its plots by
+        file name, which MLflow's preview prints as text); then the parent run ends."""
         self.tracker.log_metrics(self.parent_id, metrics)
         self.tracker.set_tags(self.parent_id, {"sparsekd.report": report_dir / "report.md",
                                                "sparsekd.stages_ran": stages_ran,
                                                "sparsekd.stages_cached": stages_cached})
-        self.tracker.log_artifact(self.parent_id, report_dir, "report")
+        for entry in sorted(report_dir.iterdir()):
+            if entry.name != "report.md":
+                self.tracker.log_artifact(self.parent_id, entry, f"report/{entry.name}" if entry.is_dir() else "report")
+        with _LOCK:
+            self.tracker.client.log_text(self.parent_id, report_text, "report/report.md")
         self.end(self.parent_id)
 
 
 def save_report(report_dir: Path, text: str, metrics: dict[str, float], config_json: str, flow_name: str,
-                workdir: str) -> None:
-    """``report.md``, ``metrics.json`` and ``config.json`` in the report directory (written atomically), the report
-    as a Markdown artifact of the Prefect flow run, and under a URL storage root a copy beside the stages."""
+                workdir: str, artifact_text: str) -> None:
+    """``text`` as ``report.md``, ``metrics.json`` and ``config.json`` in the report directory (written atomically),
+    ``artifact_text`` (the report with its plots inside: the Prefect UI has no files beside it) as a Markdown
+    artifact of the Prefect flow run, and under a URL storage root a copy of the directory beside the stages."""
     write_text_atomic(report_dir / "report.md", text)
-    report_artifact(flow_name, text)
+    report_artifact(flow_name, artifact_text)
     write_json_atomic(report_dir / "metrics.json", metrics)
     write_text_atomic(report_dir / "config.json", config_json)
     if is_url(workdir):  # the report lives beside the stages, for every worker and reader of the bucket
