@@ -136,11 +136,12 @@ class Run:
 
     def register(self, model: str, trained: dict, run_id: str, evals: dict[str, float], parent: dict | None = None,
                  pruned: dict | None = None) -> None:
-        """A final model into the MLflow Model Registry with its lineage (tasks/registry.py)."""
+        """A final model into the MLflow Model Registry with its lineage (tasks/registry.py). Its files are written in
+        a temporary directory, not the report's, which MLflow shows as the run's report artifacts."""
         lineage = lineage_tags(self.flow_name, self.cfg.model, trained, self.workdir, evals, self.cfg.log_models,
                                parent=parent, pruned=pruned)
         self.registered.append(register_model(self.tracker, run_id, self.flow_name, model, trained["result"]["student"],
-                                              lineage, self.report_dir() / f".registry-{run_id}"))
+                                              lineage))
 
     # -- report ---------------------------------------------------------------------------------------------------
     def report_dir(self) -> Path:

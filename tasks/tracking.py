@@ -378,17 +378,21 @@ class Tracker:
 
     def register_model(self, name: str, run_id: str, tags: dict[str, Any], description: str = "") -> int:
         """A new version of registered model ``name`` whose source is the run's ``model`` artifact directory
-        (a pointer file, plus the weights when they were logged), with ``tags``; returns the version number."""
+        (an MLflow pyfunc model: ``tasks/registry.py`` logs it first), with ``tags``; returns the version number.
+        The source is the directory's own URI, not ``runs:/<run>/model``: a tracking server that proxies artifacts
+        resolves a ``runs:`` source through its database, cannot read the ``mlflow-artifacts:`` URI it gets, and
+        answers the version page's request for ``MLmodel`` with a 500 (``mlflow.register_model`` resolves it too)."""
         from mlflow.exceptions import MlflowException
 
         with _LOCK:
+            source = self.client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model"
             try:
                 self.client.create_registered_model(name, description="sparsekd: " + description if description
                                                     else None)
             except MlflowException as err:
                 if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
                     raise
-            version = self.client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id,
+            version = self.client.create_model_version(name, source=source, run_id=run_id,
                                                        tags={k: str(v)[:5000] for k, v in tags.items()},
                                                        description=description or None)
         return int(version.version)

@@ -318,10 +318,40 @@ def test_ui_run_button_to_worker_to_mlflow(stack, tiny):
     served = list((stack.base / "mlartifacts").rglob("report.md"))
     assert served, "the report did not reach the MLflow server's artifact store"
     assert "Dense+KD vs its CE-only twin" in served[0].read_text()
+    # Its plots show where it is read: MLflow's copy (fetched as the UI's preview fetches it) links the server's URL
+    # of each plot, the Prefect artifact carries them inside; no source is a bare file name; each loads as a PNG,
+    # the same in both.
+    mlflow_md = httpx.get(f"{stack.mlflow}/get-artifact", timeout=30,
+                          params={"path": "report/report.md", "run_uuid": parent.info.run_id}).text
+    [report_artifact] = httpx.post(f"{stack.api}/artifacts/filter", timeout=30, json={"artifacts": {
+        "flow_run_id": {"any_": [flow_run["id"]]}, "key": {"any_": ["dense-kd-report"]}}}).json()
+    mlflow_plots, prefect_plots = _image_sources(mlflow_md), _image_sources(report_artifact["data"])
+    assert mlflow_plots and all(s.startswith(f"{stack.mlflow}/get-artifact?") for s in mlflow_plots), mlflow_plots
+    assert len(prefect_plots) == len(mlflow_plots) and all(s.startswith("data:image/png") for s in prefect_plots)
+    assert [_load_png(s) for s in mlflow_plots] == [_load_png(s) for s in prefect_plots]
+    # ... and a browser renders them: an <img> with each source is on both pages.
+    prefect_page = _browse(f"http://127.0.0.1:{stack.prefect_port}/artifacts/artifact/{report_artifact['id']}",
+                           ARTIFACTS / "prefect-report-artifact.png")
+    assert set(prefect_plots) <= _img_sources(prefect_page), "the Prefect artifact page shows no plot"
+    mlflow_page = _browse(f"{stack.mlflow}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts/"
+                          "report/report.md", ARTIFACTS / "mlflow-report.png")
+    assert set(mlflow_plots) <= _img_sources(mlflow_page), "MLflow's preview of report.md shows no plot"
     # The Dense+KD student is in the server's Model Registry with its lineage (no weights uploaded).
     version = client.get_latest_versions("sparsekd-dense-kd-dense-kd")[0]
     assert version.run_id == kd.info.run_id and version.tags["sparsekd.weights_uploaded"] == "False"
     assert version.tags["sparsekd.checkpoint_path"].startswith(str(stack.storage))
+    # The version is an MLflow model: its source has an MLmodel, and it loads from the registry and generates.
+    import mlflow
+
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(version.run_id, "model")}
+    mlmodel = httpx.get(f"{stack.mlflow}/model-versions/get-artifact", timeout=30,  # what the version page asks
+                        params={"path": "MLmodel", "name": version.name, "version": version.version})
+    assert mlmodel.status_code == 200 and "python_function" in mlmodel.text, mlmodel.text[:500]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", stack.mlflow)
+        texts = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}").predict(
+            ["The capital of France is"])
+    assert len(texts) == 1 and isinstance(texts[0], str), texts
     assert parent.data.tags["prefect_flow_run_id"] == flow_run["id"]
     assert parent.data.tags["prefect_flow_run_url"].startswith(f"http://127.0.0.1:{stack.prefect_port}/")
     # The stages wrote under the worker's storage root, and held the worker's GPU slot.
