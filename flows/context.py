@@ -9,6 +9,7 @@ check in ``sparsekd_core/checks.py``.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -191,6 +192,11 @@ def check_held_out(cfg: FlowConfig) -> dict:
                                  cfg.corpus.cache_config())
 
 
+def config_digest(cfg: FlowConfig) -> str:
+    """The flow config's SHA-256 (first 16 hex digits): two runs with the same digest ran the same settings."""
+    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+
+
 def start(cfg: FlowConfig, flow_name: str, parent_run_id: str | None = None, check_data: bool = True) -> Run:
     """Check the inputs and the data, open the flow's MLflow parent run (closing the runs a dead process of this
     host left RUNNING in its experiment); use as ``with start(...) as run:``."""
@@ -200,8 +206,15 @@ def start(cfg: FlowConfig, flow_name: str, parent_run_id: str | None = None, che
     local = local_root(workdir)  # under a URL root: this worker's mirror (the SQLite default stays per worker)
     local.mkdir(parents=True, exist_ok=True)
     settings = tracking_settings(local, cfg.tracking_uri, cfg.experiment or f"sparsekd-{flow_name}")
+    digest = config_digest(cfg)
     mlflow = FlowTracking.start(settings, f"{flow_name}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                parent_run_id, tags={"flow": flow_name, "model": cfg.model, "seed": cfg.seed},
+                                parent_run_id, tags={"flow": flow_name, "model": cfg.model, "seed": cfg.seed,
+                                                     "sparsekd.config_digest": digest},
                                 params=cfg.model_dump())
+    if parent_run_id is None:  # the experiment says what its latest top-level run was (MLflow's experiment list)
+        tracker = mlflow.tracker
+        for key, value in {"sparsekd.flow": flow_name, "sparsekd.model": cfg.model,
+                           "sparsekd.config_digest": digest}.items():
+            tracker.client.set_experiment_tag(tracker.experiment_id, key, value)
     mlflow.close_dead_runs()
     return Run(cfg, flow_name, mlflow, workdir, disjoint=checked)

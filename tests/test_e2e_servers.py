@@ -305,6 +305,9 @@ def test_ui_run_button_to_worker_to_mlflow(stack, tiny):
     # Results are in the MLflow *server* (its artifact store), nested under one parent run.
     client, exp, runs, parents = _mlflow_runs_of(stack, "sparsekd-dense-kd", flow_run["id"])
     assert len(parents) == 1
+    # The experiment opens on MLflow's training-runs view, not the GenAI overview, and names what ran in it.
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.tags["sparsekd.flow"] == "dense-kd" and exp.tags["sparsekd.config_digest"]
     parent = parents[0]
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")

@@ -77,6 +77,15 @@ def test_cascade_completes_tracks_and_reuses_cache(prefect_server, tiny_setup, t
     assert parent.data.metrics["ppl_pruned_kd_text"] == pytest.approx(first["metrics"]["ppl_pruned_kd_text"])
     assert parent.data.params["corpus.num_samples"] == "8"
     assert parent.data.tags["flow"] == "cascade" and parent.data.tags.get("prefect_flow_run_id")
+    # The experiment opens on MLflow's training view and says what ran in it last (flow, model, config digest).
+    from flows.configs import CascadeConfig
+    from flows.context import config_digest
+
+    experiment = client.get_experiment(parent.info.experiment_id).tags
+    digest = config_digest(CascadeConfig(**values))
+    assert experiment["mlflow.experimentKind"] == "custom_model_development"
+    assert (experiment["sparsekd.flow"], experiment["sparsekd.model"], experiment["sparsekd.config_digest"]) == \
+        ("cascade", values["model"], digest) and parent.data.tags["sparsekd.config_digest"] == digest
     arms = {r.data.tags["arm"]: r for r in children}
     assert {"dense", "dense+kd", "ce-only", "pruned", "pruned+kd (teacher dense+kd)", "pruned+kd (teacher dense)"} <= set(arms)
     assert "ppl_text" in arms["dense+kd"].data.metrics and "kd_loss_first" in arms["dense+kd"].data.metrics
