@@ -20,7 +20,7 @@ from sparsekd_core import checks
 from sparsekd_core import report as rep
 from tasks.registry import lineage_tags, register_model
 from tasks.stages import (MODEL_COUNTS, cache_teacher, cache_teacher_shard, distill, eval_results, evaluate, profile,
-                          prune)
+                          prune, run_log)
 from tasks.store import is_url, local_root, remote_path
 from tasks.tracking import FlowTracking, Tracker, save_report, tracking_settings
 
@@ -182,7 +182,8 @@ class Run:
         return {"flow": self.flow_name, "report": str(d / "report.md"), "metrics": metrics, "stages": self.stages,
                 "report_url": remote_path(self.workdir, d / "report.md"),
                 "registered": self.registered,
-                "mlflow_run_id": self.parent_id, "tracking_uri": self.tracking["uri"]}
+                "mlflow_run_id": self.parent_id, "mlflow_run_url": self.tracker.run_url(self.parent_id),
+                "tracking_uri": self.tracking["uri"]}
 
 
 def check_held_out(cfg: FlowConfig) -> dict:
@@ -217,4 +218,7 @@ def start(cfg: FlowConfig, flow_name: str, parent_run_id: str | None = None, che
                            "sparsekd.config_digest": digest}.items():
             tracker.client.set_experiment_tag(tracker.experiment_id, key, value)
     mlflow.close_dead_runs()
+    url = mlflow.tracker.run_url(mlflow.parent_id)
+    if url:
+        run_log()(f"MLflow run: {url}")
     return Run(cfg, flow_name, mlflow, workdir, disjoint=checked)

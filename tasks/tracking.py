@@ -265,8 +265,20 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-# MLflow's UI opens an experiment of this kind on its training-runs view, not the GenAI traces overview.
+# What an experiment is, for MLflow (its API and UIs that honour the tag): model training, not GenAI. The
+# open-source UI of MLflow 3.17 ignores it and opens in the view the browser last chose (GenAI by default), so the
+# links sparsekd writes also carry UI_VIEW (Tracker.ui_url).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_VIEW = "workflowType=machine_learning"
+
+
+def server_url(tracking_uri: str) -> str | None:
+    """The tracking server's address as a browser uses it (no credentials, query or trailing slash); None for a
+    local store."""
+    if uri_scheme(tracking_uri) not in ("http", "https"):
+        return None
+    parts = urlsplit(tracking_uri)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query="", fragment="")).rstrip("/")
 
 
 class Tracker:
@@ -397,11 +409,21 @@ class Tracker:
                                                        description=description or None)
         return int(version.version)
 
+    def ui_url(self, route: str) -> str | None:
+        """``route`` (e.g. ``/experiments/1/runs/abc``) as a page of the tracking server's UI, else None (a local
+        store has no UI to link). The page opens in the "Model training" view: MLflow 3.17's UI starts in its GenAI
+        view whatever the experiment's kind tag says (the tag is ignored when the workflow switch is on, as it is in
+        the open-source build); only the URL's ``workflowType`` or the user's own click on the switch changes it."""
+        server = server_url(self.tracking_uri)
+        return f"{server}/#{route}?{UI_VIEW}" if server else None
+
+    def run_url(self, run_id: str) -> str | None:
+        """The run's page in the MLflow UI (in its experiment), else None."""
+        return self.ui_url(f"/experiments/{self.experiment_id}/runs/{run_id}")
+
     def model_url(self, name: str, version: int) -> str | None:
         """The registered model version's page in the MLflow UI (a tracking server), else None."""
-        if self.tracking_uri.split(":", 1)[0] in ("http", "https"):
-            return f"{self.tracking_uri.rstrip('/')}/#/models/{name}/versions/{version}"
-        return None
+        return self.ui_url(f"/models/{name}/versions/{version}")
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         with _LOCK:
@@ -535,12 +557,9 @@ class FlowTracking:
         """Where a browser loads file ``name`` of the parent run's ``report`` artifacts: the tracking server's
         ``/get-artifact`` (what MLflow's UI fetches an artifact with), without any credentials of the tracking URI;
         None for a local store (no server to name). The tracking URI must be one the reader's browser reaches too."""
-        parts = urlsplit(self.tracker.tracking_uri)
-        if uri_scheme(self.tracker.tracking_uri) not in ("http", "https"):
-            return None
-        server = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query="", fragment=""))
+        server = server_url(self.tracker.tracking_uri)
         query = urlencode({"path": f"report/{name}", "run_uuid": self.parent_id})
-        return f"{server.rstrip('/')}/get-artifact?{query}"
+        return f"{server}/get-artifact?{query}" if server else None
 
     def finish(self, report_dir: Path, metrics: dict[str, float], stages_ran: int, stages_cached: int,
                report_text: str) -> None:

@@ -363,9 +363,15 @@ def test_ui_run_button_to_worker_to_mlflow(stack, tiny):
     assert gcl["limit"] == 1 and gcl["active_slots"] == 0
 
     # The two UIs, rendered by a real browser: the run's name is on both pages.
-    mlflow_dom = _browse(f"{stack.mlflow}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}",
-                         ARTIFACTS / "mlflow-run.png")
+    from tasks.tracking import Tracker
+
+    links = Tracker(stack.mlflow, "sparsekd-dense-kd")
+    mlflow_dom = _browse(links.run_url(parent.info.run_id), ARTIFACTS / "mlflow-run.png")
     assert parent.info.run_name in mlflow_dom, "MLflow UI page does not show the run"
+    # The experiment's page, as sparsekd links it, opens on the runs table, not on the GenAI traces overview
+    # (which MLflow 3.17 shows by default whatever the experiment's kind tag says).
+    experiment_dom = _browse(links.ui_url(f"/experiments/{exp.experiment_id}"), ARTIFACTS / "mlflow-experiment.png")
+    assert parent.info.run_name in experiment_dom and "Detect Issues" not in experiment_dom
     models_dom = _browse(f"{stack.mlflow}/#/models", ARTIFACTS / "mlflow-models.png")
     assert "sparsekd-dense-kd-dense-kd" in models_dom, "MLflow's Models page does not list the registered student"
     prefect_dom = _browse(f"http://127.0.0.1:{stack.prefect_port}/runs/flow-run/{flow_run['id']}",

@@ -25,8 +25,8 @@ def test_non_finite_metrics_are_logged_and_tagged(tmp_path):
 
 
 def test_experiments_are_of_the_model_training_kind(tmp_path):
-    """MLflow opens an experiment tagged custom_model_development on its runs view, not the GenAI overview; an
-    experiment made before the tag gets it on the next open."""
+    """Experiments are tagged custom_model_development (model training, not GenAI); an experiment made before the
+    tag gets it on the next open. (MLflow 3.17's own UI ignores the tag: see test_ui_links_open_the_training_view.)"""
     from mlflow.tracking import MlflowClient
 
     from tasks.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker
@@ -39,3 +39,19 @@ def test_experiments_are_of_the_model_training_kind(tmp_path):
     assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
     Tracker(uri, "made-elsewhere")
     assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
+def test_ui_links_open_the_training_view(tmp_path):
+    """Every MLflow page sparsekd links (run, registered version) asks for the "Model training" view: MLflow 3.17's
+    UI opens in its GenAI view by default, whatever the experiment's kind tag (the e2e test loads one in Chromium);
+    the links name the server without the credentials of the tracking URI; a local store has no UI to link."""
+    from tasks.tracking import Tracker
+
+    local = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "sparsekd-dense-kd")
+    assert local.run_url("abc") is None and local.model_url("m", 1) is None
+    served = Tracker.__new__(Tracker)
+    served.tracking_uri, served.experiment_id = "https://user:secret@mlflow.example:5000/", "7"
+    assert served.run_url("abc") == \
+        "https://mlflow.example:5000/#/experiments/7/runs/abc?workflowType=machine_learning"
+    assert served.model_url("sparsekd-x", 2) == \
+        "https://mlflow.example:5000/#/models/sparsekd-x/versions/2?workflowType=machine_learning"
