@@ -68,13 +68,13 @@ def test_setup_refuses_without_a_server(monkeypatch, capsys):
     assert "no Prefect server" in capsys.readouterr().err
 
 
-def _untyped_objects(schema: dict) -> list[str]:
-    """Paths of objects in a JSON schema whose fields are not declared (free-form JSON boxes in the UI form)."""
+def _paths_where(schema: dict, hit) -> list[str]:
+    """Paths of the objects of a JSON schema for which ``hit(node)`` holds."""
     found = []
 
     def visit(node, path):
         if isinstance(node, dict):
-            if node.get("type") == "object" and not node.get("properties") and "$ref" not in node:
+            if hit(node):
                 found.append(path)
             for key, value in node.items():
                 visit(value, f"{path}/{key}")
@@ -84,6 +84,11 @@ def _untyped_objects(schema: dict) -> list[str]:
 
     visit(schema, "")
     return found
+
+
+def _untyped_objects(schema: dict) -> list[str]:
+    """Objects whose fields are not declared (free-form JSON boxes in the UI form)."""
+    return _paths_where(schema, lambda n: n.get("type") == "object" and not n.get("properties") and "$ref" not in n)
 
 
 def test_every_flow_form_is_typed_all_the_way_down():
@@ -159,20 +164,8 @@ def test_forms_keep_the_declared_field_order_through_jsonb():
 
 
 def _none_switches(schema: dict) -> list[str]:
-    found = []
-
-    def visit(node, path):
-        if isinstance(node, dict):
-            if {"type": "null"} in node.get("anyOf", []):
-                found.append(path)
-            for key, value in node.items():
-                visit(value, f"{path}/{key}")
-        elif isinstance(node, list):
-            for i, value in enumerate(node):
-                visit(value, f"{path}[{i}]")
-
-    visit(schema, "")
-    return found
+    """Fields offered as Prefect's ``X | None`` switch ("Property is type None")."""
+    return _paths_where(schema, lambda n: {"type": "null"} in n.get("anyOf", []))
 
 
 def test_forms_have_no_internal_fields_and_no_none_switches():
