@@ -153,7 +153,8 @@ def publish(result: dict, paper: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.study", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="the study's YAML config")
-    parser.add_argument("--out", help="copy the report, plots and study.json here (e.g. docs/results/study-smollm2)")
+    parser.add_argument("--out", default="", help="copy the report, plots and study.json here (e.g. "
+                                                  "docs/results/study-smollm2)")
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     import yaml

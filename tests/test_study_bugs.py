@@ -92,3 +92,24 @@ def test_publish_copies_only_this_runs_outputs(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["iterative-ppl_vs_reduction_text.png", "paper-report.md",
                                                      "recovery.png", "report.md", "study.json"]
     assert (out / "iterative-ppl_vs_reduction_text.png").read_bytes() == b"iterative-ffffffff"
+
+
+def test_the_study_command_without_out_passes_parameters_the_flow_accepts(tiny_setup, tmp_path, monkeypatch):
+    """`python -m flows.study --config F` (no --out): `out` became a plain string in the Run form, and the command
+    passed None, which the flow's parameter validation refuses before any work."""
+    import yaml
+
+    import flows.study as study
+
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(epoch_study(tiny_setup, tmp_path / "w")))
+    seen, real = {}, study.study_flow
+
+    def accept(config, out, command):
+        seen.update(real.validate_parameters({"config": config, "out": out, "command": command}))
+        return {"verdicts": [], "report": "r.md"}
+
+    monkeypatch.setattr(study, "study_flow", accept)
+    monkeypatch.setattr(study, "verdict_lines", lambda verdicts: "")
+    assert study.main(["--config", str(config)]) == 0
+    assert seen["out"] == "" and seen["command"].startswith("python -m flows.study --config")
