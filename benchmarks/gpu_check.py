@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("environment", "eval", "cache", "distill", "profile", "projection")
+SECTIONS = ("environment", "eval", "cache", "distill", "profile", "sparse24", "projection")
 
 # Dense bf16 tensor-core peaks (datasheet, without sparsity), FLOP/s: what MFU is reported against.
 BF16_PEAK = {"H200": 989.4e12, "H100 SXM": 989.4e12, "H100 80GB HBM3": 989.4e12, "H100 PCIe": 756.0e12,
@@ -370,6 +370,52 @@ def section_profile(device: torch.device, s: Settings, state: dict) -> dict:
             "mlp_reduction": reductions, "cells": [{k: r.get(k) for k in keep} for r in results]}
 
 
+# ---------------------------------------------------------------------------------------------------- 2:4 sparsity
+
+
+def section_sparse24(device: torch.device, s: Settings, state: dict) -> dict:
+    """A WANDA 2:4 MLP matrix (sparsekd's own mask, prune/wanda.py) as the GPU runs it: the dense matmul against
+    ``torch.sparse.to_sparse_semi_structured`` at a decode-sized and a prefill-sized token batch, in bf16, on the
+    down_proj shape of Qwen3-0.6B. Where semi-structured kernels do not exist (a CPU, an older GPU) the dense time
+    is measured and the row says the pattern is counted, not accelerated."""
+    import torch.nn.functional as F
+
+    from sparsekd_core.prune.wanda import wanda_mask_2_4
+
+    hidden, inter = (TINY if s.dry else QWEN3_06B)["hidden_size"], (TINY if s.dry else QWEN3_06B)["intermediate_size"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    weight = torch.randn(hidden, inter, device=device, dtype=dtype)  # down_proj [out, in]
+    mask, _ = wanda_mask_2_4(weight.float(), torch.rand(inter, device=device) + 0.1)
+    weight = weight.masked_fill(mask, 0)
+    groups = (weight == 0).reshape(hidden, -1, 4).sum(-1)
+    out: dict = {"shape": f"down_proj {hidden}x{inter}, {str(dtype).removeprefix('torch.')}",
+                 "zero_fraction": float((weight == 0).float().mean()),
+                 "groups_with_two_zeros": float((groups == 2).float().mean())}
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        sparse = to_sparse_semi_structured(weight)
+    except Exception as err:  # noqa: BLE001 - no kernel here: the finding is that it is not accelerated
+        sparse, out["accelerated"] = None, False
+        out["note"] = f"to_sparse_semi_structured unavailable on {device.type} ({type(err).__name__}): counted, " \
+                      "not accelerated"
+    def best_ms(fn) -> float:  # one matmul is microseconds: warm up, then the best of several
+        fn()
+        return min(timed(fn, device) for _ in range(3 if s.dry else 50)) * 1e3
+
+    for label, tokens in (("decode_b16", 16), ("prefill_4k", 256 if s.dry else 4096)):
+        x = torch.randn(tokens, inter, device=device, dtype=dtype)
+        out[f"dense_ms_{label}"] = best_ms(lambda: F.linear(x, weight))
+        if sparse is not None:
+            out[f"sparse_ms_{label}"] = best_ms(lambda: F.linear(x, sparse))
+            out[f"speedup_{label}"] = out[f"dense_ms_{label}"] / out[f"sparse_ms_{label}"]
+            out["max_abs_error"] = float((F.linear(x, sparse) - F.linear(x, weight)).abs().max())
+    if sparse is not None:
+        out["accelerated"] = True
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- projection
 
 
@@ -503,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
                "cache": lambda: section_cache(device, s, state, work),
                "distill": lambda: section_distill(device, s, state),
                "profile": lambda: section_profile(device, s, state),
+               "sparse24": lambda: section_sparse24(device, s, state),
                "projection": lambda: section_projection(device, s, state, report)}
     try:
         for name in SECTIONS:

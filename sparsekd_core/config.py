@@ -366,11 +366,16 @@ class PruneConfig(StageConfig):
     matrix keeps the smallest rank holding this fraction of its spectral energy; SVD only).
     """
 
-    method: Literal["svd", "wanda", "depth"] = Field(
-        "svd", description="svd: structured low-rank; wanda: unstructured; depth: remove whole decoder blocks.")
+    method: Literal["svd", "wanda", "depth", "width"] = Field(
+        "svd", description="svd: structured low-rank; wanda: unstructured; depth: remove whole decoder blocks; "
+                           "width: remove the least active MLP neurons (a smaller intermediate_size).")
     drop_blocks: int | None = Field(
         None, gt=0, description="depth: how many consecutive decoder blocks to remove (the span whose input and "
                                 "output hidden states are closest in angular distance).")
+    pattern: Literal["unstructured", "2:4"] = Field(
+        "unstructured", description="wanda: unstructured (any target_reduction), or 2:4 semi-structured (exactly 2 "
+                                    "zeros in every 4 consecutive inputs of each row, the pattern NVIDIA GPUs "
+                                    "accelerate; target_reduction 0.5).")
     target_reduction: float | None = Field(
         None, gt=0, lt=1, description="ρ in (0, 1): cumulative MLP-parameter reduction vs the dense model."
     )
@@ -378,7 +383,8 @@ class PruneConfig(StageConfig):
     schedule: Literal["tiered", "uniform", "energy"] | None = Field(
         None,
         description="How ρ is spread over matrices (svd with target_reduction; default tiered). energy: one "
-        "spectral-energy threshold for all matrices, solved for ρ.",
+        "spectral-energy threshold for all matrices, solved for ρ. width: uniform (default; every block keeps the "
+        "same number of neurons, a standard checkpoint) or tiered (edge blocks cut less; per-block sizes).",
     )
     whiten: bool | None = Field(
         None, description="Activation-aware (whitened) SVD. Default: on when calibration data is given."
@@ -414,6 +420,8 @@ class PruneConfig(StageConfig):
 
     @model_validator(mode="after")
     def _one_budget(self) -> "PruneConfig":
+        if self.pattern != "unstructured" and self.method != "wanda":
+            raise ValueError(f"pattern={self.pattern} applies to method=wanda only")
         if self.method == "depth":
             if self.drop_blocks is None:
                 raise ValueError("method=depth needs drop_blocks (e.g. 4): how many decoder blocks to remove")
@@ -431,6 +439,13 @@ class PruneConfig(StageConfig):
                 "give exactly one of target_reduction (e.g. 0.15) and energy (e.g. 0.97)"
                 + (", not both" if self.energy is not None else "")
             )
+        if self.method == "width":
+            if self.energy is not None:
+                raise ValueError("energy applies to svd only; width takes target_reduction (MLP parameters removed)")
+            if self.calibration is None:
+                raise ValueError("width pruning ranks neurons by calibration activations; give a calibration source")
+            if self.schedule == "energy" or self.whiten:
+                raise ValueError("width takes schedule uniform or tiered, and no whiten (svd only)")
         if self.method == "wanda":
             if self.energy is not None:
                 raise ValueError("energy applies to svd only; wanda takes target_reduction (fraction of zeros)")
@@ -438,6 +453,9 @@ class PruneConfig(StageConfig):
                 raise ValueError("wanda scores weights by calibration activations; give a calibration source")
             if self.schedule is not None or self.whiten:
                 raise ValueError("schedule and whiten apply to svd only")
+            if self.pattern == "2:4" and self.target_reduction != 0.5:
+                raise ValueError(f"pattern=2:4 zeros 2 of every 4 weights: target_reduction must be 0.5, not "
+                                 f"{self.target_reduction}")
         if self.energy is not None and self.schedule is not None:
             raise ValueError("schedule spreads target_reduction over layers; with energy every matrix keeps τ")
         if self.whiten and self.calibration is None:
@@ -450,9 +468,9 @@ class PruneConfig(StageConfig):
 
     @property
     def resolved_schedule(self) -> str | None:
-        if self.method != "svd" or self.target_reduction is None:
+        if self.method not in ("svd", "width") or self.target_reduction is None:
             return None
-        return self.schedule or "tiered"
+        return self.schedule or ("tiered" if self.method == "svd" else "uniform")
 
 # ---------------------------------------------------------------------------------------------------------------- cache + distill
 

@@ -162,7 +162,7 @@ def test_cli_distill_json(tmp_path, tiny_model_dir, val_file, capsys):
     assert "tail" in capsys.readouterr().err
 
 
-def wanda_student(tmp_path, model, tokenizer, sparsity=0.5):
+def wanda_student(tmp_path, model, tokenizer, sparsity=0.5, pattern="unstructured"):
     """A WANDA-pruned copy of `model` saved as sparsekd saves it, and loaded back as a stage would."""
     from sparsekd_core.config import ModelConfig, PruneConfig
     from sparsekd_core.models import load_model
@@ -172,8 +172,8 @@ def wanda_student(tmp_path, model, tokenizer, sparsity=0.5):
     tmp_path.mkdir(parents=True, exist_ok=True)
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(TRAIN_TEXT) * 4)
-    cfg = PruneConfig(method="wanda", target_reduction=sparsity, calibration=str(calib), calibration_samples=2,
-                      calibration_seq_len=16)
+    cfg = PruneConfig(method="wanda", target_reduction=sparsity, pattern=pattern, calibration=str(calib),
+                      calibration_samples=2, calibration_seq_len=16)
     prune_model(pruned, tokenizer, cfg, log=lambda m: None)
     save_compressed(pruned, tokenizer, tmp_path / "wanda")
     return load_model(ModelConfig(model=str(tmp_path / "wanda")), log=lambda m: None).model
@@ -218,6 +218,22 @@ def test_wanda_zeros_survive_distillation_checkpoint_and_resume(tmp_path, teache
         assert moved.float().mean() > 0.9, name
     assert res.masked_entries == sum(int(m.sum()) for m in pruned.values())
     assert res.mlp_zero_fraction == pytest.approx(0.5) and res.mlp_reduction == pytest.approx(0.5)
+
+
+def test_a_2_4_pattern_holds_through_distillation(tmp_path, teacher_cache, val_file, tiny_llama, tiny_tokenizer):
+    """WANDA 2:4: after KD every group of 4 consecutive inputs still holds exactly its 2 zeros (the same ones),
+    and the kept weights moved."""
+    student = wanda_student(tmp_path, tiny_llama, tiny_tokenizer, pattern="2:4")
+    pruned = mlp_zero_masks(student)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    run(tmp_path, "wanda-2-4", teacher_cache, val_file, student, tiny_tokenizer, max_steps=4, lr=1e-2,
+        weight_decay=0.1)
+    trained = student.state_dict()
+    for name, mask in pruned.items():
+        weight = trained[f"{name}.weight"]
+        assert torch.equal(weight == 0, mask), name
+        assert ((weight == 0).reshape(weight.shape[0], -1, 4).sum(-1) == 2).all(), name
+        assert (weight != before[f"{name}.weight"])[~mask].float().mean() > 0.9, name
 
 
 def test_cli_distill_of_a_wanda_checkpoint_reports_its_zeros(tmp_path, tiny_model_dir, val_file, capsys):

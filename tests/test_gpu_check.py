@@ -46,6 +46,9 @@ def test_dry_run_writes_every_section_with_numbers(tmp_path):
     assert {c["model"] for c in cells} == {"dense", "svd 35%", "svd 65%"} and len(cells) == 6
     assert abs(report["profile"]["mlp_reduction"]["svd 65%"] - 0.65) < 0.01
     assert all(c["amdahl_bound"] >= 1 and c["peak_mem_bytes"] > 0 for c in cells)
+    sparse = report["sparse24"]  # sparsekd's 2:4 mask; a CPU has no semi-structured kernel: counted, not timed
+    assert sparse["zero_fraction"] == 0.5 and sparse["groups_with_two_zeros"] == 1.0
+    assert sparse["dense_ms_decode_b16"] > 0 and (sparse["accelerated"] or "not accelerated" in sparse["note"])
     hours = report["projection"]["models"]
     assert set(hours) == {"Qwen3-0.6B", "Phi-4-mini"}
     assert all(m["programme_gpu_hours"]["2_epoch"] > m["programme_gpu_hours"]["1_epoch"] > 0 for m in hours.values())

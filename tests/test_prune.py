@@ -180,6 +180,35 @@ def test_wanda_sparsity_is_exact_per_matrix(tiny_tokenizer):
         assert int((m.module.weight == 0).sum()) == round(0.37 * m.module.weight.numel())
 
 
+def test_wanda_2_4_zeros_the_two_lowest_scores_of_every_group_of_four(tiny_tokenizer):
+    """pattern=2:4: in every run of 4 consecutive inputs of every row, exactly 2 zeros, and they are the 2 entries
+    with the lowest |W|·‖X‖ (checked against a plain loop over the groups), on Llama and on Phi-3's fused
+    gate_up_proj; the 2:4 pattern is recorded; other patterns and methods are refused."""
+    from sparsekd_core.prune.wanda import wanda_mask_2_4
+
+    torch.manual_seed(0)
+    weight, sq_norm = torch.randn(6, 16), torch.rand(16) + 0.1
+    mask, _ = wanda_mask_2_4(weight, sq_norm)
+    score = weight.abs() * sq_norm.sqrt()
+    for row in range(6):
+        for group in range(4):
+            cols = range(4 * group, 4 * group + 4)
+            lowest = sorted(cols, key=lambda c: (float(score[row, c]), c))[:2]
+            assert [c for c in cols if mask[row, c]] == sorted(lowest)
+    for kind in ("llama", "phi3"):
+        model = make_arch(kind, len(tiny_tokenizer))
+        report = prune_model(model, tiny_tokenizer, PruneConfig(method="wanda", pattern="2:4", target_reduction=0.5,
+                                                                **CALIB))
+        for m in find_mlp_matrices(model):
+            groups = (m.module.weight == 0).reshape(m.module.weight.shape[0], -1, 4).sum(-1)
+            assert (groups == 2).all(), (kind, m.name)
+        assert report.summary()["pattern"] == "2:4"
+    with pytest.raises(ValueError, match="target_reduction must be 0.5"):
+        PruneConfig(method="wanda", pattern="2:4", target_reduction=0.6, **CALIB)
+    with pytest.raises(ValueError, match="applies to method=wanda only"):
+        PruneConfig(method="svd", pattern="2:4", target_reduction=0.5, **CALIB)
+
+
 @pytest.mark.parametrize("kind", ["llama", "phi3"])
 def test_save_load_identical_and_dense_export_equal(kind, tmp_path, tiny_tokenizer, ids):
     from transformers import AutoModelForCausalLM

@@ -24,6 +24,7 @@ SETTINGS = {  # one config per method, small enough for the tiny 2-block model
     "svd": dict(target_reduction=0.3),
     "wanda": dict(method="wanda", target_reduction=0.5),
     "depth": dict(method="depth", drop_blocks=1),
+    "width": dict(method="width", target_reduction=0.25),  # 16 of 64 neurons per block: exactly 0.25
 }
 
 
@@ -105,7 +106,8 @@ def job_for(model, tokenizer, cfg: PruneConfig) -> PruneInput:
                       input_stats=stats, log=quiet)
 
 
-@pytest.mark.parametrize("method,whiten", [("svd", True), ("svd", False), ("wanda", None), ("depth", None)])
+@pytest.mark.parametrize("method,whiten", [("svd", True), ("svd", False), ("wanda", None), ("depth", None),
+                                           ("width", None)])
 def test_each_transform_alone_does_what_the_pipeline_does(method, whiten, calib, tiny_tokenizer):
     cfg = PruneConfig(**SETTINGS[method], **calib, **({} if whiten is None else {"whiten": whiten}))
     alone = make_model("llama", len(tiny_tokenizer))
@@ -123,7 +125,7 @@ def test_each_transform_alone_does_what_the_pipeline_does(method, whiten, calib,
 
 def test_the_registry_lists_every_method_the_config_accepts():
     accepted = typing.get_args(PruneConfig.model_fields["method"].annotation)
-    assert set(METHODS) == set(accepted) == {"svd", "wanda", "depth"}
+    assert set(METHODS) == set(accepted) == {"svd", "wanda", "depth", "width"}
     for name, method in METHODS.items():
         assert callable(method.transform), name
         cfg = PruneConfig(**SETTINGS[name], calibration="wikitext2:train")
@@ -167,6 +169,6 @@ def test_census_is_the_finder_and_the_counts_together(tiny_tokenizer):
 
 
 def test_a_method_missing_from_the_registry_is_a_config_error(tiny_tokenizer):
-    cfg = PruneConfig.model_construct(**{**PruneConfig(target_reduction=0.3).model_dump(), "method": "width"})
-    with pytest.raises(ConfigError, match="prune.method='width'.*allowed: svd, wanda, depth"):
+    cfg = PruneConfig.model_construct(**{**PruneConfig(target_reduction=0.3).model_dump(), "method": "lottery"})
+    with pytest.raises(ConfigError, match="prune.method='lottery'.*allowed: svd, wanda, depth, width"):
         prune_model(make_model("llama", len(tiny_tokenizer)), tiny_tokenizer, cfg, log=quiet)

@@ -1,10 +1,10 @@
 """Pruning stage. ``prune_model`` (``pipeline.py``) is the one call a CLI verb or a task makes: it finds the MLP
 matrices and counts parameters, collects calibration data, hands them to one method of ``METHODS``, counts again
 and records the round. The methods only transform the model: structured low-rank SVD (``svd.py``), unstructured
-WANDA (``wanda.py``), removal of whole decoder blocks (``depth.py``); what they receive and return is in
-``method.py``, how to add one in ``pipeline.py``. Around them: calibration statistics (``calibration.py``), low-rank
-layers, parameter counts and compressed checkpoints (``lowrank.py``), the per-round report and config record
-(``report.py``), and the invariants later stages keep (``masks.py``)."""
+WANDA (``wanda.py``), removal of whole decoder blocks (``depth.py``) or of MLP neurons (``width.py``); what they
+receive and return is in ``method.py``, how to add one in ``pipeline.py``. Around them: calibration statistics
+(``calibration.py``), low-rank layers, parameter counts and compressed checkpoints (``lowrank.py``), the per-round
+report and config record (``report.py``), and the invariants later stages keep (``masks.py``)."""
 
 from __future__ import annotations
 

@@ -12,12 +12,14 @@ Compressed checkpoint (a directory that ``sparsekd_core.models.load_model`` load
 * ``model.safetensors``: the state dict, factored modules as ``<name>.u.weight`` [out, r] and
   ``<name>.v.weight`` [r, in] (tied weights stored once), so the file size follows the parameter count;
 * the tokenizer files;
-* where at least one module is factored: ``modeling_sparsekd.py`` (``remote_code/``, copied verbatim) and
+* ``widths`` (MLP module name → intermediate size), only where an MLP's size differs from the config's
+  ``intermediate_size`` (width pruning with a non-uniform schedule, ``width.py``);
+* where at least one module is factored or resized: ``modeling_sparsekd.py`` (``remote_code/``, copied verbatim) and
   ``config.json``'s ``auto_map`` pointing at it, so ``AutoModelForCausalLM.from_pretrained(DIR,
   trust_remote_code=True)`` builds the same model with only torch and transformers installed. ``model_type`` stays
   the base's: without ``trust_remote_code`` transformers builds the dense architecture, reports the factor weights
-  as unexpected and the dense MLP weights as missing (randomly initialised), i.e. a wrong model. WANDA and
-  depth-pruned checkpoints factor nothing: they are standard checkpoints and carry no code.
+  as unexpected and the dense MLP weights as missing (randomly initialised), i.e. a wrong model. WANDA, depth and
+  uniform width-pruned checkpoints factor and resize nothing: they are standard checkpoints and carry no code.
 
 ``save_dense`` merges the factors back (``u.weight @ v.weight``) into a plain checkpoint that stock
 ``transformers`` loads; its config keeps the record under ``sparsekd_dense_export`` instead.
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..files import replace_dir
 from .remote_code import AUTO_MAP, MODELING_FILE
 
@@ -45,6 +48,9 @@ FORMAT_VERSION = 1
 # An MLP matrix is a linear inside a decoder block's MLP: ``...layers.<i>.<mlp|feed_forward|ffn>.<proj>``.
 # Covers Llama, Qwen2/Qwen3, Mistral, Gemma (gate/up/down_proj) and Phi-3/Phi-4-mini (fused gate_up_proj).
 MLP_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|feed_forward|ffn)\.(\w+)$")
+# An MLP's intermediate neurons: output rows of these projections (per neuron; Phi-3's fused gate_up_proj holds
+# gate rows [0, I) and up rows [I, 2I)) and input columns of down_proj. ``remote_code/`` has its own copy.
+NEURON_ROWS = {"gate_proj": 1, "up_proj": 1, "gate_up_proj": 2}
 
 
 class LowRankLinear(nn.Module):
@@ -160,6 +166,29 @@ def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> None:
                                               device=old.weight.device, dtype=old.weight.dtype))
 
 
+def mlp_widths(model: nn.Module) -> dict[str, int]:
+    """{MLP module name: intermediate size} of the MLPs whose size differs from ``config.intermediate_size`` (a
+    width-pruned model with per-block sizes); empty for a model whose MLPs all have the config's size."""
+    size = getattr(model.config, "intermediate_size", None)
+    if not isinstance(size, int):
+        return {}
+    return {m.name.rpartition(".")[0]: m.module.in_features for m in find_mlp_matrices(model)
+            if m.proj == "down_proj" and m.module.in_features != size}
+
+
+def apply_widths(model: nn.Module, widths: dict[str, int]) -> None:
+    """Give each named MLP its own intermediate size: (uninitialised) dense linears of that width, in place."""
+    for mlp_name, width in widths.items():
+        mlp = model.get_submodule(mlp_name)
+        shapes = {proj: (mlp.get_submodule(proj).in_features, copies * width)
+                  for proj, copies in NEURON_ROWS.items() if hasattr(mlp, proj)}
+        shapes["down_proj"] = (width, mlp.down_proj.out_features)
+        for proj, (in_features, out_features) in shapes.items():
+            old = mlp.get_submodule(proj)
+            setattr(mlp, proj, nn.Linear(in_features, out_features, bias=old.bias is not None,
+                                         device=old.weight.device, dtype=old.weight.dtype))
+
+
 def is_compressed_dir(path: str | Path) -> bool:
     config = Path(path) / "config.json"
     if not config.is_file():
@@ -189,7 +218,9 @@ def load_compressed(path: str | Path, dtype: torch.dtype) -> nn.Module:
         delattr(config, "auto_map")
     with no_init_weights():  # every tensor is overwritten below; random init would only cost time
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    apply_ranks(model, getattr(config, COMPRESSION_KEY).get("ranks", {}))
+    record = getattr(config, COMPRESSION_KEY)
+    apply_widths(model, record.get("widths", {}))  # before factoring: a factored MLP of a resized block
+    apply_ranks(model, record.get("ranks", {}))
     model.tie_weights()
     # Our own writer makes one model.safetensors; a factored model saved with save_pretrained (e.g. after
     # training) may be sharded with an index. Either loads.
@@ -232,6 +263,10 @@ def save_compressed(model: nn.Module, tokenizer, out: str | Path) -> Path:
     if record is None:
         raise ValueError("model has no sparsekd_compression record; set it before saving a compressed checkpoint")
     record["ranks"] = factored_ranks(find_mlp_matrices(model))
+    record.pop("widths", None)
+    widths = mlp_widths(model)
+    if widths:  # only width-pruned models with per-block sizes carry the key
+        record["widths"] = widths
 
     state = model.state_dict()
     tensors = {group[0]: state[group[0]].detach().contiguous() for group in _shared_groups(model)}
@@ -239,7 +274,7 @@ def save_compressed(model: nn.Module, tokenizer, out: str | Path) -> Path:
     def build(tmp: Path) -> None:
         _save_common(model, tokenizer, tmp)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if record["ranks"]:
+        if record["ranks"] or widths:
             add_remote_code(tmp)
 
     return replace_dir(build, Path(out))
@@ -250,6 +285,10 @@ def save_dense(model: nn.Module, tokenizer, out: str | Path) -> Path:
     modified). Outputs equal the factored model's up to the rounding of one extra matmul."""
     import copy
 
+    if mlp_widths(model):
+        raise ConfigError("prune: a dense export of a model with per-block MLP sizes (width pruning, schedule "
+                          "tiered) is not a stock architecture; use schedule uniform, or load the compressed "
+                          "checkpoint (its modeling code builds the per-block sizes)")
     dense = copy.deepcopy(model)
     for m in find_mlp_matrices(dense):
         if m.rank is not None:

@@ -12,7 +12,7 @@ The matrices are found once per state of the model: before the transform (what t
 (what is counted and recorded; a method may replace modules or remove whole blocks, so the "before" list cannot
 describe the result). A method never finds matrices, counts parameters or touches the record itself.
 
-Adding a method (e.g. Minitron-style neuron removal, issue 28):
+Adding a method (as width pruning, ``width.py``, was):
 
 * a new file ``prune/<name>.py`` with ``prune_<name>(job: PruneInput) -> MethodResult`` (change ``job.model`` in
   place; one ``LayerReport`` per matrix it touched; its settings) and ``<NAME> = Method(transform=prune_<name>,
@@ -38,8 +38,9 @@ from .method import Calibration, Method, PruneInput
 from .report import PruneReport, dense_mlp_params, next_round, record_round
 from .svd import SVD
 from .wanda import WANDA
+from .width import WIDTH
 
-METHODS: dict[str, Method] = {"svd": SVD, "wanda": WANDA, "depth": DEPTH}
+METHODS: dict[str, Method] = {"svd": SVD, "wanda": WANDA, "depth": DEPTH, "width": WIDTH}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""A sparsekd factored (SVD-pruned) checkpoint as a plain transformers model: no sparsekd needed.
+"""A sparsekd factored (SVD-pruned) or per-block-width checkpoint as a plain transformers model: no sparsekd needed.
 
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
@@ -12,7 +12,10 @@ What it builds: a subclass of the base architecture's own class (``LlamaForCausa
 made from the config, with every MLP projection named in ``config.sparsekd_compression["ranks"]`` (module name →
 rank r) replaced by ``LowRankLinear``: two linears ``v`` (in → r, no bias) and ``u`` (r → out, with the dense
 layer's bias if it had one), ``y = u(v(x))``. Parameter names match the checkpoint (``<name>.v.weight`` [r, in],
-``<name>.u.weight`` [out, r], ``<name>.u.bias`` [out]), so transformers' own ``from_pretrained`` loads the weights
+``<name>.u.weight`` [out, r], ``<name>.u.bias`` [out]). Before that, every MLP named in the record's ``widths`` (MLP
+module name → intermediate size I_b; width pruning with per-block sizes) gets dense projections of its own size:
+``gate_proj``/``up_proj`` [I_b, hidden] (Phi-3's ``gate_up_proj`` [2·I_b, hidden]), ``down_proj`` [hidden, I_b].
+So transformers' own ``from_pretrained`` loads the weights
 (tied embeddings and dtype included) and ``generate``, ``pipeline``, ``save_pretrained`` and the rest are the base
 class's.
 """
@@ -27,6 +30,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 COMPRESSION_KEY = "sparsekd_compression"
+NEURON_ROWS = {"gate_proj": 1, "up_proj": 1, "gate_up_proj": 2}  # output rows per intermediate neuron
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_sparsekd.SparsekdForCausalLM"}
 
 
@@ -60,13 +64,29 @@ def factor_projections(model: nn.Module, ranks: dict[str, int]) -> None:
                                              device=dense.weight.device, dtype=dense.weight.dtype))
 
 
+def resize_mlps(model: nn.Module, widths: dict[str, int]) -> None:
+    """Give each named MLP of ``model`` its own intermediate size (uninitialised dense projections), in place."""
+    for mlp_name, width in widths.items():
+        mlp = model.get_submodule(mlp_name)
+        shapes = {proj: (getattr(mlp, proj).in_features, copies * width)
+                  for proj, copies in NEURON_ROWS.items() if hasattr(mlp, proj)}
+        shapes["down_proj"] = (width, mlp.down_proj.out_features)
+        for proj, (in_features, out_features) in shapes.items():
+            old = getattr(mlp, proj)
+            setattr(mlp, proj, nn.Linear(in_features, out_features, bias=old.bias is not None,
+                                         device=old.weight.device, dtype=old.weight.dtype))
+
+
 class FactoredMixin:
-    """Put in front of a base architecture's class: factor the recorded projections right after the base builds
-    the dense model, and keep this file and its ``auto_map`` entry in every directory ``save_pretrained`` writes."""
+    """Put in front of a base architecture's class: resize, then factor the recorded projections right after the
+    base builds the dense model, and keep this file and its ``auto_map`` entry in every directory ``save_pretrained``
+    writes."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        factor_projections(self, (getattr(config, COMPRESSION_KEY, None) or {}).get("ranks", {}))
+        record = getattr(config, COMPRESSION_KEY, None) or {}
+        resize_mlps(self, record.get("widths", {}))
+        factor_projections(self, record.get("ranks", {}))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
