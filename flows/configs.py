@@ -256,6 +256,16 @@ SFTSection = section_model(SFTConfig, "SFTSection", "SFT-only settings; training
                            "so every arm trains the same way.", keep={"max_len"})
 
 
+def _profile_cells(v: BaseModel) -> BaseModel:
+    """A flow's ``profile_settings`` section: every check of the profile stage, before any work."""
+    return _check_stage(ProfileConfig, "profile_settings", v)
+
+
+def _calibration_only(v: BaseModel) -> BaseModel:
+    """A ``WandaSection`` (calibration fields only; the flow sets method and size): the prune stage's checks."""
+    return _check_stage(PruneConfig, "prune", v, method="wanda", target_reduction=0.5)
+
+
 class FlowConfig(_Section):
     """Settings every flow shares."""
 
@@ -371,10 +381,7 @@ class IterativeConfig(PruningFlowConfig):
                                              "on an idle machine or a GPU worker.")
     profile_settings: ProfileSection = Field(ProfileSection(), description="The profiling cells when profile is on.")
 
-    @field_validator("profile_settings")
-    @classmethod
-    def _profile_settings(cls, v: BaseModel) -> BaseModel:
-        return _check_stage(ProfileConfig, "profile_settings", v)
+    _profile_settings = field_validator("profile_settings")(_profile_cells)
 
     @field_validator("targets")
     @classmethod
@@ -411,10 +418,7 @@ class WandaConfig(FlowConfig):
             raise ValueError(f"sparsities={v}: each must be in (0, 1)")
         return v
 
-    @field_validator("prune")
-    @classmethod
-    def _prune(cls, v: BaseModel) -> BaseModel:
-        return _check_stage(PruneConfig, "prune", v, method="wanda", target_reduction=0.5)
+    _prune = field_validator("prune")(_calibration_only)
 
 
 class SelfDataCorpus(CorpusSpec):
@@ -678,6 +682,50 @@ def deployment_name(flow_name: str, pool: str) -> str:
     return f"{flow_name}/{flow_name}-{pool}"
 
 
+class CompareConfig(FlowConfig):
+    """Every pruning method at the same total size, each recovered by KD and by its CE-only twin (same tokens and
+    seed), then evaluated and profiled side by side: one table per budget, a Pareto plot, the best and the fastest."""
+
+    budgets: list[float] = Field([0.1, 0.2], description="Targets as fractions of ALL the dense model's parameters "
+                                                         "removed (SVD/width/WANDA are sized from the MLP share; "
+                                                         "depth takes the nearest block count; WANDA 2:4 is fixed "
+                                                         "at half of the MLP weights).")
+    methods: list[Literal["svd", "width", "depth", "wanda", "wanda-2:4"]] = Field(
+        ["svd", "width", "depth", "wanda", "wanda-2:4"],
+        description="svd: whitened, tiered; width: uniform MLP neurons; depth: whole blocks; wanda: unstructured "
+                    "zeros; wanda-2:4: 2 zeros in every 4 inputs (zeros counted; the weights file does not shrink).")
+    prune: WandaSection = Field(WandaSection(), description="Calibration of every method (the flow sets each "
+                                                            "method, its schedule and its size).")
+    profile_settings: ProfileSection = Field(ProfileSection(batch_sizes=[1, 16]),
+                                             description="The profiling cells: prefill and decode tokens/s of the "
+                                                         "dense model and every recovered model.")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < b < 1 for b in v) or len(set(v)) != len(v):
+            raise ValueError(f"budgets={v}: need one or more distinct fractions of the total parameters in (0, 1)")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"methods={v}: need one or more distinct methods")
+        return v
+
+    _prune = field_validator("prune")(_calibration_only)
+
+    _profile_settings = field_validator("profile_settings")(_profile_cells)
+
+    @model_validator(mode="after")
+    def _a_perplexity_set(self) -> "CompareConfig":
+        # The best method and the Pareto plot are by post-KD perplexity on the first perplexity set.
+        if not any(es.kind == "perplexity" for es in self.eval_sets):
+            raise ValueError("eval_sets: compare ranks methods by perplexity; give at least one kind=perplexity set")
+        return self
+
+
 FLOW_CONFIGS: dict[str, type[BaseModel]] = {
     "dense-kd": DenseKDConfig,
     "iterative": IterativeConfig,
@@ -689,6 +737,7 @@ FLOW_CONFIGS: dict[str, type[BaseModel]] = {
     "study": StudyConfig,
     "selfdata": SelfDataFlowConfig,
     "profile": ProfileFlowConfig,
+    "compare": CompareConfig,
 }
 
 

@@ -524,6 +524,139 @@ def study_report(config: Any, ppl: dict[str, dict[str, float]], found: list[dict
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------------- compare
+
+
+def mlp_target_for_budget(budget: float, total_params: int, mlp_params: int) -> float:
+    """The MLP-relative reduction that removes ``budget`` of ALL parameters when only MLP parameters are cut:
+    budget · total / MLP (e.g. 10% of SmolLM2-135M's 134.5M parameters is 22.6% of its 79.6M MLP parameters)."""
+    return budget * total_params / mlp_params
+
+
+def blocks_for_budget(budget: float, total_params: int, block_params: int, num_layers: int) -> int:
+    """The decoder-block count whose parameters are nearest ``budget`` of all parameters (at least 1, and at least
+    one block kept)."""
+    return max(1, min(num_layers - 1, round(budget * total_params / block_params)))
+
+
+def achieved_total_reduction(counts: dict, dense_total: int) -> float:
+    """Fraction of the dense model's parameters gone, counted on the evaluated model (``measured_compression``):
+    by nonzero entries for an unstructured (WANDA) model, whose zeros are still stored, by parameters otherwise."""
+    kept = counts["total_nonzero"] if counts.get("counted") == "nonzero entries" else counts["total_params"]
+    return 1 - kept / dense_total
+
+
+def compare_speeds(results: list[dict]) -> dict[str, dict[int, dict[str, float]]]:
+    """{model label: {batch size: {"prefill", "decode"} tokens/s}} from the profile stage's rows, at its first
+    prompt length (prefill = batch·prompt / TTFT; decode = batch / TPOT; medians of the repeats)."""
+    first_len = results[0]["seq_len"] if results else None
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for r in results:
+        if r["seq_len"] == first_len:
+            out.setdefault(r["model"], {})[r["batch_size"]] = {"prefill": r["tokens_per_s"],
+                                                               "decode": r["decode_tokens_per_s"]}
+    return out
+
+
+def compare_verdicts(rows: list[dict], eval_name: str, batch_sizes: list[int]) -> dict[str, dict | None]:
+    """From one budget's rows (``compare_section``): ``best`` = lowest post-KD perplexity on ``eval_name``;
+    ``fastest`` = highest decode tokens/s at the smallest batch (the one-user latency case); None without numbers."""
+    def finite(v: Any) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    scored = [r for r in rows if finite(r["kd"].get(eval_name))]
+    batch = min(batch_sizes)
+    timed = [r for r in rows if finite(r["speed"].get(batch, {}).get("decode"))]
+    return {"best": min(scored, key=lambda r: r["kd"][eval_name]) if scored else None,
+            "fastest": max(timed, key=lambda r: r["speed"][batch]["decode"]) if timed else None}
+
+
+def _mib(n: int | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
+
+
+def compare_section(names: list[str], dense: dict, budgets: dict[float, list[dict]],
+                    batch_sizes: list[int]) -> tuple[str, dict[str, float]]:
+    """One table per budget and its two computed lines. ``dense``: {"ppl", "weights_bytes", "speed"}; each row:
+    {"method", "setting", "total_reduction", "weights_bytes", "pre", "kd", "ce" ({set: PPL}), "speed" ({batch:
+    {"prefill", "decode"}}), "note"}. The best/fastest lines are computed from the same rows (``compare_verdicts``)."""
+    def speed_cells(speed: dict) -> list:
+        return [x for b in batch_sizes for x in (speed.get(b, {}).get("prefill"), speed.get(b, {}).get("decode"))]
+
+    headers = ["method", "size", "total removed", "weights file", *[f"pre-KD {n}" for n in names],
+               *[f"KD {n}" for n in names], *[f"CE-only {n}" for n in names],
+               *[h for b in batch_sizes for h in (f"prefill tok/s b{b}", f"decode tok/s b{b}")], "note"]
+    blank = ["—"] * len(names)
+    first = names[0]
+    parts = ["## Compare: every method at the same size, recovered by KD and by CE-only\n\n"
+             "Budgets are fractions of ALL the dense model's parameters. SVD, width and WANDA are sized from the MLP "
+             "share of the model; depth removes the whole-block count nearest the budget; WANDA 2:4 is fixed at half "
+             "of the MLP weights. `total removed` is counted on the evaluated model (zeros for WANDA, whose weights "
+             "file keeps them: no size gain, and on CPU no speed gain, without sparse kernels). KD and CE-only train "
+             "on the same tokens with the same seed. Tokens/s are medians of the profile stage on this machine.\n\n"]
+    metrics = flat("ppl_dense", dense["ppl"])
+    for budget, rows in budgets.items():
+        table_rows = [["dense", "—", pct(0.0), _mib(dense.get("weights_bytes")), *[dense["ppl"][n] for n in names],
+                       *blank, *blank, *speed_cells(dense["speed"]), ""]]
+        for r in rows:
+            table_rows.append([r["method"], r["setting"], pct(r["total_reduction"]), _mib(r["weights_bytes"]),
+                               *[r["pre"][n] for n in names], *[r["kd"][n] for n in names],
+                               *[r["ce"][n] for n in names], *speed_cells(r["speed"]), r.get("note", "")])
+            key = metric_name(f"b{100 * budget:g} {r['method']}")
+            metrics.update({**flat(f"{key}_pre_kd", r["pre"]), **flat(f"{key}_kd", r["kd"]),
+                            **flat(f"{key}_ce_only", r["ce"]), f"{key}_total_reduction": r["total_reduction"]})
+        found = compare_verdicts(rows, first, batch_sizes)
+        best, fastest, b = found["best"], found["fastest"], min(batch_sizes)
+        lines = [f"**Best after recovery ({pct(budget)} budget):** "
+                 + (f"{best['method']}: KD PPL {first} {_fmt(best['kd'][first])} (CE-only {_fmt(best['ce'][first])}, "
+                    f"pre-KD {_fmt(best['pre'][first])}), {pct(best['total_reduction'])} of all parameters removed."
+                    if best else "no perplexity."),
+                 f"**Fastest ({pct(budget)} budget):** "
+                 + (f"{fastest['method']}: decode {_fmt(fastest['speed'][b]['decode'], 1)} tok/s at batch {b} "
+                    f"(dense {_fmt(dense['speed'].get(b, {}).get('decode'), 1)}), prefill "
+                    f"{_fmt(fastest['speed'][b]['prefill'], 1)} tok/s, {pct(fastest['total_reduction'])} removed."
+                    if fastest else "not measured.")]
+        parts.append(f"### Budget: {pct(budget)} of all parameters\n\n" + table(headers, table_rows) + "\n"
+                     + "\n\n".join(lines) + "\n\n")
+    return "".join(parts), metrics
+
+
+def pareto_front(points: list[tuple[float, float]], higher_x_is_better: bool) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (lower y is better), sorted by x."""
+    sign = 1 if higher_x_is_better else -1
+    front = [p for p in points if not any(sign * q[0] >= sign * p[0] and q[1] <= p[1] and q != p for q in points)]
+    return sorted(front)
+
+
+def plot_compare_pareto(points: list[dict], eval_name: str, batch: int, path: str | Path) -> None:
+    """Post-KD perplexity against parameters removed and against measured decode tokens/s at ``batch``, one
+    marker per method, its Pareto front dashed. ``points``: {"label", "method", "total_reduction", "ppl",
+    "decode"} (dense included as total_reduction 0)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, x_key, xlabel, higher in ((axes[0], "total_reduction", "parameters removed (% of total)", True),
+                                      (axes[1], "decode", f"decode tokens/s (batch {batch})", True)):
+        usable = [p for p in points if p.get(x_key) is not None and p.get("ppl") is not None]
+        scale = 100 if x_key == "total_reduction" else 1
+        for method in dict.fromkeys(p["method"] for p in usable):
+            mine = [p for p in usable if p["method"] == method]
+            ax.plot([scale * p[x_key] for p in mine], [p["ppl"] for p in mine], "o", label=method)
+        front = pareto_front([(scale * p[x_key], p["ppl"]) for p in usable], higher)
+        if len(front) > 1:
+            ax.plot([x for x, _ in front], [y for _, y in front], "--", color="grey", lw=0.8, label="Pareto front")
+        for p in usable:
+            ax.annotate(p["label"], (scale * p[x_key], p["ppl"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"perplexity after KD ({eval_name}; dense as is)")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
+    _save(fig, path)
+
+
 # ---------------------------------------------------------------------------------------------------------------- plots
 
 

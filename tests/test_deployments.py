@@ -16,11 +16,12 @@ def _deployments():
 
 
 def _flow(entrypoint: str):
+    import flows.compare as compare
     import flows.experiments as experiments
     import flows.study as study
 
     path, name = entrypoint.split(":")
-    modules = {"flows/experiments.py": experiments, "flows/study.py": study}
+    modules = {"flows/experiments.py": experiments, "flows/study.py": study, "flows/compare.py": compare}
     assert path in modules, path
     return getattr(modules[path], name)
 
