@@ -45,8 +45,10 @@ class _Config:
 class _HttpTracker:
     """A Tracker whose tracking URI is a server's: records the logging instead of sending it."""
 
+    run_url, ui_url = Tracker.run_url, Tracker.ui_url  # the real links, from the URI
+
     def __init__(self, uri: str):
-        self.tracking_uri = uri
+        self.tracking_uri, self.experiment_id = uri, "1"
         self.client = self
         self.files: dict[str, str] = {}  # artifact path -> the local file logged there
         self.texts: dict[str, str] = {}  # artifact path -> the text logged there
@@ -97,6 +99,8 @@ def test_a_tracking_server_gets_its_own_urls_of_the_plots(tmp_path, monkeypatch)
     [src] = image_sources(mlflow_text)
     url = urlsplit(src)
     assert (url.scheme, url.netloc, url.path) == ("http", "mlflow.example:5000", "/get-artifact")  # no credentials
+    assert summary["mlflow_run_url"] == f"http://mlflow.example:5000/#/experiments/1/runs/{parent}" \
+        "?workflowType=machine_learning"
     assert parse_qs(url.query) == {"path": ["report/recovery.png"], "run_uuid": [parent]}
     # That file is logged there, beside the report's other files; the text on disk is not.
     assert tracker.files["report/recovery.png"] == str(Path(summary["report"]).parent / "recovery.png")
