@@ -50,7 +50,7 @@ step distill-ce distill --student "$OUT/svd15" --cache "$OUT/cache.zarr" --out "
   --max-steps 8 --lr 5e-5 --eval-every 4 --val-tokens 1024
 step eval-svd15-kd eval --model "$OUT/svd15-kd" "${WIKI[@]}"
 step eval-svd15-ce eval --model "$OUT/svd15-ce" "${WIKI[@]}"
-step profile profile --model $M --model "$OUT/svd35" --model "$OUT/width15" --model "$OUT/depth4" --batch-sizes 1,16 \
+step profile profile --model $M --model "$OUT/svd15" --model "$OUT/svd35" --model "$OUT/depth4" --batch-sizes 1,16 \
   --seq-len 128 --new-tokens 16 --warmup 1 --repeats 2
 step gsm8k eval --model $M --kind gsm8k --max-problems 10 --max-new-tokens 128
 step eval-dense-paper-16k eval --model $M --data wikitext2:test --max-tokens 16384

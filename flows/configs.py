@@ -269,7 +269,7 @@ def _calibration_only(v: BaseModel) -> BaseModel:
 class FlowConfig(_Section):
     """Settings every flow shares."""
 
-    model: ModelSpec = Field("smollm2-135m", description="Dense model: alias, hub id, local directory or .gguf file.")
+    model: ModelSpec = Field("smollm2-135m", description="Dense model: alias (smollm2-135m, gemma3-270m), hub id, local directory or .gguf file.")
     dtype: Dtype = as_stage(ModelConfig, "dtype")
     device: Device = as_stage(ModelConfig, "device")
     workdir: str = Field(default_factory=lambda: os.environ.get(STORAGE_ROOT_ENV) or "runs",
