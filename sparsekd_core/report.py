@@ -94,14 +94,15 @@ def disjoint_line(checked: dict) -> str:
 def flow_header(flow_name: str, model: str, seed: int, eval_cfg: dict, eval_sets: list[dict], corpus: dict,
                 checked: dict) -> str:
     """The report's title and what every number below was measured on: protocol, eval sets, KD corpus."""
-    from .config import AccuracyConfig  # an unset max_problems is the accuracy stage's default
+    from .config import MODEL_ALIASES, AccuracyConfig  # an unset max_problems is the accuracy stage's default
 
     sets = ", ".join(f"`{es['name']}` = {es['data']}" + (f" (first {es['max_tokens']} tokens)" if es.get("max_tokens")
                                                           else "")
                      + (f" (GSM8K accuracy, first {es.get('max_problems') or AccuracyConfig().max_problems} problems)"
                         if es.get("kind") == "gsm8k" else "")
                      for es in eval_sets)
-    return (f"# {flow_name}: {model} (seed {seed})\n\n"
+    what = f"Model: `{model}` = {MODEL_ALIASES[model]}.\n\n" if model in MODEL_ALIASES else ""
+    return (f"# {flow_name}: {model} (seed {seed})\n\n{what}"
             f"Perplexity: {eval_cfg['protocol']} protocol, ctx {eval_cfg['ctx']}, stride {eval_cfg['stride']}; "
             f"eval sets: {sets}. KD corpus: {corpus['data']}, {corpus['num_samples']}×{corpus['seq_len']} tokens, "
             f"top-{corpus['top_k']}.\n\n" + disjoint_line(checked))

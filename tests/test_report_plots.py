@@ -135,3 +135,15 @@ def test_flow_report_puts_each_plot_where_plot_src_says(tmp_path, plot_src):
         assert [png_of(s) for s in sources] == [p.read_bytes() for p in plots]
     else:
         assert sources == ["https://x/a.png", "https://x/b.png"]
+
+
+def test_flow_reports_say_what_an_alias_model_is():
+    """A report on an alias names what the model is (instruct or base, which quantisation): every figure below it
+    is about that checkpoint, not the original full-precision model."""
+    from sparsekd_core.report import flow_header
+
+    args = ({"protocol": "paper", "ctx": 512, "stride": 256}, [], {"data": "d", "num_samples": 1, "seq_len": 2,
+                                                                  "top_k": 3}, {})
+    assert "SmolLM2-135M-Instruct (Q4_1" in flow_header("compare", "smollm2-135m", 0, *args)
+    assert "Gemma 3 270M base (Q4_K_M" in flow_header("dense-kd", "gemma3-270m", 0, *args)
+    assert "Model:" not in flow_header("dense-kd", "/some/dir", 0, *args)
