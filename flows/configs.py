@@ -587,6 +587,98 @@ def paper_part(config: StudyConfig) -> PaperConfig:
     return PaperConfig(**config.model_dump(include=set(PaperConfig.model_fields)))
 
 
+class SetRelation(_Section):
+    """An eval set's relation to the KD corpus, as every table and verdict of the second study labels it."""
+
+    set: str = Field(description="An eval set's name.")
+    relation: Literal["held-out documents", "out of corpus"] = Field(
+        description="`held-out documents`: documents of a corpus source that the corpus does not hold; `out of "
+                    "corpus`: a source the corpus does not draw from at all.")
+
+
+def _study_v2_sets() -> list[EvalSet]:
+    return [EvalSet(name="wikitext2", data="wikitext2:test", max_tokens=16384),
+            EvalSet(name="c4_heldout", data="c4:heldout", max_tokens=8192),
+            EvalSet(name="code_heldout", data="python:heldout", max_tokens=8192),
+            EvalSet(name="gsm8k_test", data="gsm8k:test", max_tokens=8192)]
+
+
+class StudyV2Config(FlowConfig):
+    """The second study (flows/study_v2.py): self-referential KD against its CE-only twin, arm for arm on the same
+    seeds, scored on the same windows, for the dense model and the first-round pruned student, with a token-budget
+    curve; every eval set labelled by its relation to the KD corpus."""
+
+    corpus: CorpusSpec = Field(CorpusSpec(data="mix:no-wikitext-offline", num_samples=1024, seq_len=256),
+                               description="The KD corpus (default: the packaged paper mixture without WikiText, "
+                                           "1024 × 256 tokens, enough for the largest budget).")
+    distill: DistillSection = Field(
+        DistillSection(val_data="c4:val", patience=1000, lr=5e-5, batch_size=2, eval_every=8, checkpoint_every=16),
+        description="Training settings of every arm (max_steps comes from the arm's tokens). Default validation: "
+                    "held-out C4 documents (a corpus source; never an eval text), every arm its whole budget.")
+    eval: EvalSection = Field(EvalSection(protocol="standard", ctx=512, stride=512),
+                              description="Perplexity protocol; stride = ctx gives disjoint windows, the "
+                                          "bootstrap's independent draws.")
+    eval_sets: list[EvalSet] = Field(default_factory=_study_v2_sets, min_length=1,
+                                     description="WikiText-2 test (16k tokens, out of corpus) and held-out C4, "
+                                                 "code and GSM8K documents (8k tokens each).")
+    relations: list[SetRelation] = Field(
+        [SetRelation(set="wikitext2", relation="out of corpus"),
+         *(SetRelation(set=n, relation="held-out documents") for n in ("c4_heldout", "code_heldout", "gsm8k_test"))],
+        description="Each perplexity eval set's relation to the KD corpus: `held-out documents` (documents of a "
+                    "corpus source that the corpus does not hold) or `out of corpus` (a source the corpus lacks).")
+    parts: list[Literal["dense", "r1", "tails", "budget"]] = Field(
+        ["dense", "r1", "tails", "budget"], min_length=1,
+        description="What this invocation runs: `dense` and `r1` the matched KD/CE arms of the dense and pruned "
+                    "student; `tails` the bucket and sampled-cache tails; `budget` R1's token-budget curve. The "
+                    "report joins the arms already published in --out (same setup digest).")
+    r1_target: float = Field(0.15, gt=0, lt=1, description="The pruned student's MLP reduction (the paper's R1).")
+    prune: PruneSection = Field(PruneSection(), description="How R1 is pruned.")
+    alphas: list[float] = Field([0.5, 1.0], min_length=1, description="KD weights of the matched KD arms (0 < α ≤ 1; "
+                                                                       "α = 0 is the CE-only twin, always run).")
+    seeds: list[int] = Field([42, 43, 44], min_length=1, description="Seeds of every matched arm (KD and CE-only).")
+    train_tokens: int = Field(16384, gt=0, description="Training tokens of a matched arm: max_steps = this / "
+                                                       "(batch_size × grad_accum × corpus.seq_len).")
+    budgets: list[int] = Field([16384, 65536, 262144], description="Training tokens of R1's budget curve (KD at "
+                                                                   "alphas[0] and CE-only, first seed).")
+    sampled_classes: int = Field(12, gt=0, description="Classes per position of the sampled-cache tail arm.")
+    kl: bool = Field(True, description="Also KL(dense ‖ model) on every eval set (runs the dense model beside).")
+    n_boot: int = Field(2000, ge=200, description="Bootstrap resamples of the paired intervals.")
+
+    @model_validator(mode="after")
+    def _study_v2(self) -> "StudyV2Config":
+        names = {es.name for es in self.eval_sets if es.kind == "perplexity"}
+        labelled = [r.set for r in self.relations]
+        missing, extra = sorted(names - set(labelled)), sorted(set(labelled) - names)
+        if len(labelled) != len(set(labelled)):
+            raise ValueError("relations: each eval set is labelled once")
+        if missing or extra:
+            raise ValueError(f"relations must label every perplexity eval set and nothing else (missing: "
+                             f"{', '.join(missing) or 'none'}; unknown: {', '.join(extra) or 'none'})")
+        for a in self.alphas:
+            if not 0 < a <= 1:
+                raise ValueError(f"alphas: {a} is not in (0, 1]; the CE-only twin (α = 0) is always run")
+        per_step = self.distill.batch_size * self.distill.grad_accum * self.corpus.seq_len
+        corpus_tokens = self.corpus.num_samples * self.corpus.seq_len
+        for tokens in [self.train_tokens, *self.budgets]:
+            if tokens % per_step:
+                raise ValueError(f"{tokens} training tokens are not a whole number of optimizer steps of {per_step} "
+                                 "tokens (distill.batch_size × distill.grad_accum × corpus.seq_len)")
+            if tokens > corpus_tokens:
+                raise ValueError(f"{tokens} training tokens exceed the corpus ({self.corpus.num_samples} × "
+                                 f"{self.corpus.seq_len} = {corpus_tokens}); a budget is distinct tokens, not "
+                                 "epochs: raise corpus.num_samples")
+        if self.corpus.teacher_sample is not None:
+            raise ValueError("corpus.teacher_sample: the study writes its sampled cache itself (sampled_classes); "
+                             "leave the corpus a top-k one")
+        return self
+
+    def relation_of(self) -> dict[str, str]:
+        return {r.set: r.relation for r in self.relations}
+
+    def steps(self, tokens: int) -> int:
+        return tokens // (self.distill.batch_size * self.distill.grad_accum * self.corpus.seq_len)
+
+
 class ProfileFlowConfig(FlowConfig):
     """Inference profiling of several models side by side: `model` is the baseline, `compare` the others."""
 
@@ -735,6 +827,7 @@ FLOW_CONFIGS: dict[str, type[BaseModel]] = {
     "multi-seed": MultiSeedConfig,
     "paper": PaperConfig,
     "study": StudyConfig,
+    "study-v2": StudyV2Config,
     "selfdata": SelfDataFlowConfig,
     "profile": ProfileFlowConfig,
     "compare": CompareConfig,

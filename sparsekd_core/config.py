@@ -34,6 +34,7 @@ NAMED_SOURCES: tuple[str, ...] = (
     "gsm8k:test",
     "c4:train",
     "c4:heldout",
+    "c4:val",
     "python:stdlib",
     "python:heldout",
 )
@@ -57,6 +58,9 @@ NAMED_MIXTURES: dict[str, dict[str, float]] = {
                   "hub:codeparrot:train": 0.20},
     # The same proportions from the packaged copies (code = Python's stdlib source): identical on every machine.
     "mix:paper-offline": {"c4:train": 0.30, "wikitext2:train": 0.25, "gsm8k:train": 0.25, "python:stdlib": 0.20},
+    # The packaged paper mixture without WikiText (the other three in the paper's 30:25:20 proportions), so that
+    # WikiText-2 is out of corpus for a student trained on it (the second study).
+    "mix:no-wikitext-offline": {"c4:train": 0.40, "gsm8k:train": 0.33, "python:stdlib": 0.27},
 }
 
 

@@ -161,7 +161,10 @@ _HUB = {
     "codeparrot:train": ("codeparrot/codeparrot-clean", None, "train", "content"),
 }
 HUB_STREAM_LIMIT = 10_000  # documents read from a streamed hub source when its spec gives no `@N`
-_C4_HELDOUT_START = 900  # embedded C4 sample: documents [0, 900) are train, [900, 1000) held out
+# Embedded C4 sample: documents [0, 900) are train (c4:train), [900, 980) held out for evaluation (c4:heldout),
+# [980, 1000) held out for validation during training (c4:val), so a kept step is not chosen on the eval text.
+_C4_HELDOUT_START = 900
+_C4_VAL_START = 980
 
 
 def hub_limit(spec: str, default: int | None = None) -> int | None:
@@ -226,9 +229,10 @@ def _named_documents(name: str) -> list[str | bytes]:
         return wikitext_articles(_embedded_wikitext(name))
     if name.startswith("gsm8k:"):
         return [gsm8k_text(r) for r in gsm8k_records(name)]
-    if name in ("c4:train", "c4:heldout"):
+    if name in ("c4:train", "c4:heldout", "c4:val"):
         docs = [r["text"] for r in _read_jsonl_gz("c4-en-train-sample.jsonl.gz")]
-        return docs[:_C4_HELDOUT_START] if name == "c4:train" else docs[_C4_HELDOUT_START:]
+        return {"c4:train": docs[:_C4_HELDOUT_START], "c4:heldout": docs[_C4_HELDOUT_START:_C4_VAL_START],
+                "c4:val": docs[_C4_VAL_START:]}[name]
     raise DataUnavailableError(f"data source {name!r} has no packaged copy; ask for {HUB_PREFIX + name!r}")
 
 

@@ -17,6 +17,11 @@ same as without it (the BOS only adds context), so ``tokens`` and the windows do
 
 ppl = exp(mean NLL over the scored tokens). Windows of equal length are batched; the loss is computed from one
 batch of logits at a time in fp32, in row chunks, so no more than one batch of logits ever exists.
+
+Per window the result keeps the NLL sum and the tokens scored (``window_nll``, ``window_tokens``), so two models
+scored on the same text can be compared window by window (``stats.paired_bootstrap``). With a ``teacher`` the
+same windows also give KL(teacher ‖ model) per scored token (natural log, temperature 1): the distance between
+the two next-token distributions that distillation is meant to close, summed per window in ``window_kl``.
 """
 
 from __future__ import annotations
@@ -54,13 +59,22 @@ def make_windows(n_tokens: int, ctx: int, stride: int, protocol: str) -> list[Wi
         begin += stride
 
 
-def _nll_sum(logits: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
-    """Sum of -log p(target) over rows of [R, V] logits, in fp32 row chunks (bounded extra memory)."""
-    total = torch.zeros((), dtype=torch.float64, device=logits.device)
-    for start in range(0, logits.shape[0], rows_per_chunk):
-        chunk = logits[start : start + rows_per_chunk].float()
-        total += F.cross_entropy(chunk, targets[start : start + rows_per_chunk], reduction="sum").double()
-    return total
+def _nll_rows(logits: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
+    """-log p(target) per row of [R, V] logits (fp64 [R]), from fp32 row chunks (bounded extra memory)."""
+    out = [F.cross_entropy(logits[s : s + rows_per_chunk].float(), targets[s : s + rows_per_chunk], reduction="none")
+           for s in range(0, logits.shape[0], rows_per_chunk)]
+    return torch.cat(out).double() if out else torch.zeros(0, dtype=torch.float64, device=logits.device)
+
+
+def _kl_rows(teacher: torch.Tensor, student: torch.Tensor, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """KL(softmax(teacher) ‖ softmax(student)) per row of two [R, V] logit tensors (fp64 [R]), in fp32 chunks."""
+    out = []
+    for s in range(0, teacher.shape[0], rows_per_chunk):
+        t = F.log_softmax(teacher[s : s + rows_per_chunk].float(), -1)
+        q = F.log_softmax(student[s : s + rows_per_chunk].float(), -1)
+        out.append((t.exp() * (t - q)).sum(-1).clamp_min(0))
+        del t, q
+    return torch.cat(out).double() if out else torch.zeros(0, dtype=torch.float64, device=teacher.device)
 
 
 @dataclass
@@ -73,9 +87,18 @@ class PerplexityResult:
     tokens_per_s: float  # tokens forwarded (window lengths summed) per second of model time
     precision: str = "float32"  # the weights' dtype as the model ran, plus "+ bf16 autocast" when it was on
     device: str = "cpu"
+    window_nll: list[float] | None = None  # NLL summed over each window's scored tokens, in window order
+    window_tokens: list[int] | None = None  # tokens each window scored
+    window_kl: list[float] | None = None  # KL(teacher ‖ model) summed over each window's scored tokens (teacher given)
+
+    @property
+    def kl(self) -> float | None:
+        """Mean KL(teacher ‖ model) per scored token (nats), or None without a teacher."""
+        return None if self.window_kl is None else sum(self.window_kl) / self.tokens
 
     def as_dict(self) -> dict:
-        return {
+        extra = {} if self.window_kl is None else {"kl": self.kl, "window_kl": self.window_kl}
+        return {**extra,
             "ppl": self.ppl,
             "nll": self.nll,
             "tokens": self.tokens,
@@ -84,6 +107,8 @@ class PerplexityResult:
             "tokens_per_s": self.tokens_per_s,
             "precision": self.precision,
             "device": self.device,
+            "window_nll": self.window_nll,
+            "window_tokens": self.window_tokens,
         }
 
 
@@ -98,9 +123,10 @@ def running_precision(model) -> str:
 
 @torch.inference_mode()
 def perplexity(model, input_ids: torch.Tensor, cfg: EvalConfig, progress=None,
-               bos: int | None = None) -> PerplexityResult:
+               bos: int | None = None, teacher=None) -> PerplexityResult:
     """Perplexity of `model` on a 1-D token tensor under `cfg` (ctx, stride, protocol, batch_size); ``bos``: the id
-    put in front of every window (``data.bos_token(tokenizer)``), None for none.
+    put in front of every window (``data.bos_token(tokenizer)``), None for none; ``teacher``: a model of the same
+    vocabulary run on the same windows for KL(teacher ‖ model) (its time is not in ``tokens_per_s``).
 
     ``progress``: optional callable(n_windows_done) for progress bars. The model runs in its own dtype; the loss is
     accumulated in fp64 from fp32 log-probabilities.
@@ -109,8 +135,10 @@ def perplexity(model, input_ids: torch.Tensor, cfg: EvalConfig, progress=None,
     windows = make_windows(ids.numel(), cfg.ctx, cfg.stride, cfg.protocol)
     device = next(model.parameters()).device
     ids = ids.to(device)
-    total_nll = torch.zeros((), dtype=torch.float64, device=device)
-    scored = 0
+    window_nll: list[float] = []
+    window_tokens: list[int] = []
+    window_kl: list[float] = []
+    model_seconds = 0.0
     forwarded = 0
     # Consecutive windows of equal length form a batch (all but possibly the last window have length ctx).
     batches: list[list[Window]] = []
@@ -119,42 +147,52 @@ def perplexity(model, input_ids: torch.Tensor, cfg: EvalConfig, progress=None,
             batches[-1].append(w)
         else:
             batches.append([w])
-    t0 = time.perf_counter()
+
+    def forward(net, x: torch.Tensor) -> torch.Tensor:
+        if bos is None:
+            return net(input_ids=x, use_cache=False).logits  # [B, L, V]
+        # the BOS position predicts the window's first token, which no protocol scores: drop it
+        head = torch.full((x.shape[0], 1), bos, dtype=x.dtype, device=device)
+        return net(input_ids=torch.cat([head, x], 1), use_cache=False).logits[:, 1:]
+
+    def scored_rows(logits: torch.Tensor, batch: list[Window]) -> torch.Tensor:
+        # Position j of window w predicts token begin+j+1; keep predictions whose target is >= first_target.
+        return torch.cat([logits[i, w.first_target - w.begin - 1 : -1] for i, w in enumerate(batch)])
+
     for batch in batches:
         x = torch.stack([ids[w.begin : w.end] for w in batch])  # [B, L]
-        if bos is None:
-            logits = model(input_ids=x, use_cache=False).logits  # [B, L, V]
-        else:  # the BOS position predicts the window's first token, which no protocol scores: drop it
-            head = torch.full((x.shape[0], 1), bos, dtype=x.dtype, device=device)
-            logits = model(input_ids=torch.cat([head, x], 1), use_cache=False).logits[:, 1:]
-        # Position j of window w predicts token begin+j+1; keep predictions whose target is >= first_target.
-        offset = batch[0].first_target - batch[0].begin - 1
-        same_offset = all(w.first_target - w.begin - 1 == offset for w in batch)
-        if same_offset:
-            pred = logits[:, offset:-1, :].reshape(-1, logits.shape[-1])
-            tgt = x[:, offset + 1 :].reshape(-1)
-        else:
-            pred = torch.cat([logits[i, w.first_target - w.begin - 1 : -1] for i, w in enumerate(batch)])
-            tgt = torch.cat([x[i, w.first_target - w.begin :] for i, w in enumerate(batch)])
-        total_nll += _nll_sum(pred, tgt)
-        scored += tgt.numel()
+        t0 = time.perf_counter()
+        logits = forward(model, x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        model_seconds += time.perf_counter() - t0
+        pred = scored_rows(logits, batch)
+        del logits
+        tgt = torch.cat([x[i, w.first_target - w.begin :] for i, w in enumerate(batch)])
+        counts = [w.end - w.first_target for w in batch]
+        window_nll += [float(v.sum()) for v in _nll_rows(pred, tgt).split(counts)]
+        window_tokens += counts
+        if teacher is not None:
+            kl = _kl_rows(scored_rows(forward(teacher, x), batch), pred)
+            window_kl += [float(v.sum()) for v in kl.split(counts)]
         forwarded += x.numel() + (x.shape[0] if bos is not None else 0)
-        del logits, pred
+        del pred
         if progress is not None:
             progress(len(batch))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    nll = (total_nll / scored).item()
+    scored = sum(window_tokens)
+    nll = math.fsum(window_nll) / scored
     return PerplexityResult(
         ppl=math.exp(nll),
         nll=nll,
         tokens=scored,
         windows=len(windows),
-        seconds=seconds,
-        tokens_per_s=forwarded / seconds if seconds > 0 else float("inf"),
+        seconds=model_seconds,
+        tokens_per_s=forwarded / model_seconds if model_seconds > 0 else float("inf"),
         precision=running_precision(model),
         device=device.type,
+        window_nll=window_nll,
+        window_tokens=window_tokens,
+        window_kl=window_kl if teacher is not None else None,
     )
 
 

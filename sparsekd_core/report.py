@@ -508,21 +508,26 @@ def study_report(config: Any, ppl: dict[str, dict[str, float]], found: list[dict
     lines.append("\n## The paper flow's own report\n\nIts sections (Dense+KD vs CE-only, Table III, cascade, teacher "
                  "swap, WANDA with sparsity after KD, the profile of dense vs each round) are in "
                  "[paper-report.md](paper-report.md).\n")
+    lines.append(stage_seconds_section(stages))
+    return "\n".join(lines)
+
+
+def stage_seconds_section(stages: list[dict]) -> str:
+    """Seconds per stage kind, each distinct stage (by key) once, with the seconds it took when it ran."""
     by_kind: dict[str, list[float]] = {}
     seen, ran = set(), 0
     for s in stages:
         ran += not s["cached"]
-        if s["key"] in seen:  # a stage the paper flow made and the study reached again
+        if s["key"] in seen:  # a stage reached twice (e.g. the paper flow's, reached again by the study)
             continue
         seen.add(s["key"])
         by_kind.setdefault(s["label"].split(": ")[-1].split()[0], []).append(float(s["seconds"] or 0))
     total = sum(sum(v) for v in by_kind.values())
-    lines.append(f"\n## Seconds per stage kind\n\nEach distinct stage once, with the seconds it took when it ran "
-                 f"(a stage's manifest keeps them): {total / 60:.1f} min of stage compute in all. This invocation ran "
-                 f"{ran} stage(s) and reused the others from their manifests.\n")
-    lines.append(table(["stage", "runs", "seconds", "mean"],
-                       [[k, len(v), f"{sum(v):.0f}", f"{sum(v) / len(v):.1f}"] for k, v in sorted(by_kind.items())]))
-    return "\n".join(lines)
+    return (f"\n## Seconds per stage kind\n\nEach distinct stage once, with the seconds it took when it ran "
+            f"(a stage's manifest keeps them): {total / 60:.1f} min of stage compute in all. This invocation ran "
+            f"{ran} stage(s) and reused the others from their manifests.\n\n"
+            + table(["stage", "runs", "seconds", "mean"],
+                    [[k, len(v), f"{sum(v):.0f}", f"{sum(v) / len(v):.1f}"] for k, v in sorted(by_kind.items())]))
 
 
 # ---------------------------------------------------------------------------------------------------------------- compare

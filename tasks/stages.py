@@ -211,10 +211,11 @@ def _track(tracking: dict | None, run_id: str | None, metrics: dict[str, Any], s
 @task(name="evaluate", **STAGE_TASK)
 def evaluate(model: ModelRef, eval_sets: list[dict], eval_cfg: dict, workdir: str, dtype: str = "auto",
              device: str = "auto", tracking: dict | None = None, run_id: str | None = None,
-             metric_prefix: str = "", step: int | None = None) -> dict:
-    """One model on every eval set: perplexity sets give {ppl, nll, tokens, ...}, GSM8K sets (``kind: gsm8k``)
-    {accuracy, correct, problems, reference_loglik, ...}; plus ``_model``: the parameter and nonzero counts of the
-    model that was evaluated (what a report must state, e.g. WANDA sparsity)."""
+             metric_prefix: str = "", step: int | None = None, teacher: ModelRef | None = None) -> dict:
+    """One model on every eval set: perplexity sets give {ppl, nll, tokens, window_nll, window_tokens, ...}, GSM8K
+    sets (``kind: gsm8k``) {accuracy, correct, problems, reference_loglik, ...}; plus ``_model``: the parameter and
+    nonzero counts of the model that was evaluated (what a report must state, e.g. WANDA sparsity). With a
+    ``teacher``, perplexity sets also give ``kl``: KL(teacher ‖ model) per token on the same windows."""
     from sparsekd_core.config import AccuracyConfig, EvalConfig
     from sparsekd_core.data import gsm8k_records, load_text, text_digest
     from sparsekd_core.prune.masks import measured_compression
@@ -229,6 +230,7 @@ def evaluate(model: ModelRef, eval_sets: list[dict], eval_cfg: dict, workdir: st
 
     def produce(directory: Path) -> dict:
         loaded = _load(model, dtype, device)
+        loaded_teacher = None if teacher is None else _load(teacher, dtype, device)
         cfg = EvalConfig(**eval_cfg)
         out = {}
         for es in eval_sets:
@@ -240,9 +242,11 @@ def evaluate(model: ModelRef, eval_sets: list[dict], eval_cfg: dict, workdir: st
                 run_log()(f"eval {name}: accuracy {res.accuracy:.4f} ({res.correct}/{res.problems}), reference "
                           f"log-likelihood {res.reference_loglik:.4f}")
                 continue
-            res, _ = evaluate_text(loaded, inputs[name], cfg, es.get("max_tokens"), log=run_log())
+            res, _ = evaluate_text(loaded, inputs[name], cfg, es.get("max_tokens"), log=run_log(),
+                                   teacher=loaded_teacher)
             out[name] = {**res.as_dict(), "kind": "perplexity", "data": es["data"]}
-            run_log()(f"eval {name}: ppl {out[name]['ppl']:.3f}")
+            kl = "" if res.kl is None else f", KL(teacher ‖ model) {res.kl:.4f} nats/token"
+            run_log()(f"eval {name}: ppl {out[name]['ppl']:.3f}{kl}")
         out[MODEL_COUNTS] = measured_compression(loaded.model)
         write_json_atomic(directory / "metrics.json", out)
         return out
@@ -251,7 +255,10 @@ def evaluate(model: ModelRef, eval_sets: list[dict], eval_cfg: dict, workdir: st
                for name, value in inputs.items()}
     config = {"sets": [{**es, "digest": digests[es["name"]]} for es in eval_sets], "eval": eval_cfg,
               "runtime": _runtime(dtype, device)}
-    manifest = _run_heavy_stage(workdir, "eval", config, {"model": model["fingerprint"]}, produce)
+    inputs_key = {"model": model["fingerprint"]}
+    if teacher is not None:
+        inputs_key["teacher"] = teacher["fingerprint"]
+    manifest = _run_heavy_stage(workdir, "eval", config, inputs_key, produce)
     metrics = {}
     for name, r in eval_results(manifest).items():
         if r.get("kind") == "gsm8k":
@@ -259,6 +266,8 @@ def evaluate(model: ModelRef, eval_sets: list[dict], eval_cfg: dict, workdir: st
                             f"{metric_prefix}ref_loglik_{name}": r["reference_loglik"]})
         else:
             metrics[f"{metric_prefix}ppl_{name}"] = r["ppl"]
+            if r.get("kl") is not None:
+                metrics[f"{metric_prefix}kl_{name}"] = r["kl"]
     _track(tracking, run_id, metrics, step)
     counts = manifest["result"].get(MODEL_COUNTS, {})
     _track(tracking, run_id, {f"{metric_prefix}{k}": counts[k] for k in ("mlp_zero_fraction", "mlp_reduction")

@@ -190,8 +190,9 @@ def test_split_counts_sums_exactly():
 
 def test_offline_named_sources_and_file_formats(tmp_path):
     assert len(load_documents("gsm8k:train")) == 4000
-    c4_train, c4_heldout = load_documents("c4:train"), load_documents("c4:heldout")
-    assert len(c4_train) == 900 and len(c4_heldout) == 100 and not set(c4_train) & set(c4_heldout)
+    c4_train, c4_heldout, c4_val = load_documents("c4:train"), load_documents("c4:heldout"), load_documents("c4:val")
+    assert (len(c4_train), len(c4_heldout), len(c4_val)) == (900, 80, 20)
+    assert not set(c4_train) & set(c4_heldout) and not set(c4_train) & set(c4_val) and not set(c4_val) & set(c4_heldout)
     stdlib = load_documents("python:stdlib")
     assert len(stdlib) > 100
     # Held-out code: other modules of the same stdlib, sharing no document or block with python:stdlib.

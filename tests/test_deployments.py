@@ -19,9 +19,11 @@ def _flow(entrypoint: str):
     import flows.compare as compare
     import flows.experiments as experiments
     import flows.study as study
+    import flows.study_v2 as study_v2
 
     path, name = entrypoint.split(":")
-    modules = {"flows/experiments.py": experiments, "flows/study.py": study, "flows/compare.py": compare}
+    modules = {"flows/experiments.py": experiments, "flows/study.py": study, "flows/compare.py": compare,
+               "flows/study_v2.py": study_v2}
     assert path in modules, path
     return getattr(modules[path], name)
 
@@ -57,7 +59,7 @@ def test_weekly_rerun_ships_paused_and_programmes_run_one_at_a_time():
     for d in scheduled:
         assert [s["active"] for s in d["schedules"]] == [False] and d["schedules"][0]["cron"]
     limited = {(_flow(d["entrypoint"]).name, d["concurrency_limit"]) for d in deps if d.get("concurrency_limit")}
-    assert limited == {("multi-seed", 1), ("paper", 1), ("study", 1)}
+    assert limited == {("multi-seed", 1), ("paper", 1), ("study", 1), ("study-v2", 1)}
 
 
 def test_setup_refuses_without_a_server(monkeypatch, capsys):

@@ -27,7 +27,7 @@ DEMO_CONFIG = {
 def add_run_parser(sub) -> None:
     p = sub.add_parser("run", help="run an experiment flow (dense-kd, iterative, multi-seed, cascade, ...)")
     p.add_argument("flow", help="dense-kd | iterative | multi-seed | cascade | teacher-swap | wanda | selfdata | "
-                                 "paper | profile | study | compare")
+                                 "paper | profile | study | study-v2 | compare")
     add_output_flags(p, "the flow's YAML config (examples: flows/configs_yaml/)")
     p.set_defaults(func=cmd_run)
 

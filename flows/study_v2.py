@@ -1,0 +1,190 @@
+"""The second study: does self-referential KD beat fine-tuning on the same data? Matched arms, paired intervals.
+
+    python -m flows.study_v2 --config flows/configs_yaml/study-v2-smollm2.yaml --out docs/results/study-v2/smollm2
+
+1. The dense model is evaluated and cached on a KD corpus that excludes WikiText (``mix:no-wikitext-offline``), so
+   WikiText-2 is *out of corpus* and held-out C4, code and GSM8K are *held-out documents* of corpus sources (the
+   config labels each eval set: ``relations``).
+2. ``dense`` / ``r1``: the dense student and the first-round pruned student (``r1_target``), each trained on the
+   same corpus, with KD at every ``alphas`` and the CE-only twin (α = 0), at every seed of ``seeds``: matched arms.
+3. ``tails``: the bucket tail and the sampled-cache tail (``sampled_classes`` classes a position) at the first seed.
+4. ``budget``: R1 with KD (``alphas[0]``) and CE-only at each ``budgets`` token count (distinct tokens of the same
+   corpus, first seed).
+5. Every model is evaluated on every set with its per-window NLL and, with ``kl``, KL(dense ‖ model) on the same
+   windows; ``sparsekd_core.study_report`` turns them into paired KD-vs-CE and KD-vs-start verdicts with 95%
+   bootstrap intervals, the budget table and plot.
+
+Parts can run in separate invocations (``parts``): the arms published in ``--out`` are joined with this
+invocation's when they were made with the same setup (model, corpus, protocol, eval sets, training settings);
+every stage is also reused from the storage root by its key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow
+from pydantic.json_schema import SkipJsonSchema
+
+from sparsekd_core import study_report as sr
+from sparsekd_core.config import MODEL_ALIASES
+from tasks.stages import dense_ref, eval_results, evaluate
+from tasks.tracking import code_version
+
+from .configs import StudyV2Config
+from .context import Run, start
+
+SETUP_FIELDS = {"model", "dtype", "corpus", "distill", "eval", "eval_sets", "prune", "r1_target", "train_tokens",
+                "sampled_classes", "kl"}
+
+
+def setup_digest(config: StudyV2Config) -> str:
+    """What makes arms of two invocations comparable (parts, seeds, alphas and budgets may differ)."""
+    return hashlib.sha256(config.model_dump_json(include=SETUP_FIELDS).encode()).hexdigest()[:16]
+
+
+def previous(config: StudyV2Config, out: Path) -> tuple[dict, list[dict]]:
+    """Arms and stage records published in ``out`` by an earlier invocation of the same setup (else none)."""
+    path = out / "study.json"
+    if not out.name or not path.is_file():
+        return {}, []
+    saved = json.loads(path.read_text())
+    if saved.get("setup") != setup_digest(config):
+        return {}, []
+    return saved.get("arms", {}), saved.get("stages", [])
+
+
+def arm_order(item: tuple[str, dict]) -> tuple:
+    """Table order: dense then R1; base, CE-only, KD by α, the tails; by seed; the budget arms last."""
+    _, arm = item
+    kind = ["base", "ce", "kd", "bucket", "sampled"].index(arm["kind"])
+    return (arm["student"] != "dense", arm.get("tokens") or 0, kind, arm.get("alpha") or 0, arm.get("seed") or 0)
+
+
+@flow(name="study-v2")
+def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[str | None] = None) -> dict:
+    """The matched arms of ``config.parts``, evaluated with per-window NLL and KL; the report (with the arms already
+    published in ``out``) and, with ``out``, the report, plots and study.json copied there.
+
+    Args:
+        config: The study's settings.
+        out: Publish the report, its plots and study.json (every arm with its windows) to this directory on the
+            worker, and join the arms an earlier invocation of the same setup published there (e.g.
+            docs/results/study-v2/smollm2); empty: the report stays in the storage root and MLflow only.
+        command: How the study was started, quoted in the report (set by `python -m flows.study_v2`).
+    """
+    t0 = time.time()
+    arms, earlier_stages = previous(config, Path(out)) if out else ({}, [])
+    sets = [es.name for es in config.eval_sets if es.kind == "perplexity"]
+    with start(config, "study-v2", check_data=True) as run:
+        rid = run.arm("study-v2")
+        dense = dense_ref(config.model)
+
+        def ev(label: str, ref: dict, student: str, kind: str, **fields) -> None:
+            teacher = dense if config.kl and ref["fingerprint"] != dense["fingerprint"] else None
+            m = evaluate(ref, [es.model_dump() for es in config.eval_sets], config.eval_config().model_dump(),
+                         run_id=rid, teacher=teacher, **run.common())
+            run.record(m, f"eval {label}")
+            results = {n: r for n, r in eval_results(m).items() if r.get("kind") == "perplexity"}
+            arms[label] = {"student": student, "kind": kind, "sets": results, **fields}
+
+        ev("dense", dense, "dense", "base")
+        cache = run.cache(dense, None, "dense")
+
+        def train(start_ref: dict, student: str, kind: str, seed: int, alpha: float, tokens: int | None = None,
+                  tail: str | None = None, teacher_cache: dict | None = None, on: Run = run) -> None:
+            tokens = tokens or config.train_tokens
+            label = sr.arm_label(student, kind, alpha if kind == "kd" else None, seed,
+                                 tokens if tokens != config.train_tokens else None)
+            overrides = {"alpha": alpha, "max_steps": config.steps(tokens)}
+            if tail:
+                overrides["tail"] = tail
+            seeded = dataclasses.replace(on, cfg=on.cfg.model_copy(update={"seed": seed}))
+            m = seeded.distill(start_ref, teacher_cache or cache, rid, label, **overrides)
+            result = m["result"]
+            kept = {k: result.get(k) for k in ("best_step", "steps", "val_ppl_start", "val_ppl_best")}
+            ev(label, m["model"], student, kind, alpha=alpha, seed=seed, tokens=tokens, kept=kept)
+
+        students = {"dense": dense}
+        if {"r1", "tails", "budget"} & set(config.parts):
+            pruned = run.prune(dense, rid, "R1", target_reduction=config.r1_target)
+            students["R1"] = pruned["model"]
+            ev(sr.arm_label("R1", "base"), pruned["model"], "R1", "base",
+               mlp_reduction=pruned["result"].get("mlp_reduction"))
+        for part, student in (("dense", "dense"), ("r1", "R1")):
+            if part not in config.parts:
+                continue
+            for seed in config.seeds:  # seed-major: a stopped run has whole matched sets of the first seeds
+                train(students[student], student, "ce", seed, 0.0)
+                for alpha in config.alphas:
+                    train(students[student], student, "kd", seed, alpha)
+        if "tails" in config.parts:
+            sampled_cfg = config.model_copy(update={"corpus": config.corpus.model_copy(update={
+                "teacher_sample": config.sampled_classes, "sample_temperature": config.distill.temperature})})
+            sampled_run = dataclasses.replace(run, cfg=sampled_cfg)
+            sampled_cache = sampled_run.cache(dense, None, "dense, sampled classes")
+            for student in ("dense", "R1"):
+                train(students[student], student, "bucket", config.seeds[0], config.alphas[0], tail="bucket")
+                train(students[student], student, "sampled", config.seeds[0], config.alphas[0], tail="sampled",
+                      teacher_cache=sampled_cache, on=sampled_run)
+        if "budget" in config.parts:
+            for tokens in config.budgets:
+                train(students["R1"], "R1", "ce", config.seeds[0], 0.0, tokens)
+                train(students["R1"], "R1", "kd", config.seeds[0], config.alphas[0], tokens)
+        run.end(rid)
+
+        arms = dict(sorted(arms.items(), key=arm_order))
+        # Stages of earlier invocations (published with their arms) count once each, beside this invocation's.
+        seen = {st["key"] for st in run.stages}
+        stages = run.stages + [st for st in earlier_stages if st["key"] not in seen]
+        sections, metrics, plots = sr.report_sections(
+            config.model, MODEL_ALIASES.get(config.model), config.model_dump(), config.relation_of(), arms, sets,
+            run.disjoint, run.report_dir() / "budget.png", stages, config.parts, time.time() - t0,
+            command or "python -m flows.study_v2 --config CONFIG --out DIR", code_version())
+        result = run.finish(sections, metrics, plots, header=sr.header(config.model))
+    result.update(arms=arms, setup=setup_digest(config), all_stages=stages)
+    if out:
+        publish(result, Path(out))
+    return result
+
+
+def publish(result: dict, out: Path) -> None:
+    """The report, its plots and study.json (every arm with its windows: what the next invocation joins)."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = Path(result["report"])
+    shutil.copy(report, out / "report.md")
+    for png in report.parent.glob("*.png"):
+        shutil.copy(png, out / png.name)
+    summary = {"setup": result["setup"], "metrics": result["metrics"], "arms": result["arms"],
+               "stages": result["all_stages"]}
+    tmp = out / "study.json.tmp"
+    tmp.write_text(json.dumps(summary, default=str))
+    tmp.replace(out / "study.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.study_v2", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="the study's YAML config")
+    parser.add_argument("--out", default="", help="publish the report, plots and study.json here, and join the arms "
+                                                  "published there before (e.g. docs/results/study-v2/smollm2)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    import yaml
+
+    config = StudyV2Config(**yaml.safe_load(Path(args.config).read_text()))
+    command = "python -m flows.study_v2 " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = study_v2_flow(config, out=args.out, command=command)
+    print(f"report: {result['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,307 @@
+"""The second study's report: paired KD-vs-CE verdicts with intervals, the KL column, the budget curve.
+
+Input is one dict per evaluated model (an *arm*), keyed by label::
+
+    {"student": "dense" | "R1", "kind": "base" | "kd" | "ce" | "bucket" | "sampled", "alpha": float,
+     "seed": int | None, "tokens": int | None, "sets": {set: eval result with window_nll/window_tokens[/kl]},
+     "kept": {"best_step", "steps", "val_ppl_start", "val_ppl_best"} | None}
+
+Every comparison is paired: the two models of a pair were scored on the same windows of the same text
+(``stats.paired_bootstrap`` refuses otherwise) and, where both are trained, with the same seed. A comparison over
+several seeds pairs seed i with seed i and reports the mean paired difference; a seed that only one arm has is
+left out and the line says how many pairs it used. No line compares a mean over seeds with a single seed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .stats import bootstrap_ppl, paired_bootstrap
+
+KINDS = {"kd": "KD", "ce": "CE-only", "bucket": "KD, bucket tail", "sampled": "KD, sampled-cache tail"}
+
+
+def arm_label(student: str, kind: str, alpha: float | None = None, seed: int | None = None,
+              tokens: int | None = None) -> str:
+    """The one spelling of an arm's label (report rows, study.json keys, MLflow arms)."""
+    parts = [student, "base" if kind == "base" else KINDS.get(kind, kind)]
+    if kind == "kd" and alpha is not None:
+        parts[-1] += f" α={alpha:g}"
+    if seed is not None:
+        parts.append(f"seed {seed}")
+    if tokens is not None:
+        parts.append(f"{tokens // 1024}k tokens" if tokens % 1024 == 0 else f"{tokens} tokens")
+    return " · ".join(parts)
+
+
+def _pairs(arms: dict, a: dict, b: dict, set_name: str) -> tuple[list, list, list, list[int]]:
+    """Window NLLs of the arms matching ``a`` and ``b`` (field filters), paired by seed (``b`` may be a seedless
+    base model, then it pairs with every seed of ``a``)."""
+    def match(arm: dict, want: dict) -> bool:
+        return all(arm.get(k) == v for k, v in want.items()) and set_name in arm["sets"]
+
+    left = {arm.get("seed"): arm for arm in arms.values() if match(arm, a)}
+    right = {arm.get("seed"): arm for arm in arms.values() if match(arm, b)}
+    if list(right) == [None]:
+        seeds = sorted(s for s in left if s is not None)
+        right = {s: right[None] for s in seeds}
+    else:
+        seeds = sorted(s for s in left if s in right and s is not None)
+    xa = [left[s]["sets"][set_name]["window_nll"] for s in seeds]
+    xb = [right[s]["sets"][set_name]["window_nll"] for s in seeds]
+    tokens = left[seeds[0]]["sets"][set_name]["window_tokens"] if seeds else []
+    return xa, xb, tokens, seeds
+
+
+def compare(arms: dict, a: dict, b: dict, set_name: str, n_boot: int = 2000) -> dict | None:
+    """The paired comparison of arms ``a`` − ``b`` on one set, or None when no pair exists."""
+    xa, xb, tokens, seeds = _pairs(arms, a, b, set_name)
+    if not seeds:
+        return None
+    out = paired_bootstrap(xa, xb, tokens, n_boot=n_boot, seed=0)
+    out["pair_seeds"] = seeds
+    return out
+
+
+def verdict_text(result: dict, name_a: str, name_b: str) -> str:
+    """'lower' / 'higher' only when the 95% interval of the mean paired difference excludes 0."""
+    d = result["diff"]
+    if d.high < 0:
+        word = f"**{name_a} lower**"
+    elif d.low > 0:
+        word = f"**{name_b} lower**"
+    else:
+        word = "**not resolved** (the interval includes 0)"
+    seeds = result["pair_seeds"]
+    per = ", ".join(f"{x:+.2f}" for x in result["per_seed"])
+    pairs = f"{len(seeds)} paired seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}): {per}"
+    return (f"PPL({name_a}) − PPL({name_b}) = {d.text()} (95% paired bootstrap over {result['windows']} windows; "
+            f"{pairs}) → {word}")
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def models_table(arms: dict, sets: list[str], n_boot: int) -> str:
+    head = "| model | kept step / steps | " + " | ".join(f"{s} PPL [95%] | {s} KL" for s in sets) + " |"
+    rows = [head, "|" + "---|" * (2 + 2 * len(sets))]
+    for label, arm in arms.items():
+        kept = arm.get("kept") or {}
+        step = f"{kept['best_step']} / {kept['steps']}" if kept.get("steps") else "–"
+        cells = []
+        for s in sets:
+            r = arm["sets"].get(s)
+            if r is None:
+                cells += ["–", "–"]
+                continue
+            ci = bootstrap_ppl(r["window_nll"], r["window_tokens"], n_boot=n_boot)
+            cells += [f"{r['ppl']:.2f} [{ci.low:.2f}, {ci.high:.2f}]", _fmt(r.get("kl"), 4)]
+        rows.append(f"| {label} | {step} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def verdict_lines(arms: dict, sets: list[str], relations: dict[str, str], alphas: list[float], train_tokens: int,
+                  n_boot: int) -> tuple[list[str], dict]:
+    """The training effect (vs the student's starting point) and the KD effect (vs the CE-only twin, paired by
+    seed) for each student, α and set; the tails against CE-only at the seeds they ran. Returns (lines, metrics)."""
+    lines, metrics = [], {}
+    for student in ("dense", "R1"):
+        if not any(a["student"] == student for a in arms.values()):
+            continue
+        lines.append(f"\n### {student} student\n")
+        for s in sets:
+            rel = relations.get(s, "?")
+            for alpha in alphas:
+                kd = {"student": student, "kind": "kd", "alpha": alpha, "tokens": train_tokens}
+                ce = {"student": student, "kind": "ce", "tokens": train_tokens}
+                base = {"student": student, "kind": "base"}
+                for what, b, nb in (("KD effect", ce, "CE-only"), ("training effect", base, "start")):
+                    r = compare(arms, kd, b, s, n_boot)
+                    if r is None:
+                        continue
+                    lines.append(f"- {what}, {s} ({rel}), KD α={alpha:g} vs {nb}: "
+                                 + verdict_text(r, f"KD α={alpha:g}", nb))
+                    key = f"{student}.{s}.kd{alpha:g}_minus_{'ce' if b is ce else 'start'}"
+                    metrics.update({key: r["diff"].estimate, key + ".low": r["diff"].low,
+                                    key + ".high": r["diff"].high})
+            r = compare(arms, {"student": student, "kind": "ce", "tokens": train_tokens},
+                        {"student": student, "kind": "base"},
+                        s, n_boot)
+            if r is not None:
+                lines.append(f"- training effect, {s} ({rel}), CE-only vs start: " + verdict_text(r, "CE-only", "start"))
+            for tail in ("bucket", "sampled"):
+                r = compare(arms, {"student": student, "kind": tail},
+                            {"student": student, "kind": "ce", "tokens": train_tokens}, s, n_boot)
+                if r is not None:
+                    lines.append(f"- KD effect, {s} ({rel}), {KINDS[tail]} vs CE-only: "
+                                 + verdict_text(r, KINDS[tail], "CE-only"))
+    return lines, metrics
+
+
+def budget_section(arms: dict, sets: list[str], dense: dict, alpha: float, budgets: list[int], seed: int,
+                   n_boot: int, plot: Path | None = None) -> tuple[str, dict]:
+    """R1's KD and CE-only at each training budget (at ``seed``): the table, the paired gap at each budget, the
+    trend, and where (if anywhere) the KD curve would reach 1.05× dense."""
+    def at(kind: str, tokens: int) -> dict | None:
+        want = {"student": "R1", "kind": kind, "tokens": tokens, "seed": seed}
+        if kind == "kd":
+            want["alpha"] = alpha
+        found = [a for a in arms.values() if all(a.get(k) == v for k, v in want.items())]
+        return found[0] if found else None
+
+    done = [t for t in budgets if at("kd", t) and at("ce", t)]
+    if not done:
+        return "", {}
+    rows = ["| training tokens | " + " | ".join(f"{s} KD | {s} CE-only | {s} KD − CE [95%]" for s in sets) + " |",
+            "|" + "---|" * (1 + 3 * len(sets))]
+    metrics, gaps = {}, {s: [] for s in sets}
+    for t in done:
+        kd, ce = at("kd", t), at("ce", t)
+        cells = []
+        for s in sets:
+            r = None
+            if s in kd["sets"] and s in ce["sets"]:
+                r = paired_bootstrap(kd["sets"][s]["window_nll"], ce["sets"][s]["window_nll"],
+                                     kd["sets"][s]["window_tokens"], n_boot=n_boot)
+            cells += [f"{kd['sets'][s]['ppl']:.2f}", f"{ce['sets'][s]['ppl']:.2f}",
+                      r["diff"].text() if r else "–"]
+            if r:
+                gaps[s].append((t, r["diff"]))
+                metrics[f"budget.{t}.{s}.kd_minus_ce"] = r["diff"].estimate
+        rows.append(f"| {t:,} | " + " | ".join(cells) + " |")
+    lines = ["\n".join(rows), ""]
+    for s in sets:
+        g = gaps[s]
+        if len(g) < 2:
+            lines.append(f"- {s}: one budget only; no trend can be told.")
+            continue
+        first, last = g[0][1], g[-1][1]
+        if abs(last.estimate) < abs(first.estimate) and (first.excludes_zero() or last.excludes_zero()):
+            trend = "shrinks"
+        elif abs(last.estimate) > abs(first.estimate) and (first.excludes_zero() or last.excludes_zero()):
+            trend = "grows"
+        else:
+            trend = "cannot be told apart from no change"
+        lines.append(f"- {s}: KD − CE-only goes from {first.text()} at {g[0][0]:,} tokens to {last.text()} at "
+                     f"{g[-1][0]:,}: the gap's size {trend}.")
+        if s in dense:
+            lines.append("  " + reach_statement([(t, at('kd', t)['sets'][s]['ppl']) for t in done], dense[s], s))
+    if plot is not None:
+        plot_budget(done, {s: ([at("kd", t)["sets"][s]["ppl"] for t in done],
+                               [at("ce", t)["sets"][s]["ppl"] for t in done]) for s in sets},
+                    dense, alpha, plot)
+    return "\n".join(lines), metrics
+
+
+def reach_statement(points: list[tuple[int, float]], dense_ppl: float, set_name: str, goal: float = 1.05) -> str:
+    """Where a log-linear fit of log(PPL/dense) against log(tokens) reaches ``goal``× dense, or why it cannot be
+    told. Two or three budgets make a weak extrapolation, and the line says so."""
+    ratios = [(t, p / dense_ppl) for t, p in points]
+    last_t, last_r = ratios[-1]
+    if last_r <= goal:
+        return f"KD is within {goal:.2f}× dense on {set_name} at {last_t:,} tokens ({last_r:.3f}×)."
+    xs = [math.log(t) for t, _ in ratios]
+    ys = [math.log(r) for _, r in ratios]
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    if slope >= 0:
+        return (f"KD is {last_r:.3f}× dense on {set_name} at {last_t:,} tokens and not improving with tokens: "
+                f"when it would reach {goal:.2f}× dense cannot be told.")
+    target = mx + (math.log(goal) - my) / slope
+    return (f"KD is {last_r:.3f}× dense on {set_name} at {last_t:,} tokens; a log-linear fit through the {n} budgets "
+            f"reaches {goal:.2f}× dense at about {math.exp(target):,.0f} tokens (an extrapolation from {n} points, "
+            "not a measurement).")
+
+
+def plot_budget(tokens: list[int], curves: dict[str, tuple[list[float], list[float]]], dense: dict, alpha: float,
+                path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
+    for ax, (s, (kd, ce)) in zip(axes[0], curves.items()):
+        ax.plot(tokens, kd, "o-", label=f"KD α={alpha:g}")
+        ax.plot(tokens, ce, "s--", label="CE-only")
+        if s in dense:
+            ax.axhline(dense[s], color="grey", lw=1, label="dense")
+            ax.axhline(1.05 * dense[s], color="grey", lw=1, ls=":", label="1.05× dense")
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("PPL")
+        ax.set_title(s)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def setup_section(model: str, what: str | None, corpus: dict, eval_cfg: dict, eval_sets: list[dict],
+                  relations: dict[str, str], distill: dict, train_tokens: int, checked: dict) -> str:
+    """What every number was measured on: the model (what it is), the corpus, each set's relation to it."""
+    rows = ["| eval set | data | tokens | relation to the KD corpus |", "|---|---|---|---|"]
+    for es in eval_sets:
+        if es.get("kind", "perplexity") == "perplexity":
+            rows.append(f"| {es['name']} | `{es['data']}` | first {es.get('max_tokens') or 'all'} | "
+                        f"{relations.get(es['name'], '?')} |")
+    steps = train_tokens // (distill["batch_size"] * distill["grad_accum"] * corpus["seq_len"])
+    disjoint = ""
+    if checked:
+        disjoint = ("Checked before any work: no eval set or validation text shares a document with the corpus "
+                    "(normalised-text hashes).\n\n")
+    return (f"Model: `{model}`" + (f" = {what}" if what else "") + ".\n\n"
+            f"KD corpus: `{corpus['data']}`, {corpus['num_samples']} × {corpus['seq_len']} tokens, teacher top-"
+            f"{corpus['top_k']} cached once from the dense model. A matched arm trains {train_tokens:,} tokens "
+            f"({steps} steps × {distill['batch_size']} × {corpus['seq_len']}), lr {distill['lr']:g}, temperature "
+            f"{distill['temperature']:g}, tail `{distill['tail']}`.\n\n"
+            f"Perplexity: {eval_cfg['protocol']} protocol, ctx {eval_cfg['ctx']}, stride {eval_cfg['stride']}"
+            + (" (disjoint windows: the bootstrap's draws)" if eval_cfg["stride"] == eval_cfg["ctx"] else "")
+            + ".\n\n" + disjoint + "\n".join(rows))
+
+
+def provenance_section(command: str, environment: str, wall: float, parts: list[str]) -> str:
+    return ("## How this was made\n\n"
+            f"Generated by `flows/study_v2.py`, not written by hand. Regenerate (finished stages are reused, and the "
+            f"arms already published in the output directory are joined):\n\n```\n{command}\n```\n\n"
+            f"- Parts run by this invocation: {', '.join(parts)}; its wall time: {wall / 60:.1f} min.\n"
+            f"- Code: {environment}\n")
+
+
+def header(model: str) -> str:
+    return f"# Study, second edition: {model}\n\n"
+
+
+def report_sections(model: str, what: str | None, config: dict, relations: dict[str, str], arms: dict,
+                    sets: list[str], checked: dict, budget_plot: Path, stages: list[dict], parts: list[str],
+                    wall: float, command: str, environment: str) -> tuple[list[str], dict, list[Path]]:
+    """The report's sections (setup, verdicts, every model, budget, provenance, stage seconds), its metrics and
+    plots, from the arms and the study's config (``config``: its model_dump)."""
+    from .report import stage_seconds_section
+
+    alphas, n_boot, seed0 = config["alphas"], config["n_boot"], config["seeds"][0]
+    lines, metrics = verdict_lines(arms, sets, relations, alphas, config["train_tokens"], n_boot)
+    budget, budget_metrics = budget_section(arms, sets, {s: arms["dense"]["sets"][s]["ppl"] for s in sets},
+                                            alphas[0], config["budgets"], seed0, n_boot, budget_plot)
+    metrics.update(budget_metrics)
+    distill = config["distill"]
+    sections = [setup_section(model, what, config["corpus"], config["eval"], config["eval_sets"], relations, distill,
+                              config["train_tokens"], checked),
+                "## Verdicts\n\nEach line is a paired comparison: both models scored on the same windows, trained "
+                "arms paired seed with seed. *KD effect* = KD against its CE-only twin; *training effect* = a "
+                "trained arm against the model it started from.\n" + "\n".join(lines),
+                "## Every model\n\nPPL with a 95% bootstrap interval over windows; KL = KL(dense ‖ model) in "
+                "nats per token on the same windows (the distance to the teacher's next-token distribution). "
+                "Kept step: the step whose validation perplexity was best (validation on "
+                f"`{distill['val_data']}`, every {distill['eval_every']} steps).\n\n"
+                + models_table(arms, sets, n_boot)]
+    plots = []
+    if budget:
+        sections.append(f"## Token budget (R1, seed {seed0})\n\n{budget}")
+        plots.append(budget_plot)
+    sections += [provenance_section(command, environment, wall, parts), stage_seconds_section(stages)]
+    return [x.rstrip("\n") + "\n\n" for x in sections], metrics, plots

@@ -1,0 +1,234 @@
+"""The second study: per-window NLL and KL in eval, the paired bootstrap (checked against SciPy's), verdicts that
+pair seeds, the config's checks, and the flow end to end on a tiny model (twice: the second run reuses and joins)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from conftest import make_flow_project, make_model
+from sparsekd_core.config import EvalConfig
+from sparsekd_core.eval import make_windows, perplexity
+from sparsekd_core.stats import bootstrap_ppl, paired_bootstrap
+from sparsekd_core.study_report import arm_label, budget_section, reach_statement, verdict_lines
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+# ---------------------------------------------------------------------------------------------------------------- eval
+@pytest.mark.parametrize("protocol,stride", [("paper", 8), ("standard", 8), ("standard", 16)])
+def test_window_nll_and_kl_match_a_hand_computation(tiny_tokenizer, protocol, stride):
+    student = make_model("llama", len(tiny_tokenizer), seed=1).eval()
+    teacher = make_model("llama", len(tiny_tokenizer), seed=2).eval()
+    ids = torch.randint(0, len(tiny_tokenizer), (53,), generator=torch.Generator().manual_seed(0))
+    cfg = EvalConfig(ctx=16, stride=stride, protocol=protocol, batch_size=3)
+    res = perplexity(student, ids, cfg, teacher=teacher)
+    windows = make_windows(ids.numel(), 16, stride, protocol)
+    assert len(res.window_nll) == len(res.window_tokens) == len(res.window_kl) == len(windows)
+    with torch.no_grad():
+        for w, nll, n, kl in zip(windows, res.window_nll, res.window_tokens, res.window_kl):
+            x = ids[w.begin : w.end][None]
+            s_logp = torch.log_softmax(student(x).logits[0].double(), -1)
+            t_logp = torch.log_softmax(teacher(x).logits[0].double(), -1)
+            rows = range(w.first_target - w.begin - 1, w.end - w.begin - 1)  # positions predicting scored targets
+            assert n == len(rows)
+            want_nll = -sum(s_logp[j, x[0, j + 1]].item() for j in rows)
+            want_kl = sum(F.kl_div(s_logp[j], t_logp[j], log_target=True, reduction="sum").item() for j in rows)
+            assert nll == pytest.approx(want_nll, rel=1e-5)
+            assert kl == pytest.approx(want_kl, rel=1e-4, abs=1e-7) and kl > 0
+    assert res.ppl == pytest.approx(math.exp(sum(res.window_nll) / sum(res.window_tokens)))
+    assert res.kl == pytest.approx(sum(res.window_kl) / res.tokens)
+    # The model against itself: no distance; and no teacher, no KL.
+    assert perplexity(student, ids, cfg, teacher=student).kl == pytest.approx(0, abs=1e-6)
+    plain = perplexity(student, ids, cfg)
+    assert plain.window_kl is None and "kl" not in plain.as_dict() and plain.window_nll == res.window_nll
+
+
+# ---------------------------------------------------------------------------------------------------------------- bootstrap
+def _fake_windows(n=40, seed=0, shift=0.0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(20, 60, n)
+    hard = rng.gamma(2.0, 1.0, n)  # windows differ in difficulty far more than the models do
+    return tokens, hard
+
+
+def test_paired_bootstrap_agrees_with_scipy_and_pairing_cancels_window_difficulty():
+    from scipy.stats import bootstrap
+
+    tokens, hard = _fake_windows()
+    rng = np.random.default_rng(1)
+    a = (2.0 + hard + rng.normal(0, 0.02, hard.size)) * tokens  # per-window NLL sums
+    b = (2.0 + hard + 0.05 + rng.normal(0, 0.02, hard.size)) * tokens
+    ours = paired_bootstrap(a.tolist(), b.tolist(), tokens.tolist(), n_boot=4000)
+
+    def diff(x, y, t):
+        return np.exp(x.sum() / t.sum()) - np.exp(y.sum() / t.sum())
+
+    ref = bootstrap((a, b, tokens.astype(float)), diff, paired=True, vectorized=False, n_resamples=4000,
+                    method="percentile", random_state=7).confidence_interval
+    width = ref.high - ref.low
+    assert ours["diff"].estimate == pytest.approx(diff(a, b, tokens))
+    assert ours["diff"].low == pytest.approx(ref.low, abs=0.1 * width)
+    assert ours["diff"].high == pytest.approx(ref.high, abs=0.1 * width)
+    assert ours["diff"].high < 0  # a is better on every window by a little: pairing resolves it
+    # Unpaired (each model's own interval) the same difference is lost in the windows' spread.
+    ia, ib = bootstrap_ppl(a.tolist(), tokens.tolist()), bootstrap_ppl(b.tolist(), tokens.tolist())
+    assert ia.high > ib.low
+    same = paired_bootstrap(a.tolist(), a.tolist(), tokens.tolist())
+    assert (same["diff"].low, same["diff"].high) == (0.0, 0.0)
+
+
+def test_paired_bootstrap_refuses_different_windows_and_unpaired_seeds():
+    tokens, hard = _fake_windows()
+    with pytest.raises(ValueError, match="same windows"):
+        paired_bootstrap((hard * tokens)[:-1].tolist(), (hard * tokens)[:-1].tolist(), tokens.tolist())
+    with pytest.raises(ValueError, match="pair the same seeds"):
+        paired_bootstrap([hard.tolist(), hard.tolist()], [hard.tolist()], tokens.tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------------- verdicts
+def _arm(student, kind, nll, tokens, alpha=None, seed=None, train=64):
+    return {"student": student, "kind": kind, "alpha": alpha, "seed": seed,
+            "tokens": None if kind == "base" else train,
+            "sets": {"wt": {"ppl": math.exp(sum(nll) / sum(tokens)), "window_nll": list(nll),
+                            "window_tokens": list(tokens)}}}
+
+
+def test_verdicts_pair_seed_with_seed_and_never_a_mean_against_one_seed():
+    tokens, hard = _fake_windows()
+    base = (3 + hard) * tokens
+    arms = {"dense": _arm("dense", "base", base, tokens)}
+    for seed, (kd_shift, ce_shift) in {1: (-0.10, -0.05), 2: (-0.11, -0.06), 3: (-0.09, -0.04)}.items():
+        arms[f"kd{seed}"] = _arm("dense", "kd", base + kd_shift * tokens, tokens, 0.5, seed)
+    arms["ce1"] = _arm("dense", "ce", base - 0.05 * tokens, tokens, 0.0, 1)  # CE-only ran one seed only
+    lines, metrics = verdict_lines(arms, ["wt"], {"wt": "out of corpus"}, [0.5], 64, n_boot=500)
+    kd_vs_ce = next(x for x in lines if x.startswith("- KD effect, wt (out of corpus), KD α=0.5 vs CE-only"))
+    assert "1 paired seed (1)" in kd_vs_ce and "**KD α=0.5 lower**" in kd_vs_ce  # seed 1 against seed 1 only
+    want = math.exp((base - 0.10 * tokens).sum() / tokens.sum()) - math.exp((base - 0.05 * tokens).sum() / tokens.sum())
+    assert metrics["dense.wt.kd0.5_minus_ce"] == pytest.approx(want)
+    vs_start = next(x for x in lines if "KD α=0.5 vs start" in x)
+    assert "3 paired seeds (1, 2, 3)" in vs_start and "**KD α=0.5 lower**" in vs_start
+    # The other way round: CE-only better → the line says so; a 0-width difference is not resolved.
+    arms["ce1"] = _arm("dense", "ce", base - 0.2 * tokens, tokens, 0.0, 1)
+    lines, _ = verdict_lines(arms, ["wt"], {"wt": "out of corpus"}, [0.5], 64, n_boot=500)
+    assert "**CE-only lower**" in next(x for x in lines if "KD α=0.5 vs CE-only" in x)
+    arms["ce1"] = _arm("dense", "ce", base - 0.10 * tokens, tokens, 0.0, 1)
+    lines, _ = verdict_lines(arms, ["wt"], {"wt": "out of corpus"}, [0.5], 64, n_boot=500)
+    assert "**not resolved**" in next(x for x in lines if "KD α=0.5 vs CE-only" in x)
+
+
+def test_budget_trend_and_the_reach_statement():
+    tokens, hard = _fake_windows()
+    base = (3 + hard) * tokens
+    arms = {"dense": _arm("dense", "base", base, tokens)}
+    for t, gap, level in ((64, 0.20, 0.5), (128, 0.10, 0.3), (256, 0.05, 0.2)):
+        arms[f"kd{t}"] = _arm("R1", "kd", base + level * tokens, tokens, 0.5, 1, train=t)
+        arms[f"ce{t}"] = _arm("R1", "ce", base + (level + gap) * tokens, tokens, 0.0, 1, train=t)
+    dense = {"wt": arms["dense"]["sets"]["wt"]["ppl"]}
+    text, metrics = budget_section(arms, ["wt"], dense, 0.5, [64, 128, 256], 1, n_boot=300)
+    assert "the gap's size shrinks" in text and metrics["budget.64.wt.kd_minus_ce"] < 0
+    assert "reaches 1.05× dense at about" in text and "extrapolation" in text
+    assert "cannot be told" in reach_statement([(1, 2.0), (2, 2.1)], 1.0, "wt")
+    assert "within 1.05× dense" in reach_statement([(1, 2.0), (2, 1.01)], 1.0, "wt")
+    assert arm_label("R1", "kd", 0.5, 42, 65536) == "R1 · KD α=0.5 · seed 42 · 64k tokens"
+
+
+# ---------------------------------------------------------------------------------------------------------------- config
+def test_config_checks_relations_budgets_and_alphas(tmp_path):
+    from flows.configs import StudyV2Config
+
+    root = make_flow_project(tmp_path)
+    ok = _values(root, tmp_path / "w")
+    StudyV2Config(**ok)
+    with pytest.raises(ValidationError, match="relations must label every perplexity eval set"):
+        StudyV2Config(**{**ok, "relations": []})
+    with pytest.raises(ValidationError, match="not a whole number of optimizer steps"):
+        StudyV2Config(**{**ok, "budgets": [100]})
+    with pytest.raises(ValidationError, match="exceed the corpus"):
+        StudyV2Config(**{**ok, "budgets": [64 * 100]})
+    with pytest.raises(ValidationError, match=r"alphas: 0.0 is not in \(0, 1\]"):
+        StudyV2Config(**{**ok, "alphas": [0.0]})
+
+
+def test_the_committed_study_v2_configs_validate():
+    import yaml
+
+    from pathlib import Path
+
+    from flows.configs import StudyV2Config
+    from sparsekd_core.config import NAMED_MIXTURES
+
+    paths = sorted(Path("flows/configs_yaml").glob("study-v2-*.yaml"))
+    assert paths
+    for path in paths:
+        cfg = StudyV2Config(**yaml.safe_load(path.read_text()))
+        sources = NAMED_MIXTURES[cfg.corpus.data]
+        assert not any(s.startswith("wikitext") for s in sources) and cfg.relation_of()["wikitext2"] == "out of corpus"
+        by_name = {es.name: es for es in cfg.eval_sets}
+        assert by_name["wikitext2"].max_tokens >= 16384
+        assert all(es.max_tokens >= 8192 for es in cfg.eval_sets)
+        assert cfg.eval.stride == cfg.eval.ctx and len(cfg.seeds) >= 3
+
+
+# ---------------------------------------------------------------------------------------------------------------- the flow
+def _values(root, workdir, **extra):
+    from test_flows import PRUNE, flow_values
+
+    return flow_values(root, workdir, prune=PRUNE, eval={"ctx": 32, "stride": 32, "protocol": "standard"},
+                       distill={**flow_values(root, workdir)["distill"], "max_steps": None},
+                       relations=[{"set": "text", "relation": "out of corpus"}], seeds=[1, 2], alphas=[0.5, 1.0], train_tokens=128,
+                       budgets=[64, 256], n_boot=200, **extra)
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_server, tmp_path):
+    from flows.configs import StudyV2Config
+    from flows.study_v2 import study_v2_flow
+
+    root = make_flow_project(tmp_path / "project")
+    out = tmp_path / "published"
+    first = study_v2_flow(StudyV2Config(**_values(root, tmp_path / "w", parts=["dense", "r1"])), out=str(out))
+    labels = set(first["arms"])
+    assert {"dense", "R1 · base", "dense · CE-only · seed 1", "dense · KD α=1 · seed 2",
+            "R1 · KD α=0.5 · seed 2"} <= labels and len(labels) == 2 + 2 * 2 * 3
+    report = (out / "report.md").read_text()
+    assert "- KD effect, text (out of corpus), KD α=0.5 vs CE-only: PPL(KD α=0.5) − PPL(CE-only) =" in report
+    assert "2 paired seeds (1, 2)" in report and "out of corpus" in report
+    kd = first["arms"]["dense · KD α=0.5 · seed 1"]
+    assert kd["sets"]["text"]["kl"] > 0 and "kl" not in first["arms"]["dense"]["sets"]["text"]
+    assert kd["kept"]["steps"] == 2  # 128 tokens = 2 steps of 2 × 32
+    # Trained arms really moved (or kept their step-0 model, the best on validation, and say so); seeds differ.
+    ppl = {k: v["sets"]["text"]["ppl"] for k, v in first["arms"].items()}
+    start = {"dense": ppl["dense"], "R1": ppl["R1 · base"]}
+    for label, arm in first["arms"].items():
+        if arm["kind"] != "base":
+            assert (ppl[label] != start[arm["student"]]) == (arm["kept"]["best_step"] > 0), label
+    assert ppl["dense · CE-only · seed 1"] < ppl["dense"] and ppl["R1 · CE-only · seed 1"] < ppl["R1 · base"]
+    assert ppl["dense · CE-only · seed 1"] != ppl["dense · CE-only · seed 2"]
+    assert ppl["dense · KD α=0.5 · seed 1"] != ppl["dense · CE-only · seed 1"]
+    saved = json.loads((out / "study.json").read_text())
+    assert set(saved["arms"]) == labels
+
+    # The other parts in a second invocation: the published arms are joined, their stages reused.
+    second = study_v2_flow(StudyV2Config(**_values(root, tmp_path / "w", parts=["tails", "budget"])), out=str(out))
+    assert labels < set(second["arms"])
+    assert {"R1 · KD, sampled-cache tail · seed 1", "dense · KD, bucket tail · seed 1", "R1 · CE-only · seed 1 · 64 tokens",
+            "R1 · KD α=0.5 · seed 1 · 256 tokens"} <= set(second["arms"])
+    report = (out / "report.md").read_text()
+    assert "## Token budget (R1, seed 1)" in report and (out / "budget.png").is_file()
+    assert "KD, sampled-cache tail vs CE-only" in report
+    reused = [s for s in second["stages"] if s["label"] in ("eval dense", "prune R1", "eval R1 · base")]
+    assert reused and all(s["cached"] for s in reused)
