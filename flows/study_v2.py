@@ -175,11 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="the study's YAML config")
     parser.add_argument("--out", default="", help="publish the report, plots and study.json here, and join the arms "
                                                   "published there before (e.g. docs/results/study-v2/smollm2)")
+    parser.add_argument("--parts", default="", help="comma-separated parts to run now (dense,r1,tails,budget); "
+                                                    "default: the config's")
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     import yaml
 
-    config = StudyV2Config(**yaml.safe_load(Path(args.config).read_text()))
+    values = yaml.safe_load(Path(args.config).read_text())
+    if args.parts:
+        values["parts"] = [p.strip() for p in args.parts.split(",") if p.strip()]
+    config = StudyV2Config(**values)
     command = "python -m flows.study_v2 " + " ".join(argv if argv is not None else sys.argv[1:])
     result = study_v2_flow(config, out=args.out, command=command)
     print(f"report: {result['report']}")

@@ -232,3 +232,20 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
     assert "KD, sampled-cache tail vs CE-only" in report
     reused = [s for s in second["stages"] if s["label"] in ("eval dense", "prune R1", "eval R1 · base")]
     assert reused and all(s["cached"] for s in reused)
+
+
+def test_the_command_line_takes_parts_and_refuses_unknown_ones(tmp_path, monkeypatch):
+    import yaml
+
+    import flows.study_v2 as study_v2
+
+    root = make_flow_project(tmp_path)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(_values(root, tmp_path / "w")))
+    seen = {}
+    monkeypatch.setattr(study_v2, "study_v2_flow", lambda config, out, command: seen.update(
+        parts=config.parts, command=command) or {"report": "r.md"})
+    assert study_v2.main(["--config", str(path), "--parts", "dense, budget"]) == 0
+    assert seen["parts"] == ["dense", "budget"] and "--parts dense, budget" in seen["command"]
+    with pytest.raises(ValidationError, match="parts"):
+        study_v2.main(["--config", str(path), "--parts", "everything"])
