@@ -55,3 +55,4 @@ step profile profile --model $M --model "$OUT/svd15" --model "$OUT/svd35" --mode
 step gsm8k eval --model $M --kind gsm8k --max-problems 10 --max-new-tokens 128
 step eval-dense-paper-16k eval --model $M --data wikitext2:test --max-tokens 16384
 step eval-dense-standard-16k eval --model $M --data wikitext2:test --max-tokens 16384 --protocol standard
+step lm-eval eval --model $M --kind lm-eval --limit 4

@@ -626,11 +626,12 @@ class StudyV2Config(FlowConfig):
          *(SetRelation(set=n, relation="held-out documents") for n in ("c4_heldout", "code_heldout", "gsm8k_test"))],
         description="Each perplexity eval set's relation to the KD corpus: `held-out documents` (documents of a "
                     "corpus source that the corpus does not hold) or `out of corpus` (a source the corpus lacks).")
-    parts: list[Literal["dense", "r1", "tails", "budget"]] = Field(
+    parts: list[Literal["dense", "r1", "tails", "budget", "report"]] = Field(
         ["dense", "r1", "tails", "budget"], min_length=1,
         description="What this invocation runs: `dense` and `r1` the matched KD/CE arms of the dense and pruned "
-                    "student; `tails` the bucket and sampled-cache tails; `budget` R1's token-budget curve. The "
-                    "report joins the arms already published in --out (same setup digest).")
+                    "student; `tails` the bucket and sampled-cache tails; `budget` R1's token-budget curve; "
+                    "`report` nothing new (the report of the arms published in `out`). The report joins the arms "
+                    "already published in `out` (same setup and stage code).")
     r1_target: float = Field(0.15, gt=0, lt=1, description="The pruned student's MLP reduction (the paper's R1).")
     prune: PruneSection = Field(PruneSection(), description="How R1 is pruned.")
     alphas: list[float] = Field([0.5, 1.0], min_length=1, description="KD weights of the matched KD arms (0 < α ≤ 1; "

@@ -36,6 +36,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from sparsekd_core import study_report as sr
 from sparsekd_core.config import MODEL_ALIASES
+from sparsekd_core.identity import code_digest
 from tasks.stages import dense_ref, eval_results, evaluate
 from tasks.tracking import code_version
 
@@ -51,15 +52,32 @@ def setup_digest(config: StudyV2Config) -> str:
     return hashlib.sha256(config.model_dump_json(include=SETUP_FIELDS).encode()).hexdigest()[:16]
 
 
+def stage_code() -> dict[str, str]:
+    """The code digests of the stages an arm runs (the same digests the stage keys hold): arms made by other code
+    are not joined."""
+    return {stage: code_digest(stage) for stage in ("cache", "distill", "eval", "prune")}
+
+
 def previous(config: StudyV2Config, out: Path) -> tuple[dict, list[dict]]:
-    """Arms and stage records published in ``out`` by an earlier invocation of the same setup (else none)."""
+    """Arms and stage records published in ``out`` by an earlier invocation of the same setup and stage code (a file
+    without code digests, written before they were recorded, is joined on the setup alone)."""
     path = out / "study.json"
     if not out.name or not path.is_file():
         return {}, []
     saved = json.loads(path.read_text())
-    if saved.get("setup") != setup_digest(config):
+    if saved.get("setup") != setup_digest(config) or saved.get("code", stage_code()) != stage_code():
         return {}, []
     return saved.get("arms", {}), saved.get("stages", [])
+
+
+def save_arms(out: Path, setup: str, arms: dict, stages: list[dict], metrics: dict | None = None) -> None:
+    """study.json: every arm with its windows, the stage records and code digests (what the next invocation
+    joins), written atomically after every arm, so a stopped invocation loses at most the arm it was on."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "study.json.tmp"
+    tmp.write_text(json.dumps({"setup": setup, "code": stage_code(), "metrics": metrics or {}, "arms": arms,
+                               "stages": stages}, default=str))
+    tmp.replace(out / "study.json")
 
 
 def arm_order(item: tuple[str, dict]) -> tuple:
@@ -81,6 +99,7 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
             docs/results/study-v2/smollm2); empty: the report stays in the storage root and MLflow only.
         command: How the study was started, quoted in the report (set by `python -m flows.study_v2`).
     """
+    out = str(out).strip()
     t0 = time.time()
     arms, earlier_stages = previous(config, Path(out)) if out else ({}, [])
     sets = [es.name for es in config.eval_sets if es.kind == "perplexity"]
@@ -95,6 +114,10 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
             run.record(m, f"eval {label}")
             results = {n: r for n, r in eval_results(m).items() if r.get("kind") == "perplexity"}
             arms[label] = {"student": student, "kind": kind, "sets": results, **fields}
+            if out:
+                seen = {st["key"] for st in run.stages}
+                save_arms(Path(out), setup_digest(config), arms,
+                          run.stages + [st for st in earlier_stages if st["key"] not in seen])
 
         ev("dense", dense, "dense", "base")
         cache = run.cache(dense, None, "dense")
@@ -158,16 +181,11 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
 
 def publish(result: dict, out: Path) -> None:
     """The report, its plots and study.json (every arm with its windows: what the next invocation joins)."""
-    out.mkdir(parents=True, exist_ok=True)
     report = Path(result["report"])
     shutil.copy(report, out / "report.md")
     for png in report.parent.glob("*.png"):
         shutil.copy(png, out / png.name)
-    summary = {"setup": result["setup"], "metrics": result["metrics"], "arms": result["arms"],
-               "stages": result["all_stages"]}
-    tmp = out / "study.json.tmp"
-    tmp.write_text(json.dumps(summary, default=str))
-    tmp.replace(out / "study.json")
+    save_arms(out, result["setup"], result["arms"], result["all_stages"], result["metrics"])
 
 
 def main(argv: list[str] | None = None) -> int:

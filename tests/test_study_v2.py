@@ -195,6 +195,7 @@ def prefect_server():
 
 
 def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_server, tmp_path):
+    import flows.study_v2 as study_v2
     from flows.configs import StudyV2Config
     from flows.study_v2 import study_v2_flow
 
@@ -232,6 +233,20 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
     assert "KD, sampled-cache tail vs CE-only" in report
     reused = [s for s in second["stages"] if s["label"] in ("eval dense", "prune R1", "eval R1 · base")]
     assert reused and all(s["cached"] for s in reused)
+
+    # The report alone, from the published arms; arms made by other stage code are not joined.
+    third = study_v2_flow(StudyV2Config(**_values(root, tmp_path / "w", parts=["report"])), out=str(out))
+    assert set(third["arms"]) == set(second["arms"]) and all(s["cached"] for s in third["stages"])
+    saved = json.loads((out / "study.json").read_text())
+    assert saved["code"] == study_v2.stage_code()
+    saved["code"]["distill"] = "other"
+    (out / "study.json").write_text(json.dumps(saved))
+    config = StudyV2Config(**_values(root, tmp_path / "w", parts=["report"]))
+    assert study_v2.previous(config, out) == ({}, [])
+    saved["code"] = study_v2.stage_code()
+    (out / "study.json").write_text(json.dumps(saved))
+    assert set(study_v2.previous(config, out)[0]) == set(second["arms"])
+    assert study_v2.previous(config.model_copy(update={"train_tokens": 64}), out) == ({}, [])  # another setup
 
 
 def test_the_command_line_takes_parts_and_refuses_unknown_ones(tmp_path, monkeypatch):
