@@ -182,6 +182,32 @@ def dense_kd_section(names: list[str], dense: dict[str, float], dense_kd: dict[s
     return text, metrics
 
 
+# The paper's Table III (Qwen3-0.6B, WikiText-2, lm-eval protocol): round -> (sparsity, pre-KD PPL, post-KD PPL);
+# dense 35.87. Another model and protocol: its ratios to dense are the pattern to compare, not its values.
+PAPER_TABLE_III = {1: (0.15, 682.0, 21.06), 4: (0.35, 39.97, 24.92), 6: (0.51, None, 29.99), 8: (0.65, 47.34, 29.07)}
+PAPER_TABLE_III_DENSE = 35.87
+
+
+def beside_paper_table_iii(name: str, dense: float, rounds: list[dict]) -> str:
+    """This run's rounds beside the paper's Table III rows of the same round and sparsity (when they match): each
+    post-KD PPL as a ratio to its own dense model, since the paper's model (Qwen3-0.6B) is not this one."""
+    rows = []
+    for x in rounds:
+        paper = PAPER_TABLE_III.get(x["round"])
+        if paper is None or abs(paper[0] - x["mlp_reduction"]) > 0.02:
+            continue
+        sparsity, pre, post = paper
+        rows.append([f"R{x['round']}", f"{100 * sparsity:.0f}%", x["pre"][name], x["post"][name],
+                     f"{x['post'][name] / dense:.2f}×", "—" if pre is None else pre, post,
+                     f"{post / PAPER_TABLE_III_DENSE:.2f}×"])
+    if not rows:
+        return ""
+    return (f"\n### Beside the paper's Table III ({name})\n\nThe paper's rows are Qwen3-0.6B (dense 35.87, lm-eval "
+            "protocol); compare the ratios to each model's own dense perplexity, not the values.\n\n"
+            + table(["round", "MLP reduction", "pre-KD here", "post-KD here", "post / dense here", "paper pre-KD",
+                     "paper post-KD", "paper post / dense"], rows))
+
+
 def iterative_section(names: list[str], dense: dict[str, float], rounds: list[dict],
                       keep_original_teacher: bool) -> tuple[str, dict[str, float]]:
     """Table III: per round ({round, mlp_reduction, pre, post}) the pre-KD and post-KD perplexities."""
@@ -193,6 +219,8 @@ def iterative_section(names: list[str], dense: dict[str, float], rounds: list[di
         "the previous round's recovered model (re-cached each round, as the paper does)"
     text = ("## Iterative pruning (Table III)\n\nDense: " + ", ".join(f"{n} {dense[n]:.2f}" for n in names)
             + f". Teacher: {teacher}.\n\n" + table(headers, rows))
+    if names:
+        text += beside_paper_table_iii(names[0], dense[names[0]], rounds)
     metrics = flat("ppl_dense", dense)
     for x in rounds:
         metrics.update(flat(f"R{x['round']}_pre_kd", x["pre"]))

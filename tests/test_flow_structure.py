@@ -170,12 +170,13 @@ def test_the_flow_defaults_are_those_the_committed_results_were_run_with():
     assert (study.seed, study.dtype, study.device, study.targets) == (42, "auto", "auto",
                                                                       [0.15, 0.22, 0.29, 0.35, 0.43, 0.51, 0.58, 0.65])
     assert (study.verdict_much_lower, study.verdict_comparable) == (0.8, 1.05)
-    for name in ("dense-kd-smollm2", "iterative-3round-smollm2", "study-smollm2", "selfdata-smollm2"):
+    for name in ("dense-kd-smollm2", "iterative-3round-smollm2", "iterative-8round-smollm2", "study-smollm2",
+                 "selfdata-smollm2"):
         import yaml
 
         values = yaml.safe_load((ROOT / "flows" / "configs_yaml" / f"{name}.yaml").read_text())
         flow = {"dense-kd-smollm2": "dense-kd", "iterative-3round-smollm2": "iterative", "study-smollm2": "study",
-                "selfdata-smollm2": "selfdata"}[name]
+                "selfdata-smollm2": "selfdata", "iterative-8round-smollm2": "iterative"}[name]
         config = FLOW_CONFIGS[flow](**values)
         assert config.corpus.seq_len == values["corpus"].get("seq_len", 256) == 256, name
 

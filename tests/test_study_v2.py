@@ -264,3 +264,22 @@ def test_the_command_line_takes_parts_and_refuses_unknown_ones(tmp_path, monkeyp
     assert seen["parts"] == ["dense", "budget"] and "--parts dense, budget" in seen["command"]
     with pytest.raises(ValidationError, match="parts"):
         study_v2.main(["--config", str(path), "--parts", "everything"])
+
+
+def test_table_iii_beside_the_papers_rows_as_ratios_to_each_dense():
+    from sparsekd_core.config import PAPER_ROUND_TARGETS
+    from sparsekd_core.report import iterative_section
+
+    rounds = [{"round": i, "mlp_reduction": t, "pre": {"wt": 100.0 + i}, "post": {"wt": 40.0 + i}}
+              for i, t in enumerate(PAPER_ROUND_TARGETS, 1)]
+    text, _ = iterative_section(["wt"], {"wt": 30.0}, rounds, False)
+    beside = text.split("### Beside the paper's Table III (wt)")[1]
+    rows = [line for line in beside.splitlines() if line.startswith("| R")]
+    assert [r.split("|")[1].strip() for r in rows] == ["R1", "R4", "R6", "R8"]
+    r1 = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert r1[4] == f"{41 / 30:.2f}×" and r1[6] == "21.06" and r1[7] == f"{21.06 / 35.87:.2f}×"
+    # Three rounds (15, 35, 65%): only round 1 is the paper's round at the same sparsity.
+    three = [{**r, "round": i} for i, r in enumerate([rounds[0], rounds[3], rounds[7]], 1)]
+    text = iterative_section(["wt"], {"wt": 30.0}, three, False)[0].split("### Beside the paper's Table III")[1]
+    assert [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| R")] == ["R1"]
+    assert "Beside the paper" not in iterative_section(["wt"], {"wt": 30.0}, three[1:], False)[0]
