@@ -272,6 +272,16 @@ def provenance_section(command: str, environment: str, wall: float, parts: list[
             f"- Code: {environment}\n")
 
 
+def teacher_line(arms: dict, val_data: str) -> str:
+    """The teacher's (the dense model's) perplexity on the validation slice: a dense-student arm's step-0 value."""
+    start = [a["kept"]["val_ppl_start"] for a in arms.values()
+             if a["student"] == "dense" and (a.get("kept") or {}).get("val_ppl_start")]
+    if not start:
+        return ""
+    return (f"The teacher (the dense model) has PPL {start[0]:.2f} on the validation slice `{val_data}` (held-out "
+            "documents of a corpus source; the dense-student arms' step-0 validation).\n\n")
+
+
 def header(model: str) -> str:
     return f"# Study, second edition: {model}\n\n"
 
@@ -294,7 +304,8 @@ def report_sections(model: str, what: str | None, config: dict, relations: dict[
                 "## Verdicts\n\nEach line is a paired comparison: both models scored on the same windows, trained "
                 "arms paired seed with seed. *KD effect* = KD against its CE-only twin; *training effect* = a "
                 "trained arm against the model it started from.\n" + "\n".join(lines),
-                "## Every model\n\nPPL with a 95% bootstrap interval over windows; KL = KL(dense ‖ model) in "
+                "## Every model\n\n" + teacher_line(arms, distill["val_data"])
+                + "PPL with a 95% bootstrap interval over windows; KL = KL(dense ‖ model) in "
                 "nats per token on the same windows (the distance to the teacher's next-token distribution). "
                 "Kept step: the step whose validation perplexity was best (validation on "
                 f"`{distill['val_data']}`, every {distill['eval_every']} steps).\n\n"

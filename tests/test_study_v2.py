@@ -208,6 +208,8 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
     report = (out / "report.md").read_text()
     assert "- KD effect, text (out of corpus), KD α=0.5 vs CE-only: PPL(KD α=0.5) − PPL(CE-only) =" in report
     assert "2 paired seeds (1, 2)" in report and "out of corpus" in report
+    start = first["arms"]["dense · CE-only · seed 1"]["kept"]["val_ppl_start"]
+    assert f"The teacher (the dense model) has PPL {start:.2f} on the validation slice" in report
     kd = first["arms"]["dense · KD α=0.5 · seed 1"]
     assert kd["sets"]["text"]["kl"] > 0 and "kl" not in first["arms"]["dense"]["sets"]["text"]
     assert kd["kept"]["steps"] == 2  # 128 tokens = 2 steps of 2 × 32
