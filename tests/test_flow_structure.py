@@ -226,3 +226,20 @@ def test_the_held_out_check_is_core(tmp_path):
     assert checked == {"eval_documents": 2, "corpus_documents": 4, "shared": 0}
     with pytest.raises(DataOverlapError, match="'distill.val_data'"):
         check_held_out({"held": str(tmp_path / "held.txt")}, str(tmp_path / "leaky.txt"), cfg)
+
+
+def test_every_committed_flow_config_validates_against_the_flow_its_first_line_runs():
+    """Each YAML in flows/configs_yaml/ starts with the command that runs it; the config validates as that flow's."""
+    import re
+
+    import yaml
+
+    from flows.configs import FLOW_CONFIGS
+
+    modules = {"flows.study": "study", "flows.study_v2": "study-v2"}
+    for path in sorted((ROOT / "flows" / "configs_yaml").glob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        match = re.match(r"# (?:sparsekd run (\S+)|python -m (\S+)) --config flows/configs_yaml/(\S+)", first)
+        assert match and match.group(3) == path.name, (path.name, first)
+        flow = match.group(1) or modules[match.group(2)]
+        FLOW_CONFIGS[flow](**yaml.safe_load(path.read_text()))
