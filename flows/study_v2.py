@@ -133,7 +133,7 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
             seeded = dataclasses.replace(on, cfg=on.cfg.model_copy(update={"seed": seed}))
             m = seeded.distill(start_ref, teacher_cache or cache, rid, label, **overrides)
             result = m["result"]
-            kept = {k: result.get(k) for k in ("best_step", "steps", "val_ppl_start", "val_ppl_best")}
+            kept = {k: result.get(k) for k in ("best_step", "steps", "val_ppl_start", "val_ppl_best", "val_history")}
             ev(label, m["model"], student, kind, alpha=alpha, seed=seed, tokens=tokens, kept=kept)
 
         students = {"dense": dense}
@@ -170,7 +170,7 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
         stages = run.stages + [st for st in earlier_stages if st["key"] not in seen]
         sections, metrics, plots = sr.report_sections(
             config.model, MODEL_ALIASES.get(config.model), config.model_dump(), config.relation_of(), arms, sets,
-            run.disjoint, run.report_dir() / "budget.png", stages, config.parts, time.time() - t0,
+            run.disjoint, run.report_dir(), stages, config.parts, time.time() - t0,
             command or "python -m flows.study_v2 --config CONFIG --out DIR", code_version())
         result = run.finish(sections, metrics, plots, header=sr.header(config.model))
     result.update(arms=arms, setup=setup_digest(config), all_stages=stages)

@@ -287,16 +287,19 @@ def header(model: str) -> str:
 
 
 def report_sections(model: str, what: str | None, config: dict, relations: dict[str, str], arms: dict,
-                    sets: list[str], checked: dict, budget_plot: Path, stages: list[dict], parts: list[str],
+                    sets: list[str], checked: dict, plot_dir: Path, stages: list[dict], parts: list[str],
                     wall: float, command: str, environment: str) -> tuple[list[str], dict, list[Path]]:
     """The report's sections (setup, verdicts, every model, budget, provenance, stage seconds), its metrics and
-    plots, from the arms and the study's config (``config``: its model_dump)."""
+    plots (written to ``plot_dir``: the budget curve, the learning curves per student), from the arms and the
+    study's config (``config``: its model_dump)."""
+    from .report import plot_recovery
+
     from .report import stage_seconds_section
 
     alphas, n_boot, seed0 = config["alphas"], config["n_boot"], config["seeds"][0]
     lines, metrics = verdict_lines(arms, sets, relations, alphas, config["train_tokens"], n_boot)
     budget, budget_metrics = budget_section(arms, sets, {s: arms["dense"]["sets"][s]["ppl"] for s in sets},
-                                            alphas[0], config["budgets"], seed0, n_boot, budget_plot)
+                                            alphas[0], config["budgets"], seed0, n_boot, plot_dir / "budget.png")
     metrics.update(budget_metrics)
     distill = config["distill"]
     sections = [setup_section(model, what, config["corpus"], config["eval"], config["eval_sets"], relations, distill,
@@ -313,6 +316,12 @@ def report_sections(model: str, what: str | None, config: dict, relations: dict[
     plots = []
     if budget:
         sections.append(f"## Token budget (R1, seed {seed0})\n\n{budget}")
-        plots.append(budget_plot)
+        plots.append(plot_dir / "budget.png")
+    for student in ("dense", "R1"):  # validation PPL over steps of every arm that logged it (the kept step's curve)
+        curves = {label: [tuple(p) for p in a["kept"]["val_history"]] for label, a in arms.items()
+                  if a["student"] == student and (a.get("kept") or {}).get("val_history")}
+        if curves:
+            plot_recovery(curves, plot_dir / f"learning-{student}.png")
+            plots.append(plot_dir / f"learning-{student}.png")
     sections += [provenance_section(command, environment, wall, parts), stage_seconds_section(stages)]
     return [x.rstrip("\n") + "\n\n" for x in sections], metrics, plots

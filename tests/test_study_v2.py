@@ -232,6 +232,7 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
             "R1 · KD α=0.5 · seed 1 · 256 tokens"} <= set(second["arms"])
     report = (out / "report.md").read_text()
     assert "## Token budget (R1, seed 1)" in report and (out / "budget.png").is_file()
+    assert "![learning-dense](learning-dense.png)" in report and (out / "learning-R1.png").is_file()
     assert "KD, sampled-cache tail vs CE-only" in report
     reused = [s for s in second["stages"] if s["label"] in ("eval dense", "prune R1", "eval R1 · base")]
     assert reused and all(s["cached"] for s in reused)
