@@ -107,6 +107,12 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
         rid = run.arm("study-v2")
         dense = dense_ref(config.model)
 
+        def all_stages() -> list[dict]:
+            """This invocation's stages, then those of earlier invocations (published with their arms) not reached
+            again: each distinct stage once."""
+            seen = {st["key"] for st in run.stages}
+            return run.stages + [st for st in earlier_stages if st["key"] not in seen]
+
         def ev(label: str, ref: dict, student: str, kind: str, **fields) -> None:
             teacher = dense if config.kl and ref["fingerprint"] != dense["fingerprint"] else None
             m = evaluate(ref, [es.model_dump() for es in config.eval_sets], config.eval_config().model_dump(),
@@ -115,9 +121,7 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
             results = {n: r for n, r in eval_results(m).items() if r.get("kind") == "perplexity"}
             arms[label] = {"student": student, "kind": kind, "sets": results, **fields}
             if out:
-                seen = {st["key"] for st in run.stages}
-                save_arms(Path(out), setup_digest(config), arms,
-                          run.stages + [st for st in earlier_stages if st["key"] not in seen])
+                save_arms(Path(out), setup_digest(config), arms, all_stages())
 
         ev("dense", dense, "dense", "base")
         cache = run.cache(dense, None, "dense")
@@ -165,9 +169,7 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
         run.end(rid)
 
         arms = dict(sorted(arms.items(), key=arm_order))
-        # Stages of earlier invocations (published with their arms) count once each, beside this invocation's.
-        seen = {st["key"] for st in run.stages}
-        stages = run.stages + [st for st in earlier_stages if st["key"] not in seen]
+        stages = all_stages()
         sections, metrics, plots = sr.report_sections(
             config.model, MODEL_ALIASES.get(config.model), config.model_dump(), config.relation_of(), arms, sets,
             run.disjoint, run.report_dir(), stages, config.parts, time.time() - t0,
