@@ -30,6 +30,7 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import SkipJsonSchema
 
 from sparsekd_core import report
+from sparsekd_core.relations import IN_CORPUS, corpus_relation
 from sparsekd_core.config import (
     PAPER_ROUND_TARGETS,
     AccuracyConfig,
@@ -655,6 +656,14 @@ class StudyV2Config(FlowConfig):
         if missing or extra:
             raise ValueError(f"relations must label every perplexity eval set and nothing else (missing: "
                              f"{', '.join(missing) or 'none'}; unknown: {', '.join(extra) or 'none'})")
+        specs = {es.name: es.data for es in self.eval_sets}
+        for r in self.relations:  # a label the corpus contradicts would put a wrong word in every verdict
+            known = corpus_relation(self.corpus.data, specs[r.set])
+            if known is not None and known != r.relation:
+                raise ValueError(f"relations: {r.set} ({specs[r.set]}) is labelled {r.relation!r}, but against the "
+                                 f"corpus {self.corpus.data} it is {known!r}"
+                                 + (": an eval set must not be a split the corpus is built from"
+                                    if known == IN_CORPUS else ""))
         for a in self.alphas:
             if not 0 < a <= 1:
                 raise ValueError(f"alphas: {a} is not in (0, 1]; the CE-only twin (α = 0) is always run")

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -32,6 +33,7 @@ from prefect import flow
 from pydantic.json_schema import SkipJsonSchema
 
 from sparsekd_core import report as rep
+from sparsekd_core.relations import relations_of
 from sparsekd_core.report import metric_key, verdict_lines, verdicts
 from tasks.stages import dense_ref, eval_results, evaluate
 from tasks.tracking import code_version
@@ -116,8 +118,11 @@ def study_flow(config: StudyConfig, out: str = "", command: SkipJsonSchema[str |
             standard = eval_results(m)[es.name]["ppl"]
         run.end(rid)
 
-        found = verdicts(ppl, names[0], names[1:], {n: [v[n] for v in seed_rows.values()] for n in names},
-                         much_lower=config.verdict_much_lower, comparable=config.verdict_comparable)
+        judged = {"seeds": {n: [v[n] for v in seed_rows.values()] for n in names},
+                  "relations": relations_of(config.corpus.data, {es.name: es.data for es in config.eval_sets
+                                                                 if es.kind == "perplexity"}),
+                  "wanda": wanda_rows(paper["metrics"], names)}
+        found = judge(config, ppl, judged)
         text = rep.study_report(config, ppl, found, [x.summary() for x in rounds], seed_rows, standard,
                                 paper["metrics"], [*paper["stages"], *run.stages], kept, code_version(), t_paper,
                                 time.time() - t0 - t_paper,
@@ -125,10 +130,60 @@ def study_flow(config: StudyConfig, out: str = "", command: SkipJsonSchema[str |
         metrics = {metric_key(row, n): v for row, sets in ppl.items() for n, v in sets.items()}
         metrics.update({f"verdict.{i}": float(bool(v["holds"])) for i, v in enumerate(found)})
         result = run.finish([text], metrics, header=rep.study_header(config.model))
-    result.update(verdicts=found, models=models, ppl=ppl, paper_report=paper["report"])
+    result.update(verdicts=found, models=models, ppl=ppl, judged=judged, paper_report=paper["report"])
     if out:
         publish(result, paper, Path(out))
     return result
+
+
+def wanda_rows(metrics: dict[str, float], names: list[str]) -> dict[float, dict[str, dict[str, float]]]:
+    """{sparsity: {"pre": {set: PPL}, "post": {set: PPL}}} from the paper flow's WANDA metrics
+    (``wanda.wanda<s>_<pre|post>_kd_<set>``); empty when the paper flow ran no WANDA part."""
+    rows: dict[float, dict[str, dict[str, float]]] = {}
+    for key, value in metrics.items():
+        for name in names:
+            m = re.fullmatch(rf"wanda\.wanda([0-9.]+)_(pre|post)_kd_{re.escape(name)}", key)
+            if m:
+                rows.setdefault(float(m[1]), {"pre": {}, "post": {}})[m[2]][name] = value
+    return {s: r for s, r in rows.items() if set(r["pre"]) == set(r["post"]) == set(names)}
+
+
+def judge(config: StudyConfig, ppl: dict[str, dict[str, float]], judged: dict) -> list[dict]:
+    """The verdicts at the config's thresholds from the study's perplexities and ``judged`` (the R1 seeds, the eval
+    sets' relations to the corpus, the WANDA rows): what a run and ``--rejudge`` both compute."""
+    names = [es.name for es in config.eval_sets if es.kind == "perplexity"]
+    wanda = {float(s): r for s, r in (judged.get("wanda") or {}).items()}  # JSON keys are strings
+    return verdicts(ppl, names[0], names[1:], judged.get("seeds"), much_lower=config.verdict_much_lower,
+                    comparable=config.verdict_comparable, relations=judged.get("relations"), wanda=wanda)
+
+
+def rejudge(config: StudyConfig, out: Path, command: str) -> list[dict]:
+    """Judge a published study again with this code's verdicts, from its ``study.json`` (no stage runs): the
+    verdicts section and the eval-sets line of ``report.md`` and the verdicts in ``study.json`` are replaced, and
+    the report says so. A
+    study.json written before the judged inputs were kept gets the R1 seeds from its rows, the relations from the
+    config, and no WANDA rows (those criteria say "not measured")."""
+    summary = json.loads((out / "study.json").read_text())
+    ppl = summary["ppl"]
+    names = [es.name for es in config.eval_sets if es.kind == "perplexity"]
+    judged = summary.get("judged") or {
+        "seeds": {n: [ppl["R1 post"][n], *(ppl[k][n] for k in sorted(ppl) if k.startswith("R1 post seed="))]
+                  for n in names} if "R1 post" in ppl else None,
+        "relations": relations_of(config.corpus.data, {es.name: es.data for es in config.eval_sets
+                                                       if es.kind == "perplexity"}),
+        "wanda": None}  # not kept: unknown, unlike {} (the paper flow ran no WANDA part)
+    found = judge(config, ppl, judged)
+    if judged.get("wanda") is None:
+        found += [{"criterion": f"WANDA: {c}", "holds": None, "evidence": "the WANDA perplexities are not in this "
+                   "study.json (written before they were kept); a rerun of the study judges them"}
+                  for c in ("post-KD ≪ post-prune", "low-sparsity post-KD comparable to or better than dense")]
+    note = (f"`{command}` at {code_version()}, from study.json (no stage reran): the verdicts above and the eval "
+            "sets' relations are this code's; the numbers are the run's.")
+    report = out / "report.md"
+    report.write_text(rep.rejudged_report(report.read_text(), rep.eval_sets_line(config), found, note))
+    summary.update(verdicts=found, judged=judged)
+    (out / "study.json").write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
+    return found
 
 
 def publish(result: dict, paper: dict, out: Path) -> None:
@@ -146,7 +201,7 @@ def publish(result: dict, paper: dict, out: Path) -> None:
         shutil.copy(png, out / f"iterative-{png.name}")
     if (iterative / "profile.md").is_file():
         shutil.copy(iterative / "profile.md", out / "profile.md")
-    summary = {k: result[k] for k in ("verdicts", "models", "metrics", "ppl")}
+    summary = {k: result[k] for k in ("verdicts", "models", "metrics", "ppl", "judged")}
     (out / "study.json").write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
 
 
@@ -155,12 +210,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="the study's YAML config")
     parser.add_argument("--out", default="", help="copy the report, plots and study.json here (e.g. "
                                                   "docs/results/study-smollm2)")
+    parser.add_argument("--rejudge", action="store_true", help="judge the study published in --out again with "
+                                                                   "this code's verdicts (reads its study.json; no "
+                                                                   "stage runs)")
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     import yaml
 
     config = StudyConfig(**yaml.safe_load(Path(args.config).read_text()))
     command = "python -m flows.study " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.rejudge:
+        if not args.out or not (Path(args.out) / "study.json").is_file():
+            parser.error("--rejudge needs --out DIR holding a published study.json")
+        print(verdict_lines(rejudge(config, Path(args.out), command)))
+        return 0
     result = study_flow(config, out=args.out, command=command)
     print(verdict_lines(result["verdicts"]))
     print(f"report: {result['report']}")

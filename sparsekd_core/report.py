@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .files import write_file_atomic
+from .relations import relations_of
 
 # The study's verdict thresholds (their defaults; the study config's `verdict_*` fields decide them in a run):
 # how much lower post-KD perplexity must be than pre-KD to count as "≪" (the paper's §IX-B wording), and how close
@@ -357,37 +358,55 @@ def _two(x: float) -> str:
     return f"{x:.2f}"
 
 
-def verdicts(ppl: dict[str, dict[str, float]], in_domain: str, out_of_domain: list[str],
+def verdicts(ppl: dict[str, dict[str, float]], primary: str, others: list[str],
              seeds: dict[str, list[float]] | None = None, much_lower: float = DEFAULT_MUCH_LOWER,
-             comparable: float = DEFAULT_COMPARABLE) -> list[dict]:
-    """The paper's §IX-B criteria and "KD beats CE-only", judged from perplexities.
+             comparable: float = DEFAULT_COMPARABLE, relations: dict[str, str] | None = None,
+             wanda: dict[float, dict[str, dict[str, float]]] | None = None) -> list[dict]:
+    """The paper's §IX-B criteria (for the SVD rounds and, with ``wanda``, for WANDA) and "KD beats CE-only", judged
+    from perplexities.
 
     ``ppl``: {row: {eval set: PPL}} with rows ``dense``, ``dense+kd``, ``ce-only``, ``R<i> pre``/``R<i> post``
-    (rounds in order), optionally ``R1 ce-only``, ``oneshot kd`` and ``oneshot ce-only``. ``seeds``: {eval set:
-    the R1 Pruned+KD perplexity of every seed}. Thresholds: post-KD ≪ pre-KD means post ≤ ``much_lower`` × pre;
-    "comparable to dense" means ≤ ``comparable`` × dense. Returns one {criterion, holds, evidence} per criterion;
-    ``holds`` is True, False, or None where the rows are missing."""
-    sets = [in_domain, *out_of_domain]
+    (rounds in order), optionally ``R1 ce-only``, ``oneshot kd`` and ``oneshot ce-only``. ``primary``: the set the
+    paper's criteria are judged on (WikiText-2). ``seeds``: {eval set: the R1 Pruned+KD perplexity of every seed,
+    the CE-only twin's seed first}: KD is compared with CE-only at that seed only (the other seeds are quoted, never
+    averaged against the one CE-only run). ``relations``: {eval set: its relation to the KD corpus}
+    (``sparsekd_core.relations``), the words every KD-vs-CE line uses. ``wanda``: {sparsity: {"pre": {set: PPL},
+    "post": {set: PPL}}}. Thresholds: post-KD ≪ pre-KD means post ≤ ``much_lower`` × pre; "comparable to dense"
+    means ≤ ``comparable`` × dense. Returns one {criterion, holds, evidence} per criterion; ``holds`` is True, False,
+    or None where the rows are missing."""
+    sets = [primary, *others]
+    relations = relations or {}
     rounds = sorted({int(k[1:].split()[0]) for k in ppl if k.startswith("R") and k.endswith(" post")})
     out = []
 
     def add(criterion: str, holds: bool | None, evidence: str) -> None:
         out.append({"criterion": criterion, "holds": holds, "evidence": evidence})
 
-    pairs = [(ppl[f"R{r} pre"][in_domain], ppl[f"R{r} post"][in_domain]) for r in rounds]
-    add(f"post-KD ≪ post-prune (every round's post-KD {in_domain} PPL at most {much_lower:.0%} of its pre-KD PPL)",
+    pairs = [(ppl[f"R{r} pre"][primary], ppl[f"R{r} post"][primary]) for r in rounds]
+    add(f"post-KD ≪ post-prune (every round's post-KD {primary} PPL at most {much_lower:.0%} of its pre-KD PPL)",
         all(post <= much_lower * pre for pre, post in pairs) if pairs else None,
         "; ".join(f"R{r}: {_two(pre)} → {_two(post)} ({post / pre:.0%})" for r, (pre, post) in zip(rounds, pairs)))
     if rounds:
-        dense, first = ppl["dense"][in_domain], ppl[f"R{rounds[0]} post"][in_domain]
+        dense, first = ppl["dense"][primary], ppl[f"R{rounds[0]} post"][primary]
         add(f"low-sparsity post-KD comparable to or better than dense (R{rounds[0]} post-KD ≤ {comparable:.2f}× dense "
-            f"on {in_domain})", first <= comparable * dense,
+            f"on {primary})", first <= comparable * dense,
             f"R{rounds[0]} post-KD {_two(first)} vs dense {_two(dense)} ({first / dense:.2f}×)")
         for s in sets:
             posts = [ppl[f"R{r} post"][s] for r in rounds]
             add(f"monotonic degradation with sparsity ({s}: post-KD PPL rises round by round)",
                 all(b >= a for a, b in zip(posts, posts[1:])),
                 " → ".join(f"R{r} {_two(p)}" for r, p in zip(rounds, posts)))
+    if wanda:
+        order = sorted(wanda)
+        rows = [(s, wanda[s]["pre"][primary], wanda[s]["post"][primary]) for s in order]
+        add(f"WANDA: post-KD ≪ post-prune (every sparsity's post-KD {primary} PPL at most {much_lower:.0%} of its "
+            "pre-KD PPL)", all(post <= much_lower * pre for _, pre, post in rows),
+            "; ".join(f"{s:.0%}: {_two(pre)} → {_two(post)} ({post / pre:.0%})" for s, pre, post in rows))
+        low, post = order[0], wanda[order[0]]["post"][primary]
+        dense = ppl["dense"][primary]
+        add(f"WANDA: low-sparsity post-KD comparable to or better than dense ({low:.0%} post-KD ≤ {comparable:.2f}× "
+            f"dense on {primary})", post <= comparable * dense,
+            f"WANDA {low:.0%} post-KD {_two(post)} vs dense {_two(dense)} ({post / dense:.2f}×)")
     for s in sets:
         d, kd = ppl["dense"][s], ppl["dense+kd"][s]
         add(f"Dense+KD better than dense ({s})", kd < d, f"Dense+KD {_two(kd)} vs dense {_two(d)} ({kd / d - 1:+.1%})")
@@ -397,23 +416,41 @@ def verdicts(ppl: dict[str, dict[str, float]], in_domain: str, out_of_domain: li
             continue
         for s in sets:
             kd, ce = ppl[kd_row][s], ppl[ce_row][s]
-            where = "in domain" if s == in_domain else "out of domain"
+            criterion = f"KD beats CE-only, {what}, {relations.get(s, 'relation to the corpus not stated')} ({s})"
+            evidence = f"KD {_two(kd)} vs CE-only {_two(ce)} at the same seed ({kd / ce - 1:+.1%})"
             runs = (seeds or {}).get(s) if what == "R1 pruned" else None
-            if runs and len(runs) > 1:  # judge the seed mean; the seed spread says whether the gap is noise
-                kd, noise = statistics.mean(runs), statistics.stdev(runs)
-                add(f"KD beats CE-only, {what}, {where} ({s})", kd < ce,
-                    f"KD {_two(kd)} ± {_two(noise)} (mean ± std of {len(runs)} seeds) vs CE-only {_two(ce)} (one "
-                    f"seed) ({kd / ce - 1:+.1%}): the gap is " + ("beyond" if abs(ce - kd) > 2 * noise else "within")
-                    + " 2 std")
-                continue
-            add(f"KD beats CE-only, {what}, {where} ({s})", kd < ce,
-                f"KD {_two(kd)} vs CE-only {_two(ce)} ({kd / ce - 1:+.1%})")
+            if runs and len(runs) > 1:  # quoted beside, never averaged against the one CE-only run
+                evidence += (f"; KD at the other {len(runs) - 1} seeds: {', '.join(_two(x) for x in runs[1:])} (no "
+                             "CE-only twin at those seeds: not compared)")
+            add(criterion, kd < ce, evidence)
     return out
 
 
 def verdict_lines(found: list[dict]) -> str:
     label = {True: "**holds**", False: "**does not hold**", None: "not measured"}
     return "".join(f"- {v['criterion']}: {label[v['holds']]} — {v['evidence']}\n" for v in found)
+
+
+REJUDGED = "Judged again by"
+
+
+def rejudged_report(text: str, eval_sets: str, found: list[dict], note: str) -> str:
+    """A published study report with its verdict lines replaced by ``found`` and its "Eval sets" line by
+    ``eval_sets``, followed by one "Judged again by <note>" line (an earlier one is dropped); the rest as it was."""
+    lines = [eval_sets if line.startswith("- **Eval sets**: ") else line
+             for line in text.split("\n") if not line.startswith(REJUDGED)]
+    if "## Verdicts" not in lines:
+        raise ValueError("the report has no '## Verdicts' section to replace")
+    first = lines.index("## Verdicts") + 1
+    while first < len(lines) and not lines[first].startswith("- "):
+        first += 1
+    last = first
+    while last < len(lines) and lines[last].startswith("- "):
+        last += 1
+    while last < len(lines) and not lines[last].strip():  # the blank lines after them (and after an earlier note)
+        last += 1
+    lines[first:last] = [*verdict_lines(found).rstrip("\n").split("\n"), "", f"{REJUDGED} {note}", ""]
+    return "\n".join(lines)
 
 
 def training_budget(distill: Any, corpus: Any) -> str:
@@ -429,6 +466,23 @@ def training_budget(distill: Any, corpus: Any) -> str:
 
 def study_header(model: str) -> str:
     return f"# Study: {model}\n\n"
+
+
+def eval_sets_line(config: Any) -> str:
+    """The study report's "Eval sets" line: each set's data and size, the protocol, the set the paper's criteria are
+    judged on, and each set's relation to the KD corpus (``sparsekd_core.relations``)."""
+    names = [es.name for es in config.eval_sets if es.kind == "perplexity"]
+    relations = relations_of(config.corpus.data, {es.name: es.data for es in config.eval_sets
+                                                  if es.kind == "perplexity"})
+    return (
+        "- **Eval sets**: " + ", ".join(f"`{es.name}` = {es.data}" + (f" (first {es.max_tokens} tokens)"
+                                                                      if es.max_tokens else "")
+                                        for es in config.eval_sets)
+        + f"; {config.eval.protocol} protocol (ctx {config.eval.ctx}, stride {config.eval.stride}). The paper's "
+          f"criteria are judged on `{names[0]}`. Relation to the KD corpus: "
+        + ", ".join(f"`{n}` {r}" for n, r in relations.items())
+        + " (held-out documents: other documents of a source the corpus draws from, so not out of domain; checked: "
+          "no document or paragraph shared with the corpus).")
 
 
 def study_report(config: Any, ppl: dict[str, dict[str, float]], found: list[dict], rounds: list[dict],
@@ -453,13 +507,7 @@ def study_report(config: Any, ppl: dict[str, dict[str, float]], found: list[dict
         f"- **Budget per trained arm**: {training_budget(d, config.corpus)} "
         f"(lr {d.lr:g}, T {d.temperature:g}, α {d.alpha:g}, tail {d.tail}); KD corpus "
         f"{config.corpus.data}, {config.corpus.num_samples}×{config.corpus.seq_len} tokens, top-{config.corpus.top_k}.",
-        "- **Eval sets**: " + ", ".join(f"`{es.name}` = {es.data}" + (f" (first {es.max_tokens} tokens)"
-                                                                      if es.max_tokens else "")
-                                        for es in config.eval_sets)
-        + f"; {config.eval.protocol} protocol (ctx {config.eval.ctx}, stride {config.eval.stride}). "
-          f"`{names[0]}` is judged as the in-domain set"
-        + (" (WikiText-2 train is in the KD corpus)" if config.corpus.data.startswith("mix:paper") else "")
-        + "; the others as out of domain (checked: no document or paragraph shared with the corpus).",
+        eval_sets_line(config),
         f"- **Code version**: {environment}; dtype {config.dtype}, device {config.device}.",
         f"- **Wall time of this invocation**: paper flow {t_paper / 60:.1f} min, the study's extra arms "
         f"{t_extra / 60:.1f} min (stage compute below).\n",

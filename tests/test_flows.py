@@ -405,6 +405,12 @@ def test_study_flow_end_to_end(tiny_setup, prefect_server, tmp_path, capsys):
     summary = json.loads((out / "study.json").read_text())
     assert {"dense+kd tail=bucket", "R1 ce-only", "oneshot ce-only", "R2 post, dense teacher",
             "R1 post seed=43", "R1 post lr=0.002"} <= set(summary["models"])
+    # The paper flow's WANDA arm is judged on the paper's criteria; what --rejudge reads is kept.
+    assert "- WANDA: low-sparsity post-KD comparable to or better than dense (50% post-KD" in text
+    assert set(summary["judged"]["wanda"]) == {"0.5"} and summary["judged"]["relations"]["text"] == \
+        "relation not known"  # local files: only named sources are known
+    assert summary["judged"]["seeds"]["text"] == [summary["ppl"]["R1 post"]["text"],
+                                                  summary["ppl"]["R1 post seed=43"]["text"]]
     # The paper flow's models are reached again through their keys, not retrained.
     stages = {s["label"]: s["cached"] for s in result["stages"]}
     assert stages["distill dense+kd"] and stages["distill R1"] and stages["distill R2"]

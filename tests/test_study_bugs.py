@@ -86,7 +86,7 @@ def test_publish_copies_only_this_runs_outputs(tmp_path):
     paper = {"report": report("paper-11111111"), "parts": {"dense-kd": report("dense-kd-22222222"),
                                                            "iterative": this}}
     result = {"report": report("study-33333333", ("recovery.png",)), "verdicts": [], "models": {}, "metrics": {},
-              "ppl": {}}
+              "judged": {}, "ppl": {}}
     out = tmp_path / "out"
     publish(result, paper, out)
     assert sorted(p.name for p in out.iterdir()) == ["iterative-ppl_vs_reduction_text.png", "paper-report.md",

@@ -156,6 +156,26 @@ def test_config_checks_relations_budgets_and_alphas(tmp_path):
         StudyV2Config(**{**ok, "alphas": [0.0]})
 
 
+def test_an_eval_sets_relation_to_the_corpus_is_decided_once_and_checked_against_the_label():
+    from flows.configs import StudyV2Config
+    from sparsekd_core.relations import corpus_relation
+
+    assert corpus_relation("mix:no-wikitext-offline", "wikitext2:test") == "out of corpus"
+    assert corpus_relation("mix:paper-offline", "wikitext2:test") == "held-out documents"  # its train split is in
+    assert corpus_relation("mix:paper", "python:heldout") == "held-out documents"  # CodeParrot and stdlib: code
+    assert corpus_relation("c4:train", "gsm8k:test") == "out of corpus"
+    assert corpus_relation("mix:paper", "c4:train") == "in corpus"  # the hub copy of the same split
+    assert corpus_relation("/data/corpus.txt", "c4:heldout") is None  # a local file: the user's to state
+    assert corpus_relation("mix:paper-offline", "/data/eval.txt") is None
+    StudyV2Config(model="smollm2-135m")  # the defaults agree with the corpus
+    with pytest.raises(ValidationError, match="wikitext2 .wikitext2:test. is labelled 'out of corpus', but against "
+                                              "the corpus mix:paper-offline it is 'held-out documents'"):
+        StudyV2Config(model="smollm2-135m", corpus={"data": "mix:paper-offline", "num_samples": 1024, "seq_len": 256})
+    with pytest.raises(ValidationError, match="must not be a split the corpus is built from"):
+        StudyV2Config(model="smollm2-135m", eval_sets=[{"name": "c4", "data": "c4:train", "max_tokens": 8192}],
+                      relations=[{"set": "c4", "relation": "held-out documents"}])
+
+
 def test_the_committed_study_v2_configs_validate():
     import yaml
 
