@@ -689,6 +689,20 @@ class StudyV2Config(FlowConfig):
         return tokens // (self.distill.batch_size * self.distill.grad_accum * self.corpus.seq_len)
 
 
+class StudyV2Family(_Section):
+    """One model family of the combined second-study report."""
+
+    config: str = Field(description="The family's study-v2 config (YAML), relative to the project root.")
+    dir: str = Field(pattern=r"^[A-Za-z0-9._-]+$",
+                     description="The subdirectory of --out where its arms are published (e.g. smollm2).")
+
+
+class StudyV2Index(_Section):
+    """The combined second-study report (`python -m flows.study_v2 --combine`): the families it reads."""
+
+    families: list[StudyV2Family] = Field(min_length=1, description="Each family's config and published arms.")
+
+
 class ProfileFlowConfig(FlowConfig):
     """Inference profiling of several models side by side: `model` is the baseline, `compare` the others."""
 

@@ -40,7 +40,7 @@ from sparsekd_core.identity import code_digest
 from tasks.stages import dense_ref, eval_results, evaluate
 from tasks.tracking import code_version
 
-from .configs import StudyV2Config
+from .configs import StudyV2Config, StudyV2Index
 from .context import Run, start
 
 SETUP_FIELDS = {"model", "dtype", "corpus", "distill", "eval", "eval_sets", "prune", "r1_target", "train_tokens",
@@ -190,6 +190,32 @@ def publish(result: dict, out: Path) -> None:
     save_arms(out, result["setup"], result["arms"], result["all_stages"], result["metrics"])
 
 
+def combine(index: StudyV2Index, out: Path, command: str) -> Path:
+    """``out/report.md``: the second study over every family of ``index``, from the arms each published in
+    ``out/<dir>/study.json`` (made with the setup of its config: refused otherwise; a family with none yet is
+    listed with the command that runs it). No stage runs."""
+    import yaml
+
+    families = []
+    for fam in index.families:
+        config = StudyV2Config(**yaml.safe_load(Path(fam.config).read_text()))
+        published = out / fam.dir / "study.json"
+        run = f"python -m flows.study_v2 --config {fam.config} --out {out / fam.dir}"
+        saved = json.loads(published.read_text()) if published.is_file() else {"setup": setup_digest(config),
+                                                                                 "arms": None}
+        if saved.get("setup") != setup_digest(config):
+            raise ValueError(f"{published} was made with another setup than {fam.config} (model, corpus, eval or "
+                             "training settings changed): rerun that family's study")
+        families.append({"dir": fam.dir, "model": config.model, "what": MODEL_ALIASES.get(config.model),
+                         "config": config.model_dump(), "relations": config.relation_of(),
+                         "sets": [es.name for es in config.eval_sets if es.kind == "perplexity"],
+                         "arms": saved["arms"], "budget_plot": (out / fam.dir / "budget.png").is_file(),
+                         "command": run})
+    report = out / "report.md"
+    report.write_text(sr.combined_report(families, command, code_version()))
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.study_v2", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="the study's YAML config")
@@ -197,11 +223,20 @@ def main(argv: list[str] | None = None) -> int:
                                                   "published there before (e.g. docs/results/study-v2/smollm2)")
     parser.add_argument("--parts", default="", help="comma-separated parts to run now (dense,r1,tails,budget); "
                                                     "default: the config's")
+    parser.add_argument("--combine", action="store_true", help="--config is a study-v2 index (the families): write "
+                                                                   "--out/report.md from each family's published "
+                                                                   "arms in --out/<dir>; no stage runs")
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     import yaml
 
     values = yaml.safe_load(Path(args.config).read_text())
+    if args.combine:
+        if not args.out:
+            parser.error("--combine needs --out (the directory that holds the families' published arms)")
+        command = "python -m flows.study_v2 " + " ".join(argv if argv is not None else sys.argv[1:])
+        print(f"report: {combine(StudyV2Index(**values), Path(args.out), command)}")
+        return 0
     if args.parts:
         values["parts"] = [p.strip() for p in args.parts.split(",") if p.strip()]
     config = StudyV2Config(**values)

@@ -271,6 +271,25 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
     assert set(study_v2.previous(config, out)[0]) == set(second["arms"])
     assert study_v2.previous(config.model_copy(update={"train_tokens": 64}), out) == ({}, [])  # another setup
 
+    # The combined report over families, from the published arms only (no stage runs, no Prefect).
+    import yaml
+
+    family = tmp_path / "family.yaml"
+    family.write_text(yaml.safe_dump(json.loads(json.dumps(_values(root, tmp_path / "w")))))
+    index = tmp_path / "index.yaml"
+    index.write_text(yaml.safe_dump({"families": [{"config": str(family), "dir": "published"},
+                                                  {"config": str(family), "dir": "not-yet"}]}))
+    assert study_v2.main(["--config", str(index), "--combine", "--out", str(tmp_path)]) == 0
+    combined = (tmp_path / "report.md").read_text()
+    assert f"| {root / 'model'} | R1 | text (out of corpus) | 0.5 |" in combined and "| 2 (1, 2) |" in combined
+    assert "![budget](published/budget.png)" in combined and "[published/report.md](published/report.md)" in combined
+    assert f"No arms published yet; run:\n\n```\npython -m flows.study_v2 --config {family} --out " \
+           f"{tmp_path / 'not-yet'}\n```" in combined
+    assert "| dense · KD α=0.5 · seed 1 |" in combined  # every model, with its KL column
+    family.write_text(yaml.safe_dump({**yaml.safe_load(family.read_text()), "train_tokens": 64}))
+    with pytest.raises(ValueError, match="made with another setup"):
+        study_v2.main(["--config", str(index), "--combine", "--out", str(tmp_path)])
+
 
 def test_the_command_line_takes_parts_and_refuses_unknown_ones(tmp_path, monkeypatch):
     import yaml
