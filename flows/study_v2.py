@@ -15,8 +15,10 @@
    bootstrap intervals, the budget table and plot.
 
 Parts can run in separate invocations (``parts``): the arms published in ``--out`` are joined with this
-invocation's when they were made with the same setup (model, corpus, protocol, eval sets, training settings);
-every stage is also reused from the storage root by its key.
+invocation's when they were made with the same setup (model, corpus, protocol, eval sets, training settings) and
+stage code, and an arm published there is not made again (so a stopped study resumes on another machine from its
+study.json alone; the teacher cache is written only when an arm still has to train). Every stage is also reused
+from the storage root by its key.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from prefect import flow
 from pydantic.json_schema import SkipJsonSchema
@@ -102,6 +105,7 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
     out = str(out).strip()
     t0 = time.time()
     arms, earlier_stages = previous(config, Path(out)) if out else ({}, [])
+    published = set(arms)  # made by an earlier invocation with this setup and stage code: not made again
     sets = [es.name for es in config.eval_sets if es.kind == "perplexity"]
     with start(config, "study-v2", check_data=True) as run:
         rid = run.arm("study-v2")
@@ -114,6 +118,8 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
             return run.stages + [st for st in earlier_stages if st["key"] not in seen]
 
         def ev(label: str, ref: dict, student: str, kind: str, **fields) -> None:
+            if label in published:
+                return
             teacher = dense if config.kl and ref["fingerprint"] != dense["fingerprint"] else None
             m = evaluate(ref, [es.model_dump() for es in config.eval_sets], config.eval_config().model_dump(),
                          run_id=rid, teacher=teacher, **run.common())
@@ -124,18 +130,26 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
                 save_arms(Path(out), setup_digest(config), arms, all_stages())
 
         ev("dense", dense, "dense", "base")
-        cache = run.cache(dense, None, "dense")
+        caches: dict[str, dict] = {}
+
+        def dense_cache() -> dict:
+            """The teacher cache, written (or read from its stage) when the first arm that needs it trains."""
+            if "dense" not in caches:
+                caches["dense"] = run.cache(dense, None, "dense")
+            return caches["dense"]
 
         def train(start_ref: dict, student: str, kind: str, seed: int, alpha: float, tokens: int | None = None,
-                  tail: str | None = None, teacher_cache: dict | None = None, on: Run = run) -> None:
+                  tail: str | None = None, teacher_cache: Callable[[], dict] = dense_cache, on: Run = run) -> None:
             tokens = tokens or config.train_tokens
             label = sr.arm_label(student, kind, alpha if kind == "kd" else None, seed,
                                  tokens if tokens != config.train_tokens else None)
+            if label in published:
+                return
             overrides = {"alpha": alpha, "max_steps": config.steps(tokens)}
             if tail:
                 overrides["tail"] = tail
             seeded = dataclasses.replace(on, cfg=on.cfg.model_copy(update={"seed": seed}))
-            m = seeded.distill(start_ref, teacher_cache or cache, rid, label, **overrides)
+            m = seeded.distill(start_ref, teacher_cache(), rid, label, **overrides)
             result = m["result"]
             kept = {k: result.get(k) for k in ("best_step", "steps", "val_ppl_start", "val_ppl_best", "val_history")}
             ev(label, m["model"], student, kind, alpha=alpha, seed=seed, tokens=tokens, kept=kept)
@@ -157,7 +171,12 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
             sampled_cfg = config.model_copy(update={"corpus": config.corpus.model_copy(update={
                 "teacher_sample": config.sampled_classes, "sample_temperature": config.distill.temperature})})
             sampled_run = dataclasses.replace(run, cfg=sampled_cfg)
-            sampled_cache = sampled_run.cache(dense, None, "dense, sampled classes")
+
+            def sampled_cache() -> dict:
+                if "sampled" not in caches:
+                    caches["sampled"] = sampled_run.cache(dense, None, "dense, sampled classes")
+                return caches["sampled"]
+
             for student in ("dense", "R1"):
                 train(students[student], student, "bucket", config.seeds[0], config.alphas[0], tail="bucket")
                 train(students[student], student, "sampled", config.seeds[0], config.alphas[0], tail="sampled",
