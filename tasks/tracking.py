@@ -604,10 +604,10 @@ def report_artifact(flow_name: str, text: str) -> None:
         _log(f"report: could not attach the Markdown artifact to the flow run ({err})")
 
 
-def code_version() -> str:
-    """The git commit of this checkout and the tracked files changed from it, the Python version and the CPU
-    count: what a report states so that a reader can tell which code made its numbers."""
-    here = Path(__file__).parent
+def code_version(here: Path | None = None) -> str:
+    """The git commit of this checkout (or of the one holding ``here``) and the tracked files changed from it, the
+    Python version and the CPU count: what a report states so that a reader can tell which code made its numbers."""
+    here = here or Path(__file__).parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=here).stdout.strip()

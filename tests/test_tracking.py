@@ -55,3 +55,30 @@ def test_ui_links_open_the_training_view(tmp_path):
         "https://mlflow.example:5000/#/experiments/7/runs/abc?workflowType=machine_learning"
     assert served.model_url("sparsekd-x", 2) == \
         "https://mlflow.example:5000/#/models/sparsekd-x/versions/2?workflowType=machine_learning"
+
+
+def test_the_code_version_names_every_changed_file_whole(tmp_path):
+    """A report's code-version line: the commit and each changed tracked file, not one character cut (git status
+    --porcelain lines start with a two-letter code; a file changed only in the work tree starts with a space)."""
+    import subprocess
+
+    from tasks.tracking import code_version
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    for name in ("docs/report.md", "staged.py", "untracked_later.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("a\n")
+    git("add", "docs/report.md", "staged.py")
+    git("commit", "-qm", "first")
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert code_version(tmp_path).startswith(f"{rev}; python ")  # clean: the commit alone
+    (tmp_path / "docs/report.md").write_text("b\n")  # " M docs/report.md": changed in the work tree only
+    (tmp_path / "staged.py").write_text("b\n")
+    git("add", "staged.py")  # "M  staged.py"
+    line = code_version(tmp_path)
+    assert line.startswith(f"{rev} with these files changed from it: docs/report.md, staged.py; python "), line
