@@ -119,8 +119,7 @@ def study_flow(config: StudyConfig, out: str = "", command: SkipJsonSchema[str |
         run.end(rid)
 
         judged = {"seeds": {n: [v[n] for v in seed_rows.values()] for n in names},
-                  "relations": relations_of(config.corpus.data, {es.name: es.data for es in config.eval_sets
-                                                                 if es.kind == "perplexity"}),
+                  "relations": relations_of(config.corpus.data, config.eval_sets),
                   "wanda": wanda_rows(paper["metrics"], names)}
         found = judge(config, ppl, judged)
         text = rep.study_report(config, ppl, found, [x.summary() for x in rounds], seed_rows, standard,
@@ -160,17 +159,15 @@ def judge(config: StudyConfig, ppl: dict[str, dict[str, float]], judged: dict) -
 def rejudge(config: StudyConfig, out: Path, command: str) -> list[dict]:
     """Judge a published study again with this code's verdicts, from its ``study.json`` (no stage runs): the
     verdicts section and the eval-sets line of ``report.md`` and the verdicts in ``study.json`` are replaced, and
-    the report says so. A
-    study.json written before the judged inputs were kept gets the R1 seeds from its rows, the relations from the
-    config, and no WANDA rows (those criteria say "not measured")."""
+    the report says so. A study.json written before the judged inputs were kept gets the R1 seeds from its rows,
+    the relations from the config, and no WANDA rows (those criteria say "not measured")."""
     summary = json.loads((out / "study.json").read_text())
     ppl = summary["ppl"]
     names = [es.name for es in config.eval_sets if es.kind == "perplexity"]
     judged = summary.get("judged") or {
         "seeds": {n: [ppl["R1 post"][n], *(ppl[k][n] for k in sorted(ppl) if k.startswith("R1 post seed="))]
                   for n in names} if "R1 post" in ppl else None,
-        "relations": relations_of(config.corpus.data, {es.name: es.data for es in config.eval_sets
-                                                       if es.kind == "perplexity"}),
+        "relations": relations_of(config.corpus.data, config.eval_sets),
         "wanda": None}  # not kept: unknown, unlike {} (the paper flow ran no WANDA part)
     found = judge(config, ppl, judged)
     if judged.get("wanda") is None:

@@ -12,6 +12,8 @@ relation is the user's to state.
 
 from __future__ import annotations
 
+from typing import Any, Iterable
+
 from .config import HUB_PREFIX, NAMED_MIXTURES, NAMED_SOURCES
 
 HELD_OUT = "held-out documents"
@@ -54,7 +56,8 @@ def corpus_relation(corpus: str, eval_spec: str) -> str | None:
     return HELD_OUT if fam in {family(s) for s in sources} else OUT_OF_CORPUS
 
 
-def relations_of(corpus: str, specs: dict[str, str]) -> dict[str, str]:
-    """{eval set name: its relation to ``corpus``} for {name: data spec}; "relation not known" where this module
-    cannot tell (a local file)."""
-    return {name: corpus_relation(corpus, spec) or "relation not known" for name, spec in specs.items()}
+def relations_of(corpus: str, eval_sets: Iterable[Any]) -> dict[str, str]:
+    """{name: its relation to ``corpus``} for each perplexity eval set (objects with ``name``, ``data``, ``kind``);
+    "relation not known" where this module cannot tell (a local file)."""
+    return {es.name: corpus_relation(corpus, es.data) or "relation not known" for es in eval_sets
+            if es.kind == "perplexity"}

@@ -472,8 +472,7 @@ def eval_sets_line(config: Any) -> str:
     """The study report's "Eval sets" line: each set's data and size, the protocol, the set the paper's criteria are
     judged on, and each set's relation to the KD corpus (``sparsekd_core.relations``)."""
     names = [es.name for es in config.eval_sets if es.kind == "perplexity"]
-    relations = relations_of(config.corpus.data, {es.name: es.data for es in config.eval_sets
-                                                  if es.kind == "perplexity"})
+    relations = relations_of(config.corpus.data, config.eval_sets)
     return (
         "- **Eval sets**: " + ", ".join(f"`{es.name}` = {es.data}" + (f" (first {es.max_tokens} tokens)"
                                                                       if es.max_tokens else "")
