@@ -247,7 +247,8 @@ def setup_section(model: str, what: str | None, corpus: dict, eval_cfg: dict, ev
     rows = ["| eval set | data | tokens | relation to the KD corpus |", "|---|---|---|---|"]
     for es in eval_sets:
         if es.get("kind", "perplexity") == "perplexity":
-            rows.append(f"| {es['name']} | `{es['data']}` | first {es.get('max_tokens') or 'all'} | "
+            size = f"first {es['max_tokens']:,}" if es.get("max_tokens") else "all"
+            rows.append(f"| {es['name']} | `{es['data']}` | {size} | "
                         f"{relations.get(es['name'], '?')} |")
     steps = train_tokens // (distill["batch_size"] * distill["grad_accum"] * corpus["seq_len"])
     disjoint = ""
