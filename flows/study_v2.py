@@ -132,11 +132,15 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
         ev("dense", dense, "dense", "base")
         caches: dict[str, dict] = {}
 
-        def dense_cache() -> dict:
-            """The teacher cache, written (or read from its stage) when the first arm that needs it trains."""
-            if "dense" not in caches:
-                caches["dense"] = run.cache(dense, None, "dense")
-            return caches["dense"]
+        def lazy_cache(on: Run, label: str) -> Callable[[], dict]:
+            """A teacher cache, written (or read from its stage) when the first arm that needs it trains."""
+            def get() -> dict:
+                if label not in caches:
+                    caches[label] = on.cache(dense, None, label)
+                return caches[label]
+            return get
+
+        dense_cache = lazy_cache(run, "dense")
 
         def train(start_ref: dict, student: str, kind: str, seed: int, alpha: float, tokens: int | None = None,
                   tail: str | None = None, teacher_cache: Callable[[], dict] = dense_cache, on: Run = run) -> None:
@@ -171,12 +175,7 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
             sampled_cfg = config.model_copy(update={"corpus": config.corpus.model_copy(update={
                 "teacher_sample": config.sampled_classes, "sample_temperature": config.distill.temperature})})
             sampled_run = dataclasses.replace(run, cfg=sampled_cfg)
-
-            def sampled_cache() -> dict:
-                if "sampled" not in caches:
-                    caches["sampled"] = sampled_run.cache(dense, None, "dense, sampled classes")
-                return caches["sampled"]
-
+            sampled_cache = lazy_cache(sampled_run, "dense, sampled classes")
             for student in ("dense", "R1"):
                 train(students[student], student, "bucket", config.seeds[0], config.alphas[0], tail="bucket")
                 train(students[student], student, "sampled", config.seeds[0], config.alphas[0], tail="sampled",

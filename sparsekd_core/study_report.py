@@ -64,15 +64,17 @@ def compare(arms: dict, a: dict, b: dict, set_name: str, n_boot: int = 2000) -> 
     return out
 
 
+def _lower(result: dict, name_a: str, name_b: str) -> str:
+    """Which arm is lower: only when the 95% interval of the paired difference excludes 0."""
+    d = result["diff"]
+    return name_a if d.high < 0 else name_b if d.low > 0 else "not resolved"
+
+
 def verdict_text(result: dict, name_a: str, name_b: str) -> str:
     """'lower' / 'higher' only when the 95% interval of the mean paired difference excludes 0."""
     d = result["diff"]
-    if d.high < 0:
-        word = f"**{name_a} lower**"
-    elif d.low > 0:
-        word = f"**{name_b} lower**"
-    else:
-        word = "**not resolved** (the interval includes 0)"
+    lower = _lower(result, name_a, name_b)
+    word = "**not resolved** (the interval includes 0)" if lower == "not resolved" else f"**{lower} lower**"
     seeds = result["pair_seeds"]
     per = ", ".join(f"{x:+.2f}" for x in result["per_seed"])
     pairs = f"{len(seeds)} paired seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}): {per}"
@@ -328,11 +330,6 @@ def report_sections(model: str, what: str | None, config: dict, relations: dict[
     return [x.rstrip("\n") + "\n\n" for x in sections], metrics, plots
 
 
-def _lower(result: dict, name_a: str, name_b: str) -> str:
-    d = result["diff"]
-    return name_a if d.high < 0 else name_b if d.low > 0 else "not resolved"
-
-
 def kd_effect_table(families: list[dict]) -> str:
     """One row per family, student, set and α: PPL(KD) − PPL(CE-only), the mean paired difference over the seeds
     both ran, with its 95% interval and which is lower (only when the interval excludes 0)."""
@@ -369,15 +366,14 @@ def combined_report(families: list[dict], command: str, environment: str) -> str
              "## KD effect, all families\n", kd_effect_table(families) + "\n"]
     for fam in families:
         cfg = fam["config"]
+        model = f"Model: `{fam['model']}`" + (f" = {fam['what']}" if fam.get("what") else "")
         if fam["arms"] is None:
-            parts += [f"## {fam['model']}\n", f"Model: `{fam['model']}`" + (f" = {fam['what']}" if fam.get("what")
-                                                                          else "")
-                      + f". No arms published yet; run:\n\n```\n{fam['command']}\n```\n"]
+            parts += [f"## {fam['model']}\n", f"{model}. No arms published yet; run:\n\n```\n{fam['command']}\n```\n"]
             continue
         lines, _ = verdict_lines(fam["arms"], fam["sets"], fam["relations"], cfg["alphas"], cfg["train_tokens"],
                                  cfg["n_boot"])
         parts += [f"## {fam['model']}\n",
-                  f"Model: `{fam['model']}`" + (f" = {fam['what']}" if fam.get("what") else "") + f". Full report: "
+                  f"{model}. Full report: "
                   f"[{fam['dir']}/report.md]({fam['dir']}/report.md). KD corpus `{cfg['corpus']['data']}`; a matched "
                   f"arm trains {cfg['train_tokens']:,} tokens.\n",
                   "### Verdicts\n" + "\n".join(lines).replace("\n### ", "\n#### ") + "\n",
