@@ -70,7 +70,7 @@ def previous(config: StudyV2Config, out: Path) -> tuple[dict, list[dict]]:
     saved = json.loads(path.read_text())
     if saved.get("setup") != setup_digest(config) or saved.get("code", stage_code()) != stage_code():
         return {}, []
-    return saved.get("arms", {}), saved.get("stages", [])
+    return saved.get("arms", {}), [{**st, "earlier": True} for st in saved.get("stages", [])]
 
 
 def save_arms(out: Path, setup: str, arms: dict, stages: list[dict], metrics: dict | None = None) -> None:

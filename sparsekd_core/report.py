@@ -153,8 +153,10 @@ def flow_report(header: str, sections: list[str], plots: list[Path], stages: lis
     src = plot_src or (lambda path: path.name)
     ran = sum(not s["cached"] for s in stages)
     stage_table = table(["stage", "cached", "seconds"], [[s["label"], s["cached"], s["seconds"]] for s in stages])
-    return (header + "\n".join(sections) + "\n## Plots\n\n" + "".join(f"![{p.stem}]({src(p)})\n\n" for p in plots)
-            + f"## Stages ({ran} ran, {len(stages) - ran} reused from cache)\n\n" + stage_table)
+    head = header + "\n".join(sections) + "\n## Plots\n\n" + "".join(f"![{p.stem}]({src(p)})\n\n" for p in plots)
+    if not stages:
+        return head + "## Stages\n\nThis invocation reached no stage: it was built from results already published.\n"
+    return head + f"## Stages ({ran} ran, {len(stages) - ran} reused from cache)\n\n" + stage_table
 
 
 def png_data_uri(path: str | Path) -> str:
@@ -590,9 +592,10 @@ def study_report(config: Any, ppl: dict[str, dict[str, float]], found: list[dict
 def stage_seconds_section(stages: list[dict]) -> str:
     """Seconds per stage kind, each distinct stage (by key) once, with the seconds it took when it ran."""
     by_kind: dict[str, list[float]] = {}
-    seen, ran = set(), 0
+    seen, ran, earlier = set(), 0, 0
     for s in stages:
-        ran += not s["cached"]
+        ran += not s["cached"] and not s.get("earlier")
+        earlier += bool(s.get("earlier")) and s["key"] not in seen
         if s["key"] in seen:  # a stage reached twice (e.g. the paper flow's, reached again by the study)
             continue
         seen.add(s["key"])
@@ -600,7 +603,9 @@ def stage_seconds_section(stages: list[dict]) -> str:
     total = sum(sum(v) for v in by_kind.values())
     return (f"\n## Seconds per stage kind\n\nEach distinct stage once, with the seconds it took when it ran "
             f"(a stage's manifest keeps them): {total / 60:.1f} min of stage compute in all. This invocation ran "
-            f"{ran} stage(s) and reused the others from their manifests.\n\n"
+            f"{ran} stage(s) and reused the others from their manifests"
+            + (f" ({earlier} were made by earlier invocations and published with their results)" if earlier else "")
+            + ".\n\n"
             + table(["stage", "runs", "seconds", "mean"],
                     [[k, len(v), f"{sum(v):.0f}", f"{sum(v) / len(v):.1f}"] for k, v in sorted(by_kind.items())]))
 

@@ -261,6 +261,11 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
     # The report alone, from the published arms; arms made by other stage code are not joined.
     third = study_v2_flow(StudyV2Config(**_values(root, tmp_path / "w", parts=["report"])), out=str(out))
     assert set(third["arms"]) == set(second["arms"]) and third["stages"] == []  # nothing to make: not even the cache
+    report = (out / "report.md").read_text()  # and it says so: no stage of the earlier invocations counts as run
+    n_earlier = len({s["key"] for s in first["stages"] + second["stages"]})
+    assert f"This invocation ran 0 stage(s) and reused the others from their manifests ({n_earlier} were made by " \
+           "earlier invocations" in report
+    assert "## Stages\n\nThis invocation reached no stage: it was built from results already published." in report
     # Published in another storage root (another machine): the arms are still joined and not made again.
     fourth = study_v2_flow(StudyV2Config(**_values(root, tmp_path / "w2", parts=["dense", "budget"])), out=str(out))
     assert set(fourth["arms"]) == set(second["arms"])
