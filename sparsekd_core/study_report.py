@@ -35,9 +35,16 @@ def arm_label(student: str, kind: str, alpha: float | None = None, seed: int | N
     return " · ".join(parts)
 
 
-def _pairs(arms: dict, a: dict, b: dict, set_name: str) -> tuple[list, list, list, list[int]]:
+def _unmoved(arm: dict) -> bool:
+    """True when the arm's model is its start model: a base model, or a trained arm whose kept (best on
+    validation) checkpoint is step 0."""
+    return arm.get("kind") == "base" or (arm.get("kept") or {}).get("best_step") == 0
+
+
+def _pairs(arms: dict, a: dict, b: dict, set_name: str) -> tuple[list, list, list, list[int], list[int]]:
     """Window NLLs of the arms matching ``a`` and ``b`` (field filters), paired by seed (``b`` may be a seedless
-    base model, then it pairs with every seed of ``a``)."""
+    base model, then it pairs with every seed of ``a``); the last item lists the seeds at which both arms are
+    their start model (no arm moved: the two sides are the same weights)."""
     def match(arm: dict, want: dict) -> bool:
         return all(arm.get(k) == v for k, v in want.items()) and set_name in arm["sets"]
 
@@ -51,31 +58,48 @@ def _pairs(arms: dict, a: dict, b: dict, set_name: str) -> tuple[list, list, lis
     xa = [left[s]["sets"][set_name]["window_nll"] for s in seeds]
     xb = [right[s]["sets"][set_name]["window_nll"] for s in seeds]
     tokens = left[seeds[0]]["sets"][set_name]["window_tokens"] if seeds else []
-    return xa, xb, tokens, seeds
+    unmoved = [s for s in seeds if _unmoved(left[s]) and _unmoved(right[s])]
+    return xa, xb, tokens, seeds, unmoved
 
 
 def compare(arms: dict, a: dict, b: dict, set_name: str, n_boot: int = 2000) -> dict | None:
     """The paired comparison of arms ``a`` − ``b`` on one set, or None when no pair exists."""
-    xa, xb, tokens, seeds = _pairs(arms, a, b, set_name)
+    xa, xb, tokens, seeds, unmoved = _pairs(arms, a, b, set_name)
     if not seeds:
         return None
     out = paired_bootstrap(xa, xb, tokens, n_boot=n_boot, seed=0)
-    out["pair_seeds"] = seeds
+    out["pair_seeds"], out["unmoved_seeds"] = seeds, unmoved
     return out
 
 
+NO_ARM_MOVED = "no arm moved"
+
+
 def _lower(result: dict, name_a: str, name_b: str) -> str:
-    """Which arm is lower: only when the 95% interval of the paired difference excludes 0."""
+    """Which arm is lower: only when the 95% interval of the paired difference excludes 0; "no arm moved" when at
+    every paired seed both arms are their start model (the difference is 0 by construction and tests nothing)."""
+    if result["pair_seeds"] and result.get("unmoved_seeds") == result["pair_seeds"]:
+        return NO_ARM_MOVED
     d = result["diff"]
     return name_a if d.high < 0 else name_b if d.low > 0 else "not resolved"
 
 
 def verdict_text(result: dict, name_a: str, name_b: str) -> str:
-    """'lower' / 'higher' only when the 95% interval of the mean paired difference excludes 0."""
+    """'lower' / 'higher' only when the 95% interval of the mean paired difference excludes 0; says so when the
+    two sides are the same start model (every trained arm kept step 0), at all seeds or at some."""
     d = result["diff"]
     lower = _lower(result, name_a, name_b)
-    word = "**not resolved** (the interval includes 0)" if lower == "not resolved" else f"**{lower} lower**"
-    seeds = result["pair_seeds"]
+    seeds, unmoved = result["pair_seeds"], result.get("unmoved_seeds") or []
+    if lower == NO_ARM_MOVED:
+        word = (f"**{NO_ARM_MOVED}**: every trained arm here kept its start model (best on validation at step 0), so "
+                "both sides are the same weights and this line tests nothing")
+    elif lower == "not resolved":
+        word = "**not resolved** (the interval includes 0)"
+    else:
+        word = f"**{lower} lower**"
+    if unmoved and lower != NO_ARM_MOVED:
+        word += f"; at seed{'s' if len(unmoved) > 1 else ''} {', '.join(map(str, unmoved))} no arm moved (both sides " \
+                "are the start model)"
     per = ", ".join(f"{x:+.2f}" for x in result["per_seed"])
     pairs = f"{len(seeds)} paired seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}): {per}"
     return (f"PPL({name_a}) − PPL({name_b}) = {d.text()} (95% paired bootstrap over {result['windows']} windows; "
@@ -361,7 +385,8 @@ def combined_report(families: list[dict], command: str, environment: str) -> str
     parts = ["# Study, second edition: every model family\n",
              "Does self-referential KD beat fine-tuning (CE-only) on the same corpus, and does fine-tuning help at "
              "all? Each comparison is paired: both models scored on the same windows, trained arms paired seed with "
-             "seed; an interval that holds 0 is *not resolved*. Built from each family's published arms (no stage "
+             "seed; an interval that holds 0 is *not resolved*, and a line whose trained arms all kept their start model "
+             "(step 0 best on validation) says *no arm moved*: it compares a model with itself. Built from each family's published arms (no stage "
              "runs); each family's own report holds the learning curves, the tails and the stage times.\n",
              "## KD effect, all families\n", kd_effect_table(families) + "\n"]
     for fam in families:

@@ -123,6 +123,25 @@ def test_verdicts_pair_seed_with_seed_and_never_a_mean_against_one_seed():
     assert "**not resolved**" in next(x for x in lines if "KD α=0.5 vs CE-only" in x)
 
 
+def test_a_line_whose_arms_all_kept_their_start_model_says_no_arm_moved():
+    tokens, hard = _fake_windows()
+    base = (3 + hard) * tokens
+    arms = {"dense": _arm("dense", "base", base, tokens)}
+    for seed in (1, 2):  # best on validation at step 0: both arms are the start model, window for window
+        for kind, alpha in (("kd", 0.5), ("ce", 0.0)):
+            arms[f"{kind}{seed}"] = {**_arm("dense", kind, base, tokens, alpha, seed), "kept": {"best_step": 0, "steps": 8}}
+    lines, _ = verdict_lines(arms, ["wt"], {"wt": "out of corpus"}, [0.5], 64, n_boot=200)
+    kd_vs_ce = next(x for x in lines if "KD α=0.5 vs CE-only" in x)
+    assert "+0.00 [+0.00, +0.00]" in kd_vs_ce and "**no arm moved**" in kd_vs_ce and "not resolved" not in kd_vs_ce
+    assert all("**no arm moved**" in x for x in lines if x.startswith("- "))  # vs start too: base is the start model
+    # One seed moved (its KD arm kept step 8 and is better): the line is judged on the interval, and names the seed
+    # at which nothing moved.
+    arms["kd2"] = {**_arm("dense", "kd", base - 0.1 * tokens, tokens, 0.5, 2), "kept": {"best_step": 8, "steps": 8}}
+    lines, _ = verdict_lines(arms, ["wt"], {"wt": "out of corpus"}, [0.5], 64, n_boot=200)
+    kd_vs_ce = next(x for x in lines if "KD α=0.5 vs CE-only" in x)
+    assert "no arm moved**" not in kd_vs_ce and "at seed 1 no arm moved" in kd_vs_ce
+
+
 def test_budget_trend_and_the_reach_statement():
     tokens, hard = _fake_windows()
     base = (3 + hard) * tokens
