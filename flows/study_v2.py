@@ -78,6 +78,7 @@ def save_arms(out: Path, setup: str, arms: dict, stages: list[dict], metrics: di
     joins), written atomically after every arm, so a stopped invocation loses at most the arm it was on."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "study.json.tmp"
+    stages = [{k: v for k, v in st.items() if k != "earlier"} for st in stages]  # previous() tags them on load
     tmp.write_text(json.dumps({"setup": setup, "code": stage_code(), "metrics": metrics or {}, "arms": arms,
                                "stages": stages}, default=str))
     tmp.replace(out / "study.json")
@@ -203,8 +204,12 @@ def publish(result: dict, out: Path) -> None:
     """The report, its plots and study.json (every arm with its windows: what the next invocation joins)."""
     report = Path(result["report"])
     shutil.copy(report, out / "report.md")
-    for png in report.parent.glob("*.png"):
-        shutil.copy(png, out / png.name)
+    plots = {png.name: png for png in report.parent.glob("*.png")}
+    for stale in out.glob("*.png"):  # a plot an earlier report had and this one has not (e.g. budget.png)
+        if stale.name not in plots:
+            stale.unlink()
+    for name, png in plots.items():
+        shutil.copy(png, out / name)
     save_arms(out, result["setup"], result["arms"], result["all_stages"], result["metrics"])
 
 

@@ -263,6 +263,9 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
     assert ppl["dense · KD α=0.5 · seed 1"] != ppl["dense · CE-only · seed 1"]
     saved = json.loads((out / "study.json").read_text())
     assert set(saved["arms"]) == labels
+    # One budget (the matched arms') is no curve: no budget section, no budget plot.
+    assert "## Token budget" not in report and not (out / "budget.png").exists()
+    (out / "old.png").write_bytes(b"stale")  # a plot an earlier report drew and the next one has not: removed
 
     # The other parts in a second invocation: the published arms are joined, their stages reused.
     second = study_v2_flow(StudyV2Config(**_values(root, tmp_path / "w", parts=["tails", "budget"])), out=str(out))
@@ -270,7 +273,8 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
     assert {"R1 · KD, sampled-cache tail · seed 1", "dense · KD, bucket tail · seed 1", "R1 · CE-only · seed 1 · 64 tokens",
             "R1 · KD α=0.5 · seed 1 · 256 tokens"} <= set(second["arms"])
     report = (out / "report.md").read_text()
-    assert "## Token budget (R1, seed 1)" in report and (out / "budget.png").is_file()
+    assert "## Token budget (R1, seed 1)" in report and (out / "budget.png").is_file() and not (out / "old.png").exists()
+    assert not any("earlier" in st for st in json.loads((out / "study.json").read_text())["stages"])
     assert "![learning-dense](learning-dense.png)" in report and (out / "learning-R1.png").is_file()
     assert "KD, sampled-cache tail vs CE-only" in report
     # Published arms are not made again (their evals do not run); the pruned student is reached through its key.
