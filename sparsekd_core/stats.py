@@ -34,7 +34,12 @@ class Interval:
         return {"estimate": self.estimate, "low": self.low, "high": self.high, "level": self.level}
 
     def text(self, digits: int = 2) -> str:
-        return f"{self.estimate:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}]"
+        return f"{signed(self.estimate, digits)} [{signed(self.low, digits)}, {signed(self.high, digits)}]"
+
+
+def signed(x: float, digits: int = 2) -> str:
+    """``x`` with its sign, and no "-0.00" for a difference that rounds to zero."""
+    return f"{round(x, digits) + 0.0:+.{digits}f}"
 
 
 def _ppl(nll: np.ndarray, tokens: np.ndarray, draws: np.ndarray | None = None) -> np.ndarray:

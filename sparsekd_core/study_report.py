@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .stats import bootstrap_ppl, paired_bootstrap
+from .stats import bootstrap_ppl, paired_bootstrap, signed
 
 KINDS = {"kd": "KD", "ce": "CE-only", "bucket": "KD, bucket tail", "sampled": "KD, sampled-cache tail"}
 
@@ -100,7 +100,7 @@ def verdict_text(result: dict, name_a: str, name_b: str) -> str:
     if unmoved and lower != NO_ARM_MOVED:
         word += f"; at seed{'s' if len(unmoved) > 1 else ''} {', '.join(map(str, unmoved))} no arm moved (both sides " \
                 "are the start model)"
-    per = ", ".join(f"{x:+.2f}" for x in result["per_seed"])
+    per = ", ".join(signed(x) for x in result["per_seed"])
     pairs = f"{len(seeds)} paired seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}): {per}"
     return (f"PPL({name_a}) − PPL({name_b}) = {d.text()} (95% paired bootstrap over {result['windows']} windows; "
             f"{pairs}) → {word}")

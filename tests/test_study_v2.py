@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from conftest import make_flow_project, make_model
 from sparsekd_core.config import EvalConfig
 from sparsekd_core.eval import make_windows, perplexity
-from sparsekd_core.stats import bootstrap_ppl, paired_bootstrap
+from sparsekd_core.stats import bootstrap_ppl, paired_bootstrap, signed
 from sparsekd_core.study_report import arm_label, budget_section, reach_statement, verdict_lines
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -140,6 +140,8 @@ def test_a_line_whose_arms_all_kept_their_start_model_says_no_arm_moved():
     lines, _ = verdict_lines(arms, ["wt"], {"wt": "out of corpus"}, [0.5], 64, n_boot=200)
     kd_vs_ce = next(x for x in lines if "KD α=0.5 vs CE-only" in x)
     assert "no arm moved**" not in kd_vs_ce and "at seed 1 no arm moved" in kd_vs_ce
+    # A difference that rounds to zero is written +0.00, never -0.00 (float noise of an eval is not a sign).
+    assert (signed(-1e-7), signed(-0.006), signed(0.5)) == ("+0.00", "-0.01", "+0.50")
 
 
 def test_budget_trend_and_the_reach_statement():
