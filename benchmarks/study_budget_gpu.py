@@ -101,6 +101,7 @@ class Budget:
         self.doc.setdefault("arms", {})
         self.doc.setdefault("seconds", {})
         self.doc["machine"] = machine(device)
+        self.started: float | None = None
         self.model_cfg = lambda spec, dtype="fp32": ModelConfig(model=spec, dtype=dtype, device=device.type)
 
     def setup(self) -> dict:
@@ -110,6 +111,8 @@ class Budget:
     def save(self) -> None:
         from sparsekd_core.files import write_json_atomic
 
+        if self.started is not None:  # wall time so far, over every invocation: right even if this one is killed
+            self.doc["wall_seconds"] = self.doc.get("wall_seconds_before", 0.0) + time.perf_counter() - self.started
         self.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path, self.doc)
 
@@ -186,11 +189,14 @@ class Budget:
         del loaded
         train_seconds = time.perf_counter() - t0
         kept = {k: result.get(k) for k in ("best_step", "steps", "val_ppl_start", "val_ppl_best", "val_history")}
+        # Where a training stage's time goes: the optimizer steps (of which waiting for batches) vs the rest
+        # (loading, validation every eval_every steps, saving).
+        timing = {k: result.get(k) for k in ("train_seconds", "data_wait_seconds", "tokens_per_s")}
         log(f"{label}: {result['steps']} steps in {train_seconds:.0f}s, kept step {kept['best_step']} "
             f"(val {kept['val_ppl_start']:.3f} -> {kept['val_ppl_best']:.3f}), {result['precision']}")
         self.doc["seconds"][f"distill {label}"] = train_seconds
         self.evaluate(label, str(directory), self.model, student="R1", kind=kind, alpha=alpha, seed=seed,
-                      tokens=tokens, kept=kept, precision=result["precision"])
+                      tokens=tokens, kept=kept, precision=result["precision"], timing=timing)
 
 
 def run(args) -> int:
@@ -215,9 +221,15 @@ def run(args) -> int:
     t_start = time.perf_counter()
     b = Budget(config, model, out, work, device)
     b.doc["budgets"], b.doc["seeds"], b.doc["stdlib"] = budgets, seeds, args.stdlib or "this interpreter's"
+    b.doc["command"] = "python benchmarks/study_budget_gpu.py " + " ".join(args.argv)
     what = MODEL_ALIASES.get(config.model)
     b.doc["model_label"] = (f"{config.model}: {what}" if what else config.model) + (
         f" (read from {args.model})" if args.model else "")
+    # Until the loop ends, the record says the run has not finished: a process killed from outside (a time limit)
+    # leaves that, the arms it finished and its wall time so far (summed over invocations).
+    b.doc["stopped"] = "the process ended before its last arm (killed from outside, e.g. by a time limit)"
+    b.doc["wall_seconds_before"] = b.doc.get("wall_seconds", 0.0)
+    b.started = t_start
     if "dense" not in b.doc["arms"]:
         b.evaluate("dense", model, None, student="dense", kind="base")
     cache = b.cache()
@@ -232,7 +244,6 @@ def run(args) -> int:
             break
         b.train(r1, cache, kind, seed, tokens)
     b.doc["stopped"] = stopped
-    b.doc["wall_seconds"] = b.doc.get("wall_seconds", 0.0) + time.perf_counter() - t_start
     b.save()
     log(f"study_budget_gpu: {len(b.doc['arms'])} arms in {b.path}" + (f"; stopped: {stopped}" if stopped else ""))
     return 0
@@ -245,8 +256,8 @@ def report(args) -> int:
     doc = json.loads((Path(args.report) / "budget_gpu.json").read_text())
     study = json.loads(Path(args.study).read_text()) if args.study else None
     target = Path(args.write)
-    text = gpu_budget_report(doc, study, plot=target.with_suffix(".png"), command=" ".join(["python",
-                             "benchmarks/study_budget_gpu.py", *sys.argv[1:]]))
+    text = gpu_budget_report(doc, study, plot=target.with_suffix(".png"),
+                             command="python benchmarks/study_budget_gpu.py " + " ".join(args.argv))
     write_text_atomic(target, text)
     log(f"study_budget_gpu: report -> {target}")
     return 0
@@ -267,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", help="with --report: the CPU study.json whose arms are compared with these")
     parser.add_argument("--write", help="with --report: the markdown file to write (the plot goes beside it)")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.report:
         if not args.write:
             parser.error("--report needs --write FILE.md")

@@ -48,7 +48,7 @@ def test_dry_run_trains_the_matched_budget_arms_and_evaluates_them_with_windows(
         if arm["kept"]["best_step"]:  # a kept step after 0 is other weights than R1's: other scores
             assert s["window_nll"] != base["window_nll"]
     assert arms["dense"]["sets"]["wikitext2"].get("kl") is None
-    assert doc["corpus_tokens"] == 16 * 32 and doc["stopped"] is None
+    assert doc["corpus_tokens"] == 16 * 32 and doc["stopped"] is None and doc["wall_seconds"] > 0
 
 
 def test_a_second_invocation_reuses_every_finished_arm(dry_run):
@@ -102,3 +102,26 @@ def test_stdlib_override_reads_python_sources_from_another_tree(tmp_path, monkey
         assert docs and all(d.startswith(b"# module ") for d in docs)
     finally:
         data._stdlib_split.cache_clear()
+
+
+def test_a_run_killed_mid_way_keeps_its_arms_and_says_it_did_not_finish(tmp_path, monkeypatch):
+    module = _module()
+    train = module.Budget.train
+
+    def dies_at_kd(self, start, cache, kind, seed, tokens):
+        if kind == "kd":
+            raise KeyboardInterrupt  # what a time limit's kill looks like from the record's side: no end written
+        return train(self, start, cache, kind, seed, tokens)
+
+    monkeypatch.setattr(module.Budget, "train", dies_at_kd)
+    with pytest.raises(KeyboardInterrupt):
+        module.main(["--dry-run", "--out", str(tmp_path), "--budgets", "128"])
+    doc = json.loads((tmp_path / "budget_gpu.json").read_text())
+    assert "R1 · CE-only · seed 42" in doc["arms"] and "R1 · KD α=0.5 · seed 42" not in doc["arms"]
+    assert doc["stopped"].startswith("the process ended before its last arm") and doc["wall_seconds"] > 0
+    assert doc["command"].startswith("python benchmarks/study_budget_gpu.py --dry-run")
+    from sparsekd_core.study_report import gpu_budget_report
+
+    text = gpu_budget_report(doc, None, plot=None, command="render")
+    assert "the run stopped early: the process ended before its last arm" in text
+    assert "The arms were made by:" in text
