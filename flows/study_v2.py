@@ -157,6 +157,19 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
             m = seeded.distill(start_ref, teacher_cache(), rid, label, **overrides)
             result = m["result"]
             kept = {k: result.get(k) for k in ("best_step", "steps", "val_ppl_start", "val_ppl_best", "val_history")}
+            start_label = "dense" if student == "dense" else sr.arm_label(student, "base")
+            if result.get("best_step") == 0 and start_label in arms:
+                # The kept model is the start model (no validation beat step 0): the same weights, so the start
+                # arm's windows are this arm's, not an eval of a copy (minutes per arm, Gemma's dense arms).
+                sets = json.loads(json.dumps(arms[start_label]["sets"]))
+                if student == "dense":  # the kept model is the teacher itself
+                    for r in sets.values():
+                        r["kl"] = 0.0
+                arms[label] = {"student": student, "kind": kind, "sets": sets, "eval_of": start_label, "alpha": alpha,
+                               "seed": seed, "tokens": tokens, "kept": kept}
+                if out:
+                    save_arms(Path(out), setup_digest(config), arms, all_stages())
+                return
             ev(label, m["model"], student, kind, alpha=alpha, seed=seed, tokens=tokens, kept=kept)
 
         students = {"dense": dense}

@@ -260,6 +260,17 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
     for label, arm in first["arms"].items():
         if arm["kind"] != "base":
             assert (ppl[label] != start[arm["student"]]) == (arm["kept"]["best_step"] > 0), label
+    # An arm that kept step 0 holds its start model's weights: the start arm's windows are its own (no second eval),
+    # and a dense student that kept step 0 is the teacher (KL 0).
+    unmoved = [label for label, arm in first["arms"].items() if arm["kind"] != "base" and arm["kept"]["best_step"] == 0]
+    assert unmoved  # the α = 1 arms of this tiny setup never beat step 0 on validation
+    evaluated = {s["label"] for s in first["stages"] if s["stage"] == "eval"}
+    for label in unmoved:
+        arm, origin = first["arms"][label], "dense" if label.startswith("dense") else "R1 · base"
+        assert arm["eval_of"] == origin and f"eval {label}" not in evaluated
+        assert arm["sets"]["text"]["window_nll"] == first["arms"][origin]["sets"]["text"]["window_nll"]
+        assert arm["sets"]["text"]["kl"] == (0.0 if origin == "dense" else first["arms"][origin]["sets"]["text"]["kl"])
+    assert {f"eval {label}" for label, arm in first["arms"].items() if label not in unmoved} <= evaluated
     assert ppl["dense · CE-only · seed 1"] < ppl["dense"] and ppl["R1 · CE-only · seed 1"] < ppl["R1 · base"]
     assert ppl["dense · CE-only · seed 1"] != ppl["dense · CE-only · seed 2"]
     assert ppl["dense · KD α=0.5 · seed 1"] != ppl["dense · CE-only · seed 1"]
