@@ -354,6 +354,13 @@ def report_sections(model: str, what: str | None, config: dict, relations: dict[
     return [x.rstrip("\n") + "\n\n" for x in sections], metrics, plots
 
 
+def _family_name(fam: dict, families: list[dict]) -> str:
+    """The family's model, or the model and its directory when another family runs the same model (e.g. at
+    another learning rate)."""
+    same = sum(f["model"] == fam["model"] for f in families) > 1
+    return f"{fam['model']} ({fam['dir']}/)" if same else fam["model"]
+
+
 def kd_effect_table(families: list[dict]) -> str:
     """One row per family, student, set and α: PPL(KD) − PPL(CE-only), the mean paired difference over the seeds
     both ran, with its 95% interval and which is lower (only when the interval excludes 0)."""
@@ -361,6 +368,7 @@ def kd_effect_table(families: list[dict]) -> str:
             "paired seeds | lower |", "|---|---|---|---|---|---|---|"]
     for fam in families:
         cfg, arms = fam["config"], fam["arms"] or {}
+        name = _family_name(fam, families)
         for student in ("dense", "R1"):
             for s in fam["sets"]:
                 for alpha in cfg["alphas"]:
@@ -369,7 +377,7 @@ def kd_effect_table(families: list[dict]) -> str:
                                 {"student": student, "kind": "ce", "tokens": cfg["train_tokens"]}, s, cfg["n_boot"])
                     if r is None:
                         continue
-                    rows.append(f"| {fam['model']} | {student} | {s} ({fam['relations'].get(s, '?')}) | {alpha:g} | "
+                    rows.append(f"| {name} | {student} | {s} ({fam['relations'].get(s, '?')}) | {alpha:g} | "
                                 f"{r['diff'].text()} | {len(r['pair_seeds'])} "
                                 f"({', '.join(map(str, r['pair_seeds']))}) | {_lower(r, 'KD', 'CE-only')} |")
     return "\n".join(rows)
@@ -392,19 +400,22 @@ def combined_report(families: list[dict], command: str, environment: str) -> str
     for fam in families:
         cfg = fam["config"]
         model = f"Model: `{fam['model']}`" + (f" = {fam['what']}" if fam.get("what") else "")
+        heading = f"## {_family_name(fam, families)}\n"
         if fam["arms"] is None:
-            parts += [f"## {fam['model']}\n", f"{model}. No arms published yet; run:\n\n```\n{fam['command']}\n```\n"]
+            parts += [heading, f"{model}. No arms published yet; run:\n\n```\n{fam['command']}\n```\n"]
             continue
         lines, _ = verdict_lines(fam["arms"], fam["sets"], fam["relations"], cfg["alphas"], cfg["train_tokens"],
                                  cfg["n_boot"])
-        parts += [f"## {fam['model']}\n",
+        parts += [heading,
                   f"{model}. Full report: "
                   f"[{fam['dir']}/report.md]({fam['dir']}/report.md). KD corpus `{cfg['corpus']['data']}`; a matched "
-                  f"arm trains {cfg['train_tokens']:,} tokens.\n",
+                  f"arm trains {cfg['train_tokens']:,} tokens at peak lr {cfg['distill']['lr']:g}.\n",
                   "### Verdicts\n" + "\n".join(lines).replace("\n### ", "\n#### ") + "\n",
                   "### Every model\n\nPPL with a 95% bootstrap interval over windows; KL = KL(dense ‖ model), nats "
                   "per token.\n\n" + models_table(fam["arms"], fam["sets"], cfg["n_boot"]) + "\n"]
-        if fam.get("budget_plot"):
+        if set(cfg["parts"]) <= {"dense", "report"}:
+            parts.append("### Token budget (R1)\n\nNot part of this family: it trains the dense student only.\n")
+        elif fam.get("budget_plot"):
             parts.append(f"### Token budget (R1)\n\n![budget]({fam['dir']}/budget.png)\n\nThe trend and the "
                          f"extrapolation are in [the family report]({fam['dir']}/report.md).\n")
         else:

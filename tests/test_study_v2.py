@@ -323,15 +323,27 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
     family = tmp_path / "family.yaml"
     family.write_text(yaml.safe_dump(json.loads(json.dumps(_values(root, tmp_path / "w")))))
     index = tmp_path / "index.yaml"
+    dense_only = tmp_path / "dense-only.yaml"  # the same setup, the dense part only (joins the same arms)
+    dense_only.write_text(yaml.safe_dump({**yaml.safe_load(family.read_text()), "parts": ["dense"]}))
     index.write_text(yaml.safe_dump({"families": [{"config": str(family), "dir": "published"},
                                                   {"config": str(family), "dir": "not-yet"}]}))
     assert study_v2.main(["--config", str(index), "--combine", "--out", str(tmp_path)]) == 0
     combined = (tmp_path / "report.md").read_text()
-    assert f"| {root / 'model'} | R1 | text (out of corpus) | 0.5 |" in combined and "| 2 (1, 2) |" in combined
+    # Two families of one model: each named by its directory, in the table and in its heading.
+    assert f"| {root / 'model'} (published/) | R1 | text (out of corpus) | 0.5 |" in combined
+    assert "| 2 (1, 2) |" in combined and f"## {root / 'model'} (not-yet/)\n" in combined
+    assert "tokens at peak lr 0.001." in combined
     assert "![budget](published/budget.png)" in combined and "[published/report.md](published/report.md)" in combined
     assert f"No arms published yet; run:\n\n```\npython -m flows.study_v2 --config {family} --out " \
            f"{tmp_path / 'not-yet'}\n```" in combined
     assert "| dense · KD α=0.5 · seed 1 |" in combined  # every model, with its KL column
+    index.write_text(yaml.safe_dump({"families": [{"config": str(family), "dir": "published"}]}))
+    assert study_v2.main(["--config", str(index), "--combine", "--out", str(tmp_path)]) == 0
+    assert f"| {root / 'model'} | R1 |" in (tmp_path / "report.md").read_text()  # one family: the model alone
+    index.write_text(yaml.safe_dump({"families": [{"config": str(dense_only), "dir": "published"}]}))
+    assert study_v2.main(["--config", str(index), "--combine", "--out", str(tmp_path)]) == 0
+    assert "Not part of this family: it trains the dense student only." in (tmp_path / "report.md").read_text()
+    index.write_text(yaml.safe_dump({"families": [{"config": str(family), "dir": "published"}]}))
     family.write_text(yaml.safe_dump({**yaml.safe_load(family.read_text()), "train_tokens": 64}))
     with pytest.raises(ValueError, match="made with another setup"):
         study_v2.main(["--config", str(index), "--combine", "--out", str(tmp_path)])
