@@ -109,7 +109,6 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
     published = set(arms)  # made by an earlier invocation with this setup and stage code: not made again
     sets = [es.name for es in config.eval_sets if es.kind == "perplexity"]
     with start(config, "study-v2", check_data=True) as run:
-        rid = run.arm("study-v2")
         dense = dense_ref(config.model)
 
         def all_stages() -> list[dict]:
@@ -118,12 +117,21 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
             seen = {st["key"] for st in run.stages}
             return run.stages + [st for st in earlier_stages if st["key"] not in seen]
 
-        def ev(label: str, ref: dict, student: str, kind: str, **fields) -> None:
+        def arm_run(label: str, student: str, kind: str, **tags) -> str:
+            """The arm's own nested MLflow run (named by its label): its training figures, validation curve and eval
+            metrics are logged there, not mixed with the other arms' under one key."""
+            return run.arm(label, student=student, kind=kind, **{k: v for k, v in tags.items() if v is not None})
+
+        def ev(label: str, ref: dict, student: str, kind: str, arm_id: str | None = None, **fields) -> None:
             if label in published:
                 return
+            own = arm_id is None
+            arm_id = arm_id or arm_run(label, student, kind)
             teacher = dense if config.kl and ref["fingerprint"] != dense["fingerprint"] else None
             m = evaluate(ref, [es.model_dump() for es in config.eval_sets], config.eval_config().model_dump(),
-                         run_id=rid, teacher=teacher, **run.common())
+                         run_id=arm_id, teacher=teacher, **run.common())
+            if own:
+                run.end(arm_id)
             run.record(m, f"eval {label}")
             results = {n: r for n, r in eval_results(m).items() if r.get("kind") == "perplexity"}
             arms[label] = {"student": student, "kind": kind, "sets": results, **fields}
@@ -154,7 +162,8 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
             if tail:
                 overrides["tail"] = tail
             seeded = dataclasses.replace(on, cfg=on.cfg.model_copy(update={"seed": seed}))
-            m = seeded.distill(start_ref, teacher_cache(), rid, label, **overrides)
+            arm_id = arm_run(label, student, kind, alpha=alpha, seed=seed, tokens=tokens, tail=tail)
+            m = seeded.distill(start_ref, teacher_cache(), arm_id, label, **overrides)
             result = m["result"]
             kept = {k: result.get(k) for k in ("best_step", "steps", "val_ppl_start", "val_ppl_best", "val_history")}
             start_label = "dense" if student == "dense" else sr.arm_label(student, "base")
@@ -167,17 +176,27 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
                         r["kl"] = 0.0
                 arms[label] = {"student": student, "kind": kind, "sets": sets, "eval_of": start_label, "alpha": alpha,
                                "seed": seed, "tokens": tokens, "kept": kept}
+                # Its run shows the same figures as any arm's, and says whose windows they are.
+                run.tracker.set_tags(arm_id, {"eval_of": start_label})
+                run.tracker.log_metrics(arm_id, {f"{key}_{name}": r[key] for name, r in sets.items()
+                                                 for key in ("ppl", "kl") if key in r})
+                run.end(arm_id)
                 if out:
                     save_arms(Path(out), setup_digest(config), arms, all_stages())
                 return
-            ev(label, m["model"], student, kind, alpha=alpha, seed=seed, tokens=tokens, kept=kept)
+            ev(label, m["model"], student, kind, arm_id=arm_id, alpha=alpha, seed=seed, tokens=tokens, kept=kept)
+            run.end(arm_id)
 
         students = {"dense": dense}
         if {"r1", "tails", "budget"} & set(config.parts):
-            pruned = run.prune(dense, rid, "R1", target_reduction=config.r1_target)
+            base_label = sr.arm_label("R1", "base")
+            base_id = arm_run(base_label, "R1", "base") if base_label not in published else None
+            pruned = run.prune(dense, base_id, "R1", target_reduction=config.r1_target)
             students["R1"] = pruned["model"]
-            ev(sr.arm_label("R1", "base"), pruned["model"], "R1", "base",
+            ev(base_label, pruned["model"], "R1", "base", arm_id=base_id,
                mlp_reduction=pruned["result"].get("mlp_reduction"))
+            if base_id:
+                run.end(base_id)
         for part, student in (("dense", "dense"), ("r1", "R1")):
             if part not in config.parts:
                 continue
@@ -198,7 +217,6 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
             for tokens in config.budgets:
                 train(students["R1"], "R1", "ce", config.seeds[0], 0.0, tokens)
                 train(students["R1"], "R1", "kd", config.seeds[0], config.alphas[0], tokens)
-        run.end(rid)
 
         arms = dict(sorted(arms.items(), key=arm_order))
         stages = all_stages()

@@ -276,6 +276,24 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
     assert ppl["dense · KD α=0.5 · seed 1"] != ppl["dense · CE-only · seed 1"]
     saved = json.loads((out / "study.json").read_text())
     assert set(saved["arms"]) == labels
+    # MLflow: every arm is its own nested run (named by its label) holding its own eval figures and, for a trained
+    # arm, its own validation curve; an arm that kept its start model shows that model's figures and says so.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(first["tracking_uri"])
+    children = {r.info.run_name: r for r in client.search_runs(
+        [client.get_run(first["mlflow_run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{first['mlflow_run_id']}'")}
+    assert set(children) == labels
+    for label, arm in first["arms"].items():
+        r = children[label]
+        assert r.info.status == "FINISHED" and r.data.tags["kind"] == arm["kind"], label
+        assert r.data.metrics["ppl_text"] == pytest.approx(arm["sets"]["text"]["ppl"]), label
+        if arm["kind"] != "base":
+            assert r.data.tags["seed"] == str(arm["seed"]) and r.data.tags.get("eval_of") == arm.get("eval_of")
+            curve = client.get_metric_history(r.info.run_id, "val_ppl")
+            assert [(m.step, m.value) for m in curve] == [tuple(p) for p in arm["kept"]["val_history"]], label
+    assert children["R1 · base"].data.metrics["mlp_reduction"] > 0  # the prune's figures sit with the pruned model
     # One budget (the matched arms') is no curve: no budget section, no budget plot.
     assert "## Token budget" not in report and not (out / "budget.png").exists()
     (out / "old.png").write_bytes(b"stale")  # a plot an earlier report drew and the next one has not: removed
