@@ -267,9 +267,31 @@ def plot_budget(tokens: list[int], curves: dict[str, tuple[list[float], list[flo
     plt.close(fig)
 
 
+def prune_line(prune: dict, target: float, eval_sets: list[dict]) -> str:
+    """How R1 was made, and what its calibration means for an eval set of the same source: "out of corpus" is out
+    of the KD corpus, not out of the prune's calibration."""
+    calibration = prune.get("calibration")
+    calibrated = calibration not in (None, "none") and prune.get("method") == "svd" and prune.get("whiten") is not False
+    line = f"R1 student: `{prune.get('method')}` ({prune.get('schedule')}) at {target:.0%} of the MLP"
+    if not calibrated:
+        return line + ", without calibration data.\n\n"
+    line += (f", whitened on {prune['calibration_samples']} × {prune['calibration_seq_len']} tokens of "
+             f"`{calibration}`.")
+    source = calibration.split(":")[0]
+    same = [es["name"] for es in eval_sets if es.get("kind", "perplexity") == "perplexity"
+            and es["data"].split(":")[0] == source]
+    if same:
+        line += (f" {', '.join(same)} come(s) from the calibration's source: for R1, *out of corpus* means out of "
+                 "the KD corpus only (the pruned start model was fitted to that source's activations). Every R1 arm "
+                 "starts from the same pruned model, so R1's paired KD − CE-only lines are unaffected.")
+    return line + "\n\n"
+
+
 def setup_section(model: str, what: str | None, corpus: dict, eval_cfg: dict, eval_sets: list[dict],
-                  relations: dict[str, str], distill: dict, train_tokens: int, checked: dict) -> str:
-    """What every number was measured on: the model (what it is), the corpus, each set's relation to it."""
+                  relations: dict[str, str], distill: dict, train_tokens: int, checked: dict,
+                  r1: str = "") -> str:
+    """What every number was measured on: the model (what it is), the corpus, each set's relation to it; ``r1``:
+    how the pruned student was made (``prune_line``), when the study has one."""
     rows = ["| eval set | data | tokens | relation to the KD corpus |", "|---|---|---|---|"]
     for es in eval_sets:
         if es.get("kind", "perplexity") == "perplexity":
@@ -288,7 +310,7 @@ def setup_section(model: str, what: str | None, corpus: dict, eval_cfg: dict, ev
             f"{distill['temperature']:g}, tail `{distill['tail']}`.\n\n"
             f"Perplexity: {eval_cfg['protocol']} protocol, ctx {eval_cfg['ctx']}, stride {eval_cfg['stride']}"
             + (" (disjoint windows: the bootstrap's draws)" if eval_cfg["stride"] == eval_cfg["ctx"] else "")
-            + ".\n\n" + disjoint + "\n".join(rows))
+            + ".\n\n" + r1 + disjoint + "\n".join(rows))
 
 
 def provenance_section(command: str, environment: str, wall: float, parts: list[str]) -> str:
@@ -330,7 +352,9 @@ def report_sections(model: str, what: str | None, config: dict, relations: dict[
     metrics.update(budget_metrics)
     distill = config["distill"]
     sections = [setup_section(model, what, config["corpus"], config["eval"], config["eval_sets"], relations, distill,
-                              config["train_tokens"], checked),
+                              config["train_tokens"], checked,
+                              prune_line(config["prune"], config["r1_target"], config["eval_sets"])
+                              if any(a["student"] == "R1" for a in arms.values()) else ""),
                 "## Verdicts\n\nEach line is a paired comparison: both models scored on the same windows, trained "
                 "arms paired seed with seed. *KD effect* = KD against its CE-only twin; *training effect* = a "
                 "trained arm against the model it started from.\n" + "\n".join(lines),

@@ -401,3 +401,21 @@ def test_table_iii_beside_the_papers_rows_as_ratios_to_each_dense():
     text = iterative_section(["wt"], {"wt": 30.0}, three, False)[0].split("### Beside the paper's Table III")[1]
     assert [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| R")] == ["R1"]
     assert "Beside the paper" not in iterative_section(["wt"], {"wt": 30.0}, three[1:], False)[0]
+
+
+def test_the_setup_says_how_r1_was_pruned_and_what_its_calibration_shares_with_the_eval_sets():
+    from sparsekd_core.study_report import prune_line
+
+    sets = [{"name": "wikitext2", "data": "wikitext2:test"}, {"name": "c4_heldout", "data": "c4:heldout"},
+            {"name": "gsm8k_acc", "data": "gsm8k:test", "kind": "gsm8k"}]
+    prune = {"method": "svd", "schedule": "tiered", "whiten": None, "calibration": "wikitext2:train",
+             "calibration_samples": 32, "calibration_seq_len": 256}
+    line = prune_line(prune, 0.15, sets)
+    assert line.startswith("R1 student: `svd` (tiered) at 15% of the MLP, whitened on 32 × 256 tokens of "
+                           "`wikitext2:train`. wikitext2 come(s) from the calibration's source")
+    assert "c4_heldout" not in line and "paired KD − CE-only lines are unaffected" in line
+    assert "c4_heldout come(s) from the calibration's source" in prune_line({**prune, "calibration": "c4:train"}, 0.15, sets)
+    assert "source" not in prune_line({**prune, "calibration": "gsm8k:train"}, 0.15, sets)  # perplexity sets only
+    assert prune_line({**prune, "whiten": False}, 0.15, sets) == \
+        "R1 student: `svd` (tiered) at 15% of the MLP, without calibration data.\n\n"
+    assert "without calibration" in prune_line({**prune, "calibration": "none"}, 0.15, sets)
