@@ -643,11 +643,19 @@ class StudyV2Config(FlowConfig):
     budgets: list[int] = Field([16384, 65536, 262144], description="Training tokens of R1's budget curve (KD at "
                                                                    "alphas[0] and CE-only, first seed).")
     sampled_classes: int = Field(12, gt=0, description="Classes per position of the sampled-cache tail arm.")
+    tail_seeds: list[int] | None = Field(None, min_length=1,
+                                         description="Seeds of the bucket and sampled-cache tail arms (default: the "
+                                                     "first of `seeds`); each tail arm is compared with the CE-only "
+                                                     "twin of its seed, so every tail seed must be one of `seeds`.")
     kl: bool = Field(True, description="Also KL(dense ‖ model) on every eval set (runs the dense model beside).")
     n_boot: int = Field(2000, ge=200, description="Bootstrap resamples of the paired intervals.")
 
     @model_validator(mode="after")
     def _study_v2(self) -> "StudyV2Config":
+        unpaired = sorted(set(self.tail_seeds or []) - set(self.seeds))
+        if unpaired:
+            raise ValueError(f"tail_seeds {unpaired} are not in seeds {self.seeds}: a tail arm is compared with the "
+                             "CE-only twin of its seed, which only `seeds` trains; add them to seeds or drop them")
         names = {es.name for es in self.eval_sets if es.kind == "perplexity"}
         labelled = [r.set for r in self.relations]
         missing, extra = sorted(names - set(labelled)), sorted(set(labelled) - names)

@@ -209,10 +209,11 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
                 "teacher_sample": config.sampled_classes, "sample_temperature": config.distill.temperature})})
             sampled_run = dataclasses.replace(run, cfg=sampled_cfg)
             sampled_cache = lazy_cache(sampled_run, "dense, sampled classes")
-            for student in ("dense", "R1"):
-                train(students[student], student, "bucket", config.seeds[0], config.alphas[0], tail="bucket")
-                train(students[student], student, "sampled", config.seeds[0], config.alphas[0], tail="sampled",
-                      teacher_cache=sampled_cache, on=sampled_run)
+            for seed in config.tail_seeds or config.seeds[:1]:  # seed-major, as the matched arms
+                for student in ("dense", "R1"):
+                    train(students[student], student, "bucket", seed, config.alphas[0], tail="bucket")
+                    train(students[student], student, "sampled", seed, config.alphas[0], tail="sampled",
+                          teacher_cache=sampled_cache, on=sampled_run)
         if "budget" in config.parts:
             for tokens in config.budgets:
                 train(students["R1"], "R1", "ce", config.seeds[0], 0.0, tokens)

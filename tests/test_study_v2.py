@@ -175,6 +175,9 @@ def test_config_checks_relations_budgets_and_alphas(tmp_path):
         StudyV2Config(**{**ok, "budgets": [64 * 100]})
     with pytest.raises(ValidationError, match=r"alphas: 0.0 is not in \(0, 1\]"):
         StudyV2Config(**{**ok, "alphas": [0.0]})
+    with pytest.raises(ValidationError, match=r"tail_seeds \[3\] are not in seeds \[1, 2\]"):
+        StudyV2Config(**{**ok, "tail_seeds": [1, 3]})
+    assert StudyV2Config(**{**ok, "tail_seeds": [2]}).tail_seeds == [2]
 
 
 def test_an_eval_sets_relation_to_the_corpus_is_decided_once_and_checked_against_the_label():
@@ -299,11 +302,17 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
     (out / "old.png").write_bytes(b"stale")  # a plot an earlier report drew and the next one has not: removed
 
     # The other parts in a second invocation: the published arms are joined, their stages reused.
-    second = study_v2_flow(StudyV2Config(**_values(root, tmp_path / "w", parts=["tails", "budget"])), out=str(out))
+    # (The tails at both seeds: tail_seeds is not part of the setup, so the published arms still join.)
+    second = study_v2_flow(StudyV2Config(**_values(root, tmp_path / "w", parts=["tails", "budget"], tail_seeds=[1, 2])),
+                           out=str(out))
     assert labels < set(second["arms"])
     assert {"R1 · KD, sampled-cache tail · seed 1", "dense · KD, bucket tail · seed 1", "R1 · CE-only · seed 1 · 64 tokens",
-            "R1 · KD α=0.5 · seed 1 · 256 tokens"} <= set(second["arms"])
+            "R1 · KD α=0.5 · seed 1 · 256 tokens", "R1 · KD, bucket tail · seed 2",
+            "dense · KD, sampled-cache tail · seed 2"} <= set(second["arms"])
     report = (out / "report.md").read_text()
+    tails = [line for line in report.split("## Verdicts")[1].split("## Every model")[0].splitlines()
+             if line.startswith("- KD effect, text (out of corpus), KD, bucket tail vs CE-only")]
+    assert len(tails) == 2 and all("2 paired seeds (1, 2)" in line for line in tails)  # dense and R1
     assert "## Token budget (R1, seed 1)" in report and (out / "budget.png").is_file() and not (out / "old.png").exists()
     assert not any("earlier" in st for st in json.loads((out / "study.json").read_text())["stages"])
     assert "![learning-dense](learning-dense.png)" in report and (out / "learning-R1.png").is_file()
