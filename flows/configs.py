@@ -652,6 +652,8 @@ class StudyV2Config(FlowConfig):
 
     @model_validator(mode="after")
     def _study_v2(self) -> "StudyV2Config":
+        if self.tail_seeds and len(set(self.tail_seeds)) != len(self.tail_seeds):
+            raise ValueError(f"tail_seeds {self.tail_seeds} repeats a seed: each tail seed once")
         unpaired = sorted(set(self.tail_seeds or []) - set(self.seeds))
         if unpaired:
             raise ValueError(f"tail_seeds {unpaired} are not in seeds {self.seeds}: a tail arm is compared with the "

@@ -7,12 +7,13 @@
    config labels each eval set: ``relations``).
 2. ``dense`` / ``r1``: the dense student and the first-round pruned student (``r1_target``), each trained on the
    same corpus, with KD at every ``alphas`` and the CE-only twin (α = 0), at every seed of ``seeds``: matched arms.
-3. ``tails``: the bucket tail and the sampled-cache tail (``sampled_classes`` classes a position) at the first seed.
+3. ``tails``: the bucket tail and the sampled-cache tail (``sampled_classes`` classes a position) at each seed of
+   ``tail_seeds`` (default: the first seed), each against the CE-only twin of its seed.
 4. ``budget``: R1 with KD (``alphas[0]``) and CE-only at each ``budgets`` token count (distinct tokens of the same
    corpus, first seed).
 5. Every model is evaluated on every set with its per-window NLL and, with ``kl``, KL(dense ‖ model) on the same
    windows; ``sparsekd_core.study_report`` turns them into paired KD-vs-CE and KD-vs-start verdicts with 95%
-   bootstrap intervals, the budget table and plot.
+   bootstrap intervals, the budget table and plot. In MLflow each arm is a nested run named by its label.
 
 Parts can run in separate invocations (``parts``): the arms published in ``--out`` are joined with this
 invocation's when they were made with the same setup (model, corpus, protocol, eval sets, training settings) and

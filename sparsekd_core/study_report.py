@@ -267,19 +267,22 @@ def plot_budget(tokens: list[int], curves: dict[str, tuple[list[float], list[flo
     plt.close(fig)
 
 
-def prune_line(prune: dict, target: float, eval_sets: list[dict]) -> str:
-    """How R1 was made, and what its calibration means for an eval set of the same source: "out of corpus" is out
-    of the KD corpus, not out of the prune's calibration."""
-    calibration = prune.get("calibration")
-    calibrated = calibration not in (None, "none") and prune.get("method") == "svd" and prune.get("whiten") is not False
-    line = f"R1 student: `{prune.get('method')}` ({prune.get('schedule')}) at {target:.0%} of the MLP"
-    if not calibrated:
+def prune_line(prune: dict, target: float, eval_sets: list[dict], relations: dict[str, str]) -> str:
+    """How R1 was made (the prune policy's own reading of the section: its schedule, whether it whitens), and what
+    its calibration means for a set labelled out of corpus that comes from the calibration's source: out of the KD
+    corpus, not out of the prune's calibration."""
+    from .config import PruneConfig
+
+    cfg = PruneConfig(**prune, target_reduction=target)
+    how = f"`{cfg.method}`" + (f" ({cfg.resolved_schedule})" if cfg.resolved_schedule else "")
+    line = f"R1 student: {how}, MLP −{target:.0%}"
+    if cfg.calibration is None:
         return line + ", without calibration data.\n\n"
-    line += (f", whitened on {prune['calibration_samples']} × {prune['calibration_seq_len']} tokens of "
-             f"`{calibration}`.")
-    source = calibration.split(":")[0]
+    line += (f", {'whitened' if cfg.use_whitening else 'calibrated'} on {cfg.calibration_samples} × "
+             f"{cfg.calibration_seq_len} tokens of `{cfg.calibration}`.")
+    source = cfg.calibration.split(":")[0]
     same = [es["name"] for es in eval_sets if es.get("kind", "perplexity") == "perplexity"
-            and es["data"].split(":")[0] == source]
+            and es["data"].split(":")[0] == source and relations.get(es["name"]) == "out of corpus"]
     if same:
         line += (f" {', '.join(same)} come(s) from the calibration's source: for R1, *out of corpus* means out of "
                  "the KD corpus only (the pruned start model was fitted to that source's activations). Every R1 arm "
@@ -353,7 +356,7 @@ def report_sections(model: str, what: str | None, config: dict, relations: dict[
     distill = config["distill"]
     sections = [setup_section(model, what, config["corpus"], config["eval"], config["eval_sets"], relations, distill,
                               config["train_tokens"], checked,
-                              prune_line(config["prune"], config["r1_target"], config["eval_sets"])
+                              prune_line(config["prune"], config["r1_target"], config["eval_sets"], relations)
                               if any(a["student"] == "R1" for a in arms.values()) else ""),
                 "## Verdicts\n\nEach line is a paired comparison: both models scored on the same windows, trained "
                 "arms paired seed with seed. *KD effect* = KD against its CE-only twin; *training effect* = a "

@@ -177,6 +177,8 @@ def test_config_checks_relations_budgets_and_alphas(tmp_path):
         StudyV2Config(**{**ok, "alphas": [0.0]})
     with pytest.raises(ValidationError, match=r"tail_seeds \[3\] are not in seeds \[1, 2\]"):
         StudyV2Config(**{**ok, "tail_seeds": [1, 3]})
+    with pytest.raises(ValidationError, match="repeats a seed"):
+        StudyV2Config(**{**ok, "tail_seeds": [1, 1]})
     assert StudyV2Config(**{**ok, "tail_seeds": [2]}).tail_seeds == [2]
 
 
@@ -310,6 +312,11 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
             "R1 · KD α=0.5 · seed 1 · 256 tokens", "R1 · KD, bucket tail · seed 2",
             "dense · KD, sampled-cache tail · seed 2"} <= set(second["arms"])
     report = (out / "report.md").read_text()
+    # Only the arms this invocation made have runs under it (published arms and the reused R1 base make none).
+    children = client.search_runs([client.get_run(second["mlflow_run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{second['mlflow_run_id']}'")
+    assert {r.info.run_name for r in children} == set(second["arms"]) - labels
+    assert {r.info.status for r in children} == {"FINISHED"}
     tails = [line for line in report.split("## Verdicts")[1].split("## Every model")[0].splitlines()
              if line.startswith("- KD effect, text (out of corpus), KD, bucket tail vs CE-only")]
     assert len(tails) == 2 and all("2 paired seeds (1, 2)" in line for line in tails)  # dense and R1
@@ -417,14 +424,21 @@ def test_the_setup_says_how_r1_was_pruned_and_what_its_calibration_shares_with_t
 
     sets = [{"name": "wikitext2", "data": "wikitext2:test"}, {"name": "c4_heldout", "data": "c4:heldout"},
             {"name": "gsm8k_acc", "data": "gsm8k:test", "kind": "gsm8k"}]
-    prune = {"method": "svd", "schedule": "tiered", "whiten": None, "calibration": "wikitext2:train",
+    relations = {"wikitext2": "out of corpus", "c4_heldout": "held-out documents"}
+    prune = {"method": "svd", "schedule": None, "whiten": None, "calibration": "wikitext2:train",
              "calibration_samples": 32, "calibration_seq_len": 256}
-    line = prune_line(prune, 0.15, sets)
-    assert line.startswith("R1 student: `svd` (tiered) at 15% of the MLP, whitened on 32 × 256 tokens of "
-                           "`wikitext2:train`. wikitext2 come(s) from the calibration's source")
+    line = prune_line(prune, 0.15, sets, relations)
+    assert line.startswith("R1 student: `svd` (tiered), MLP −15%, whitened on 32 × 256 tokens of `wikitext2:train`. "
+                           "wikitext2 come(s) from the calibration's source: for R1, *out of corpus* means out of the "
+                           "KD corpus only")
     assert "c4_heldout" not in line and "paired KD − CE-only lines are unaffected" in line
-    assert "c4_heldout come(s) from the calibration's source" in prune_line({**prune, "calibration": "c4:train"}, 0.15, sets)
-    assert "source" not in prune_line({**prune, "calibration": "gsm8k:train"}, 0.15, sets)  # perplexity sets only
-    assert prune_line({**prune, "whiten": False}, 0.15, sets) == \
-        "R1 student: `svd` (tiered) at 15% of the MLP, without calibration data.\n\n"
-    assert "without calibration" in prune_line({**prune, "calibration": "none"}, 0.15, sets)
+    # A held-out-documents set of the calibration's source is what its label says: no caveat.
+    assert "source" not in prune_line({**prune, "calibration": "c4:train"}, 0.15, sets, relations)
+    assert "come(s) from" in prune_line({**prune, "calibration": "c4:train"}, 0.15, sets,
+                                        {**relations, "c4_heldout": "out of corpus"})
+    assert prune_line({**prune, "whiten": False}, 0.15, sets, relations).startswith(
+        "R1 student: `svd` (tiered), MLP −15%, calibrated on 32 × 256 tokens of `wikitext2:train`. wikitext2 come(s)")
+    assert prune_line({**prune, "calibration": "NONE"}, 0.15, sets, relations) == \
+        "R1 student: `svd` (tiered), MLP −15%, without calibration data.\n\n"
+    width = prune_line({**prune, "method": "width"}, 0.2, sets, relations)  # width always calibrates
+    assert width.startswith("R1 student: `width` (uniform), MLP −20%, calibrated on 32 × 256 tokens")
