@@ -89,6 +89,26 @@ def paired_bootstrap(a: list[list[float]] | list[float], b: list[list[float]] | 
             "n_boot": n_boot}
 
 
+def gap_change(kd_first: list[float], ce_first: list[float], kd_last: list[float], ce_last: list[float],
+               tokens: list[int], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Interval:
+    """How a paired gap moved between two settings (e.g. two training budgets): [PPL(kd_last) − PPL(ce_last)] −
+    [PPL(kd_first) − PPL(ce_first)], all four models scored on the same windows and resampled on the same draws,
+    with a percentile interval. Negative: the first model of the pair gained on the second."""
+    arms = [np.asarray(x, dtype=np.float64) for x in (kd_first, ce_first, kd_last, ce_last)]
+    tok = np.asarray(tokens, dtype=np.float64)
+    _check(arms, tok)
+    if tok.size < 2:
+        raise ValueError("paired bootstrap: at least 2 windows are needed")
+    draws = np.random.default_rng(seed).integers(0, tok.size, size=(n_boot, tok.size))
+
+    def change(d: np.ndarray | None) -> np.ndarray:
+        kf, cf, kl, cl = (_ppl(a, tok, d) for a in arms)
+        return (kl - cl) - (kf - cf)
+
+    lo, hi = np.percentile(change(draws), [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return Interval(float(change(None)), float(lo), float(hi), level)
+
+
 def bootstrap_ppl(nll: list[float], tokens: list[int], n_boot: int = 2000, seed: int = 0,
                   level: float = 0.95) -> Interval:
     """One model's perplexity with a percentile interval over windows."""

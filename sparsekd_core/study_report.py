@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .stats import bootstrap_ppl, paired_bootstrap, signed
+from .stats import bootstrap_ppl, gap_change, paired_bootstrap, signed
 
 KINDS = {"kd": "KD", "ce": "CE-only", "bucket": "KD, bucket tail", "sampled": "KD, sampled-cache tail"}
 
@@ -203,15 +203,24 @@ def budget_section(arms: dict, sets: list[str], dense: dict, alpha: float, budge
         if len(g) < 2:
             lines.append(f"- {s}: one budget only; no trend can be told.")
             continue
-        first, last = g[0][1], g[-1][1]
-        if abs(last.estimate) < abs(first.estimate) and (first.excludes_zero() or last.excludes_zero()):
-            trend = "shrinks"
-        elif abs(last.estimate) > abs(first.estimate) and (first.excludes_zero() or last.excludes_zero()):
-            trend = "grows"
-        else:
+        (t0, first), (t1, last) = g[0], g[-1]
+        # The trend is the change of the paired gap itself, with its own interval (all four models on the same
+        # windows), not a comparison of two estimates.
+        ends = [at(kind, t)["sets"][s]["window_nll"] for t in (t0, t1) for kind in ("kd", "ce")]
+        change = gap_change(*ends, at("kd", t0)["sets"][s]["window_tokens"], n_boot=n_boot)
+        metrics[f"budget.{s}.gap_change"] = change.estimate
+        if not change.excludes_zero():
             trend = "cannot be told apart from no change"
-        lines.append(f"- {s}: KD − CE-only goes from {first.text()} at {g[0][0]:,} tokens to {last.text()} at "
-                     f"{g[-1][0]:,}: the gap's size {trend}.")
+        else:
+            trend = "says KD gains on CE-only with tokens" if change.estimate < 0 else \
+                "says KD loses ground to CE-only with tokens"
+        flip = ""
+        if first.excludes_zero() and last.excludes_zero() and (first.estimate > 0) != (last.estimate > 0):
+            lower = {True: "CE-only", False: "KD"}
+            flip = (f"; the verdict reverses: {lower[first.estimate > 0]} lower at {t0:,}, "
+                    f"{lower[last.estimate > 0]} lower at {t1:,}")
+        lines.append(f"- {s}: KD − CE-only goes from {first.text()} at {t0:,} tokens to {last.text()} at {t1:,}; "
+                     f"the change, {change.text()} (paired bootstrap, same windows), {trend}{flip}.")
         if s in dense:
             lines.append("  " + reach_statement([(t, at('kd', t)['sets'][s]['ppl']) for t in done], dense[s], s))
     if plot is not None:

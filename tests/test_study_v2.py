@@ -153,8 +153,22 @@ def test_budget_trend_and_the_reach_statement():
         arms[f"ce{t}"] = _arm("R1", "ce", base + (level + gap) * tokens, tokens, 0.0, 1, train=t)
     dense = {"wt": arms["dense"]["sets"]["wt"]["ppl"]}
     text, metrics = budget_section(arms, ["wt"], dense, 0.5, [64, 128, 256], 1, n_boot=300)
-    assert "the gap's size shrinks" in text and metrics["budget.64.wt.kd_minus_ce"] < 0
+    # KD is lower at every budget, by less with more tokens: the gap's change has its own interval, above zero.
+    assert "says KD loses ground to CE-only with tokens." in text and metrics["budget.64.wt.kd_minus_ce"] < 0
+    assert metrics["budget.wt.gap_change"] == pytest.approx(
+        metrics["budget.256.wt.kd_minus_ce"] - metrics["budget.64.wt.kd_minus_ce"])
+    assert "reverses" not in text
     assert "reaches 1.05× dense at about" in text and "extrapolation" in text
+    # The same gap at both ends: no trend. A gap that changes sign (both ends resolved): the verdict reverses.
+    for t, gap in ((64, 0.2), (256, 0.2)):
+        arms[f"ce{t}"] = _arm("R1", "ce", base + (0.5 + gap) * tokens, tokens, 0.0, 1, train=t)
+        arms[f"kd{t}"] = _arm("R1", "kd", base + 0.5 * tokens, tokens, 0.5, 1, train=t)
+    text, _ = budget_section(arms, ["wt"], dense, 0.5, [64, 128, 256], 1, n_boot=300)
+    assert "cannot be told apart from no change." in text
+    arms["kd256"] = _arm("R1", "kd", base + 0.9 * tokens, tokens, 0.5, 1, train=256)
+    text, _ = budget_section(arms, ["wt"], dense, 0.5, [64, 128, 256], 1, n_boot=300)
+    assert "says KD loses ground to CE-only with tokens; the verdict reverses: KD lower at 64, CE-only lower at " \
+           "256." in text
     assert "cannot be told" in reach_statement([(1, 2.0), (2, 2.1)], 1.0, "wt")
     assert "within 1.05× dense" in reach_statement([(1, 2.0), (2, 1.01)], 1.0, "wt")
     assert arm_label("R1", "kd", 0.5, 42, 65536) == "R1 · KD α=0.5 · seed 42 · 64k tokens"
