@@ -647,6 +647,11 @@ class StudyV2Config(FlowConfig):
                                          description="Seeds of the bucket and sampled-cache tail arms (default: the "
                                                      "first of `seeds`); each tail arm is compared with the CE-only "
                                                      "twin of its seed, so every tail seed must be one of `seeds`.")
+    tail_kinds: list[Literal["bucket", "sampled"]] = Field(
+        ["bucket", "sampled"], min_length=1,
+        description="Which tails the `tails` part trains: `bucket` (the dense cache's top-k plus one bucket for the "
+                    "rest) and `sampled` (its own cache of `sampled_classes` sampled classes a position, written "
+                    "when the first sampled arm trains).")
     kl: bool = Field(True, description="Also KL(dense ‖ model) on every eval set (runs the dense model beside).")
     n_boot: int = Field(2000, ge=200, description="Bootstrap resamples of the paired intervals.")
 

@@ -8,7 +8,7 @@
 2. ``dense`` / ``r1``: the dense student and the first-round pruned student (``r1_target``), each trained on the
    same corpus, with KD at every ``alphas`` and the CE-only twin (α = 0), at every seed of ``seeds``: matched arms.
 3. ``tails``: the bucket tail and the sampled-cache tail (``sampled_classes`` classes a position) at each seed of
-   ``tail_seeds`` (default: the first seed), each against the CE-only twin of its seed.
+   ``tail_seeds`` (default: the first seed; ``tail_kinds`` picks the tails), each against the CE-only twin of its seed.
 4. ``budget``: R1 with KD (``alphas[0]``) and CE-only at each ``budgets`` token count (distinct tokens of the same
    corpus, first seed).
 5. Every model is evaluated on every set with its per-window NLL and, with ``kl``, KL(dense ‖ model) on the same
@@ -212,9 +212,11 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
             sampled_cache = lazy_cache(sampled_run, "dense, sampled classes")
             for seed in config.tail_seeds or config.seeds[:1]:  # seed-major, as the matched arms
                 for student in ("dense", "R1"):
-                    train(students[student], student, "bucket", seed, config.alphas[0], tail="bucket")
-                    train(students[student], student, "sampled", seed, config.alphas[0], tail="sampled",
-                          teacher_cache=sampled_cache, on=sampled_run)
+                    if "bucket" in config.tail_kinds:
+                        train(students[student], student, "bucket", seed, config.alphas[0], tail="bucket")
+                    if "sampled" in config.tail_kinds:
+                        train(students[student], student, "sampled", seed, config.alphas[0], tail="sampled",
+                              teacher_cache=sampled_cache, on=sampled_run)
         if "budget" in config.parts:
             for tokens in config.budgets:
                 train(students["R1"], "R1", "ce", config.seeds[0], 0.0, tokens)

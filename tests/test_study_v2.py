@@ -319,6 +319,10 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
 
     # The other parts in a second invocation: the published arms are joined, their stages reused.
     # (The tails at both seeds: tail_seeds is not part of the setup, so the published arms still join.)
+    bucket = study_v2_flow(StudyV2Config(**_values(root, tmp_path / "w", parts=["tails"], tail_seeds=[2],
+                                                   tail_kinds=["bucket"])), out=str(out))
+    assert set(bucket["arms"]) - labels == {"dense · KD, bucket tail · seed 2", "R1 · KD, bucket tail · seed 2"}
+    assert not any("sampled" in s["label"] for s in bucket["stages"])  # no sampled arm: its cache is not written
     second = study_v2_flow(StudyV2Config(**_values(root, tmp_path / "w", parts=["tails", "budget"], tail_seeds=[1, 2])),
                            out=str(out))
     assert labels < set(second["arms"])
@@ -329,7 +333,7 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
     # Only the arms this invocation made have runs under it (published arms and the reused R1 base make none).
     children = client.search_runs([client.get_run(second["mlflow_run_id"]).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{second['mlflow_run_id']}'")
-    assert {r.info.run_name for r in children} == set(second["arms"]) - labels
+    assert {r.info.run_name for r in children} == set(second["arms"]) - set(bucket["arms"])
     assert {r.info.status for r in children} == {"FINISHED"}
     tails = [line for line in report.split("## Verdicts")[1].split("## Every model")[0].splitlines()
              if line.startswith("- KD effect, text (out of corpus), KD, bucket tail vs CE-only")]
@@ -346,7 +350,7 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
     third = study_v2_flow(StudyV2Config(**_values(root, tmp_path / "w", parts=["report"])), out=str(out))
     assert set(third["arms"]) == set(second["arms"]) and third["stages"] == []  # nothing to make: not even the cache
     report = (out / "report.md").read_text()  # and it says so: no stage of the earlier invocations counts as run
-    n_earlier = len({s["key"] for s in first["stages"] + second["stages"]})
+    n_earlier = len({s["key"] for s in first["stages"] + bucket["stages"] + second["stages"]})
     assert f"This invocation ran 0 stage(s) and reused the others from their manifests ({n_earlier} were made by " \
            "earlier invocations" in report
     assert "## Stages\n\nThis invocation reached no stage: it was built from results already published." in report
