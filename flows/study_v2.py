@@ -123,23 +123,21 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
             metrics are logged there, not mixed with the other arms' under one key."""
             return run.arm(label, student=student, kind=kind, **{k: v for k, v in tags.items() if v is not None})
 
-        def ev(label: str, ref: dict, student: str, kind: str, arm_id: str | None = None, **fields) -> None:
-            if label in published:
-                return
-            own = arm_id is None
-            arm_id = arm_id or arm_run(label, student, kind)
+        def ev(label: str, ref: dict, student: str, kind: str, arm_id: str, **fields) -> None:
+            """Evaluate an arm not yet published, logging to its run (``arm_run``; the caller ends it)."""
             teacher = dense if config.kl and ref["fingerprint"] != dense["fingerprint"] else None
             m = evaluate(ref, [es.model_dump() for es in config.eval_sets], config.eval_config().model_dump(),
                          run_id=arm_id, teacher=teacher, **run.common())
-            if own:
-                run.end(arm_id)
             run.record(m, f"eval {label}")
             results = {n: r for n, r in eval_results(m).items() if r.get("kind") == "perplexity"}
             arms[label] = {"student": student, "kind": kind, "sets": results, **fields}
             if out:
                 save_arms(Path(out), setup_digest(config), arms, all_stages())
 
-        ev("dense", dense, "dense", "base")
+        if "dense" not in published:
+            dense_id = arm_run("dense", "dense", "base")
+            ev("dense", dense, "dense", "base", dense_id)
+            run.end(dense_id)
         caches: dict[str, dict] = {}
 
         def lazy_cache(on: Run, label: str) -> Callable[[], dict]:
@@ -185,7 +183,7 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
                 if out:
                     save_arms(Path(out), setup_digest(config), arms, all_stages())
                 return
-            ev(label, m["model"], student, kind, arm_id=arm_id, alpha=alpha, seed=seed, tokens=tokens, kept=kept)
+            ev(label, m["model"], student, kind, arm_id, alpha=alpha, seed=seed, tokens=tokens, kept=kept)
             run.end(arm_id)
 
         students = {"dense": dense}
@@ -194,9 +192,9 @@ def study_v2_flow(config: StudyV2Config, out: str = "", command: SkipJsonSchema[
             base_id = arm_run(base_label, "R1", "base") if base_label not in published else None
             pruned = run.prune(dense, base_id, "R1", target_reduction=config.r1_target)
             students["R1"] = pruned["model"]
-            ev(base_label, pruned["model"], "R1", "base", arm_id=base_id,
-               mlp_reduction=pruned["result"].get("mlp_reduction"))
             if base_id:
+                ev(base_label, pruned["model"], "R1", "base", base_id,
+                   mlp_reduction=pruned["result"].get("mlp_reduction"))
                 run.end(base_id)
         for part, student in (("dense", "dense"), ("r1", "R1")):
             if part not in config.parts:

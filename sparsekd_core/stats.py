@@ -49,6 +49,15 @@ def _ppl(nll: np.ndarray, tokens: np.ndarray, draws: np.ndarray | None = None) -
     return np.exp(nll[..., draws].sum(-1) / tokens[draws].sum(-1))
 
 
+def _draws(n_windows: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, n_windows] window indices drawn with replacement: every model of a comparison uses the same draws."""
+    return np.random.default_rng(seed).integers(0, n_windows, size=(n_boot, n_windows))
+
+
+def _percentiles(level: float) -> list[float]:
+    return [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+
+
 def _check(arms: list[np.ndarray], tokens: np.ndarray) -> None:
     for a in arms:
         if a.shape != tokens.shape:
@@ -74,11 +83,10 @@ def paired_bootstrap(a: list[list[float]] | list[float], b: list[list[float]] | 
     _check([*a_arr, *b_arr], tok)
     if tok.size < 2:
         raise ValueError("paired bootstrap: at least 2 windows are needed")
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, tok.size, size=(n_boot, tok.size))
+    draws = _draws(tok.size, n_boot, seed)
     pa, pb = _ppl(a_arr, tok), _ppl(b_arr, tok)  # [seeds]
     boot_a, boot_b = _ppl(a_arr, tok, draws), _ppl(b_arr, tok, draws)  # [seeds, n_boot]
-    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    q = _percentiles(level)
 
     def interval(point: np.ndarray, boot: np.ndarray) -> Interval:
         lo, hi = np.percentile(boot.mean(0), q)
@@ -99,13 +107,13 @@ def gap_change(kd_first: list[float], ce_first: list[float], kd_last: list[float
     _check(arms, tok)
     if tok.size < 2:
         raise ValueError("paired bootstrap: at least 2 windows are needed")
-    draws = np.random.default_rng(seed).integers(0, tok.size, size=(n_boot, tok.size))
+    draws = _draws(tok.size, n_boot, seed)
 
     def change(d: np.ndarray | None) -> np.ndarray:
         kf, cf, kl, cl = (_ppl(a, tok, d) for a in arms)
         return (kl - cl) - (kf - cf)
 
-    lo, hi = np.percentile(change(draws), [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    lo, hi = np.percentile(change(draws), _percentiles(level))
     return Interval(float(change(None)), float(lo), float(hi), level)
 
 
@@ -114,6 +122,5 @@ def bootstrap_ppl(nll: list[float], tokens: list[int], n_boot: int = 2000, seed:
     """One model's perplexity with a percentile interval over windows."""
     arr, tok = np.asarray(nll, dtype=np.float64), np.asarray(tokens, dtype=np.float64)
     _check([arr], tok)
-    draws = np.random.default_rng(seed).integers(0, tok.size, size=(n_boot, tok.size))
-    lo, hi = np.percentile(_ppl(arr, tok, draws), [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    lo, hi = np.percentile(_ppl(arr, tok, _draws(tok.size, n_boot, seed)), _percentiles(level))
     return Interval(math.exp(arr.sum() / tok.sum()), float(lo), float(hi), level)
