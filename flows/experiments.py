@@ -101,9 +101,12 @@ class Round:
         return self.pruned["result"].get("mlp_reduction", self.target)
 
     def summary(self) -> dict:
-        """What the report needs: {round, target, mlp_reduction, pre, post}."""
+        """What the report needs: {round, target, mlp_reduction, pre, post, kept}; ``kept`` is the distill run's
+        (best step, steps run, validation PPL at step 0, best validation PPL): which checkpoint the round kept."""
+        r = self.trained["result"]
         return {"round": self.index, "target": self.target, "mlp_reduction": self.mlp_reduction, "pre": self.pre,
-                "post": self.post}
+                "post": self.post, "kept": (r.get("best_step"), r.get("steps"), r.get("val_ppl_start"),
+                                            r.get("val_ppl_best"))}
 
 
 def iterative_rounds(run: Run, dense: dict, dense_cache: dict, targets: list[float], keep_original_teacher: bool, *,

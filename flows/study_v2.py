@@ -68,7 +68,7 @@ def previous(config: StudyV2Config, out: Path) -> tuple[dict, list[dict]]:
     path = out / "study.json"
     if not out.name or not path.is_file():
         return {}, []
-    saved = json.loads(path.read_text())
+    saved = json.loads(path.read_text(encoding="utf-8"))
     if saved.get("setup") != setup_digest(config) or saved.get("code", stage_code()) != stage_code():
         return {}, []
     return saved.get("arms", {}), [{**st, "earlier": True} for st in saved.get("stages", [])]
@@ -81,7 +81,7 @@ def save_arms(out: Path, setup: str, arms: dict, stages: list[dict], metrics: di
     tmp = out / "study.json.tmp"
     stages = [{k: v for k, v in st.items() if k != "earlier"} for st in stages]  # previous() tags them on load
     tmp.write_text(json.dumps({"setup": setup, "code": stage_code(), "metrics": metrics or {}, "arms": arms,
-                               "stages": stages}, default=str))
+                               "stages": stages}, default=str, ensure_ascii=False), encoding="utf-8")
     tmp.replace(out / "study.json")
 
 
@@ -257,7 +257,7 @@ def combine(index: StudyV2Index, out: Path, command: str) -> Path:
         config = StudyV2Config(**yaml.safe_load(Path(fam.config).read_text()))
         published = out / fam.dir / "study.json"
         run = f"python -m flows.study_v2 --config {fam.config} --out {out / fam.dir}"
-        saved = json.loads(published.read_text()) if published.is_file() else {"setup": setup_digest(config),
+        saved = json.loads(published.read_text(encoding="utf-8")) if published.is_file() else {"setup": setup_digest(config),
                                                                                  "arms": None}
         if saved.get("setup") != setup_digest(config):
             raise ValueError(f"{published} was made with another setup than {fam.config} (model, corpus, eval or "

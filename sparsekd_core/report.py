@@ -211,17 +211,37 @@ def beside_paper_table_iii(name: str, dense: float, rounds: list[dict]) -> str:
                      "paper post-KD", "paper post / dense"], rows))
 
 
+def _kept_step(kept: tuple | None) -> str:
+    """``best/steps`` (with the validation PPL at step 0 and at the kept step) or "—" when the round has no record."""
+    if not kept or kept[0] is None:
+        return "—"
+    best, steps, start, best_ppl = kept
+    text = f"{best}/{steps}"
+    if start is not None and best_ppl is not None:
+        text += f" (val {start:.1f} → {best_ppl:.1f})"
+    return text
+
+
 def iterative_section(names: list[str], dense: dict[str, float], rounds: list[dict],
                       keep_original_teacher: bool) -> tuple[str, dict[str, float]]:
-    """Table III: per round ({round, mlp_reduction, pre, post}) the pre-KD and post-KD perplexities."""
-    headers = ["round", "MLP reduction", *[f"pre-KD {n}" for n in names], *[f"post-KD {n}" for n in names],
-               *[f"post vs dense {n}" for n in names]]
-    rows = [[f"R{x['round']}", f"{100 * x['mlp_reduction']:.1f}%", *[x["pre"][n] for n in names],
-             *_ppl_columns(names, x["post"], dense)] for x in rounds]
+    """Table III: per round ({round, mlp_reduction, pre, post} and, when known, ``kept``: the distill run's (best
+    step, steps, validation PPL at step 0, best validation PPL)) the pre-KD and post-KD perplexities and which
+    checkpoint the round kept; a round that kept step 0 is named, since its post-KD model is its pruned model."""
+    headers = ["round", "MLP reduction", "kept step", *[f"pre-KD {n}" for n in names],
+               *[f"post-KD {n}" for n in names], *[f"post vs dense {n}" for n in names]]
+    rows = [[f"R{x['round']}", f"{100 * x['mlp_reduction']:.1f}%", _kept_step(x.get("kept")),
+             *[x["pre"][n] for n in names], *_ppl_columns(names, x["post"], dense)] for x in rounds]
     teacher = "the dense model's cache every round" if keep_original_teacher else \
         "the previous round's recovered model (re-cached each round, as the paper does)"
     text = ("## Iterative pruning (Table III)\n\nDense: " + ", ".join(f"{n} {dense[n]:.2f}" for n in names)
-            + f". Teacher: {teacher}.\n\n" + table(headers, rows))
+            + f". Teacher: {teacher}. Each round keeps its best checkpoint on the validation text; `kept step` says "
+            "which (0 = no step improved on the pruned weights).\n\n" + table(headers, rows))
+    never = [x for x in rounds if (x.get("kept") or (None,))[0] == 0]
+    if never:
+        text += ("\n**Rounds whose training never improved the validation perplexity** (their post-KD model is their "
+                 "pruned model, so post-KD = pre-KD): "
+                 + ", ".join(f"R{x['round']} (validation {x['kept'][2]:.1f} at step 0)" if x["kept"][2] is not None
+                             else f"R{x['round']}" for x in never) + ".\n")
     if names:
         text += beside_paper_table_iii(names[0], dense[names[0]], rounds)
     metrics = flat("ppl_dense", dense)

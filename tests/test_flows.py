@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,9 @@ def test_killed_flow_resumes_with_the_same_metrics(prefect_server, tiny_setup, t
         assert resumed["metrics"][key] == pytest.approx(value, rel=1e-5), key
     report = open(resumed["report"]).read()
     assert "R2" in report and "ppl_vs_reduction_text.png" in report
+    # Each round's row says which checkpoint its distill run kept (read from the run's own result, resumed or not).
+    rows = [line for line in report.split("## Iterative pruning")[1].splitlines() if line.startswith("| R")][:2]
+    assert len(rows) == 2 and all(re.search(r"\| \d+/\d+ \(val \d+\.\d → \d+\.\d\) \|", r) for r in rows), rows
 
 
 def test_wanda_and_multi_seed(prefect_server, tiny_setup, tmp_path):

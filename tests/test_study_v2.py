@@ -293,8 +293,10 @@ def test_study_v2_flow_runs_joins_published_arms_and_reuses_stages(prefect_serve
     assert ppl["dense · CE-only · seed 1"] < ppl["dense"] and ppl["R1 · CE-only · seed 1"] < ppl["R1 · base"]
     assert ppl["dense · CE-only · seed 1"] != ppl["dense · CE-only · seed 2"]
     assert ppl["dense · KD α=0.5 · seed 1"] != ppl["dense · CE-only · seed 1"]
-    saved = json.loads((out / "study.json").read_text())
+    raw = (out / "study.json").read_text(encoding="utf-8")
+    saved = json.loads(raw)
     assert set(saved["arms"]) == labels
+    assert "dense · KD α=0.5 · seed 1" in raw  # labels stay readable in the file (no \u escapes)
     # MLflow: every arm is its own nested run (named by its label) holding its own eval figures and, for a trained
     # arm, its own validation curve; an arm that kept its start model shows that model's figures and says so.
     from mlflow.tracking import MlflowClient
@@ -435,6 +437,25 @@ def test_table_iii_beside_the_papers_rows_as_ratios_to_each_dense():
     text = iterative_section(["wt"], {"wt": 30.0}, three, False)[0].split("### Beside the paper's Table III")[1]
     assert [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| R")] == ["R1"]
     assert "Beside the paper" not in iterative_section(["wt"], {"wt": 30.0}, three[1:], False)[0]
+
+
+def test_table_iii_says_which_step_each_round_kept_and_names_a_round_that_kept_its_pruned_model():
+    from sparsekd_core.report import iterative_section
+
+    rounds = [{"round": 1, "mlp_reduction": 0.15, "pre": {"wt": 90.0}, "post": {"wt": 60.0},
+               "kept": (32, 32, 88.0, 61.5)},
+              {"round": 2, "mlp_reduction": 0.22, "pre": {"wt": 70.0}, "post": {"wt": 70.0},
+               "kept": (0, 24, 84.8, 84.8)},
+              {"round": 3, "mlp_reduction": 0.29, "pre": {"wt": 80.0}, "post": {"wt": 75.0}}]  # no record: "—"
+    text, _ = iterative_section(["wt"], {"wt": 30.0}, rounds, False)
+    header = next(line for line in text.splitlines() if line.startswith("| round"))
+    column = [c.strip() for c in header.split("|")].index("kept step")
+    cells = {line.split("|")[1].strip(): line.split("|")[column].strip()
+             for line in text.split("### Beside")[0].splitlines() if line.startswith("| R")}
+    assert cells == {"R1": "32/32 (val 88.0 → 61.5)", "R2": "0/24 (val 84.8 → 84.8)", "R3": "—"}
+    never = text.split("**Rounds whose training never improved the validation perplexity**")[1].split("###")[0]
+    assert "R2 (validation 84.8 at step 0)" in never and "R1" not in never and "R3" not in never
+    assert "never improved" not in iterative_section(["wt"], {"wt": 30.0}, rounds[:1], False)[0]
 
 
 def test_the_setup_says_how_r1_was_pruned_and_what_its_calibration_shares_with_the_eval_sets():
