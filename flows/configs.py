@@ -376,6 +376,10 @@ class IterativeConfig(PruningFlowConfig):
     targets: list[float] = Field(list(PAPER_ROUND_TARGETS),
                                  description="Cumulative MLP-parameter reduction after each round.")
     keep_original_teacher: bool = Field(False, description="Distill every round from the dense model's cache.")
+    ce_control: bool = Field(False, description="Also train each round's CE-only twin (alpha = 0: the same pruned "
+                                                "student, teacher-cache tokens, steps and seed) and report KD minus "
+                                                "CE-only per round with a paired 95% interval over eval windows. The "
+                                                "next round still starts from the KD model; doubles training time.")
     profile: bool = Field(False, description="Also profile the dense model and each round's recovered model side by "
                                              "side (Tables VII-VIII, speedup vs reduction). Off by default: timings "
                                              "on a shared or busy CPU are not worth the time they take; turn it on "
@@ -522,15 +526,16 @@ class PaperConfig(IterativeConfig):
 
 def paper_parts(config: PaperConfig, experiment: str | None = None) -> dict[str, FlowConfig]:
     """The sub-flow configs of a paper run, in run order; a bad value raises ValueError naming the part."""
-    common = config.model_dump(exclude={"targets", "keep_original_teacher", "cascade_target", "swap_target",
-                                        "sparsities", "prune", "profile", "profile_settings"})
+    common = config.model_dump(exclude={"targets", "keep_original_teacher", "ce_control", "cascade_target",
+                                        "swap_target", "sparsities", "prune", "profile", "profile_settings"})
     if experiment is not None:
         common["experiment"] = experiment  # nested runs live in the parent's experiment
     builders = {
         "dense-kd": lambda: DenseKDConfig(**common),
         "iterative": lambda: IterativeConfig(**common, prune=config.prune, targets=config.targets,
                                              keep_original_teacher=config.keep_original_teacher,
-                                             profile=config.profile, profile_settings=config.profile_settings),
+                                             ce_control=config.ce_control, profile=config.profile,
+                                             profile_settings=config.profile_settings),
         "cascade": lambda: CascadeConfig(**common, prune=config.prune, target=config.cascade_target),
         "teacher-swap": lambda: TeacherSwapConfig(**common, prune=config.prune, target=config.swap_target),
         "wanda": lambda: WandaConfig(**common, sparsities=config.sparsities),

@@ -41,6 +41,7 @@ class Run:
     curves: dict[str, list] = field(default_factory=dict)  # arm label -> validation curve [(step, ppl)]
     counts: dict[str, dict] = field(default_factory=dict)  # eval label -> counts of the model evaluated
     accuracy: dict[str, dict] = field(default_factory=dict)  # eval label -> {gsm8k set name: accuracy result}
+    windows: dict[str, dict] = field(default_factory=dict)  # eval label -> {set: (window_nll, window_tokens)}
     registered: list[dict] = field(default_factory=list)  # model versions this run registered (for the report)
 
     @property
@@ -84,6 +85,8 @@ class Run:
         accuracy = {name: r for name, r in results.items() if r.get("kind") == "gsm8k"}
         if accuracy:
             self.accuracy[label] = accuracy
+        self.windows[label] = {name: (r["window_nll"], r["window_tokens"]) for name, r in results.items()
+                               if name not in accuracy and r.get("window_nll")}
         return {name: r["ppl"] for name, r in results.items() if name not in accuracy}
 
     def cache(self, teacher: dict, run_id: str | None, label: str) -> dict:

@@ -18,6 +18,7 @@ from prefect import flow
 from pydantic.json_schema import SkipJsonSchema
 
 from sparsekd_core import report as rep
+from sparsekd_core.stats import paired_bootstrap
 from tasks.stages import cache_teacher, dense_ref, instructions, run_log, self_data, sft
 
 from .configs import (
@@ -160,16 +161,20 @@ def iterative_flow(config: IterativeConfig, parent_run_id: SkipJsonSchema[str | 
         def evaluate(manifest: dict, rid: str, index: int, when: str) -> dict:
             return run.evaluate(manifest["model"], rid, f"R{index} {when}-KD", prefix=f"{when}_kd_", step=index)
 
+        twins: dict[int, dict] = {}
+
         def close_round(done: Round) -> None:
             run.register(f"R{done.index}-pruned-kd", done.trained, done.run_id, done.post, parent=done.start,
                          pruned=done.pruned)
             run.tracker.log_metrics(run.parent_id, {**rep.flat("pre_kd_ppl", done.pre),
                                                     **rep.flat("post_kd_ppl", done.post)}, step=done.index)
             run.end(done.run_id)
+            if config.ce_control:
+                twins[done.index] = _ce_twin(run, done)
 
         rounds = iterative_rounds(run, dense, dense_cache, config.targets, config.keep_original_teacher,
                                   open_round=open_round, evaluate=evaluate, close_round=close_round)
-        summaries = [x.summary() for x in rounds]
+        summaries = [{**x.summary(), **twins.get(x.index, {})} for x in rounds]
         text, metrics = rep.iterative_section(names, dense_ppl, summaries, config.keep_original_teacher)
         plots = []
         for n in names:
@@ -182,6 +187,24 @@ def iterative_flow(config: IterativeConfig, parent_run_id: SkipJsonSchema[str | 
             sections.append(section)
             plots += profile_plots
         return run.finish(sections, metrics, plots)
+
+
+def _ce_twin(run: Run, done: Round) -> dict:
+    """A round's CE-only twin (alpha = 0) from the same pruned student, teacher cache (its tokens) and seed as the
+    round's KD arm, in its own MLflow run; returns {"ce": {set: PPL}, "kd_vs_ce": {set: paired bootstrap of
+    PPL(KD) - PPL(CE-only) over the windows both were scored on}} for the round's summary."""
+    label = f"R{done.index} CE-only"
+    rid = run.arm(f"round-{done.index}-ce-only", round=done.index, target=done.target, alpha=0.0)
+    twin = run.distill(done.pruned["model"], done.teacher, rid, label, alpha=0.0)
+    ce = run.evaluate(twin["model"], rid, f"{label} post", prefix="post_ce_", step=done.index)
+    run.end(rid)
+    kd_windows, ce_windows = run.windows[f"R{done.index} post-KD"], run.windows[f"{label} post"]
+    diffs = {name: paired_bootstrap(kd_windows[name][0], ce_windows[name][0], kd_windows[name][1])["diff"]
+             for name in ce if name in kd_windows and name in ce_windows}
+    run.tracker.log_metrics(run.parent_id, {**rep.flat("post_ce_ppl", ce),
+                                            **rep.flat("kd_minus_ce", {n: d.estimate for n, d in diffs.items()})},
+                            step=done.index)
+    return {"ce": ce, "kd_vs_ce": diffs}
 
 
 def _profile_rounds(run: Run, config: IterativeConfig, dense: dict, rounds: list[Round],

@@ -236,6 +236,9 @@ def iterative_section(names: list[str], dense: dict[str, float], rounds: list[di
     text = ("## Iterative pruning (Table III)\n\nDense: " + ", ".join(f"{n} {dense[n]:.2f}" for n in names)
             + f". Teacher: {teacher}. Each round keeps its best checkpoint on the validation text; `kept step` says "
             "which (0 = no step improved on the pruned weights).\n\n" + table(headers, rows))
+    twinned = [x for x in rounds if x.get("ce")]
+    if twinned:
+        text += _ce_twin_table(names, twinned)
     never = [x for x in rounds if (x.get("kept") or (None,))[0] == 0]
     if never:
         text += ("\n**Rounds whose training never improved the validation perplexity** (their post-KD model is their "
@@ -248,7 +251,37 @@ def iterative_section(names: list[str], dense: dict[str, float], rounds: list[di
     for x in rounds:
         metrics.update(flat(f"R{x['round']}_pre_kd", x["pre"]))
         metrics.update(flat(f"R{x['round']}_post_kd", x["post"]))
+        if x.get("ce"):
+            metrics.update(flat(f"R{x['round']}_ce_only", x["ce"]))
+            metrics.update(flat(f"R{x['round']}_kd_minus_ce", {n: d.estimate for n, d in x["kd_vs_ce"].items()}))
     return text, metrics
+
+
+def _ce_twin_table(names: list[str], rounds: list[dict]) -> str:
+    """Per round, KD against its CE-only twin (same pruned student, tokens, seed; scored on the same windows): the
+    KD effect, as opposed to the training effect (post-KD against pre-KD), with a paired 95% interval."""
+    rows, lines = [], []
+    for x in rounds:
+        cells = []
+        for n in names:
+            d = x["kd_vs_ce"].get(n)
+            cells.append("—" if d is None else d.text() + ("" if d.excludes_zero() else " nr"))
+        rows.append([f"R{x['round']}", *[x["post"][n] for n in names], *[x["ce"][n] for n in names], *cells])
+    for n in names:
+        ds = [(x["round"], x["kd_vs_ce"][n]) for x in rounds if n in x["kd_vs_ce"]]
+        lower = [f"R{r}" for r, d in ds if d.high < 0]
+        higher = [f"R{r}" for r, d in ds if d.low > 0]
+        tied = [f"R{r}" for r, d in ds if not d.excludes_zero()]
+        lines.append(f"- {n}: KD lower than its CE-only twin in {', '.join(lower) or 'no round'}; higher in "
+                     f"{', '.join(higher) or 'no round'}; not resolved (interval spans 0) in "
+                     f"{', '.join(tied) or 'no round'}.")
+    return ("\n### KD against its CE-only twin, per round\n\nEach round's CE-only twin (α = 0) trains the same pruned "
+            "student on the same teacher-cache tokens with the same seed and steps; the next round starts from the "
+            "KD model. KD − CE-only: PPL difference with a 95% paired bootstrap interval over the eval windows (both "
+            "models scored on the same windows; one seed: the interval is over windows, not seeds); `nr` = not "
+            "resolved.\n\n"
+            + table(["round", *[f"KD {n}" for n in names], *[f"CE-only {n}" for n in names],
+                     *[f"KD − CE-only {n}" for n in names]], rows) + "\n" + "\n".join(lines) + "\n")
 
 
 def profile_rounds_section(results: list[dict], reductions: list[float],

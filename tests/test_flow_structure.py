@@ -249,3 +249,15 @@ def test_every_committed_flow_config_validates_against_the_flow_its_first_line_r
             continue
         flow = match.group(1) or modules[match.group(2)]
         FLOW_CONFIGS[flow](**yaml.safe_load(path.read_text()))
+
+
+def test_the_paper_configs_ce_control_reaches_its_iterative_part_only():
+    """`ce_control` on a paper (or study) config is the iterative part's per-round CE-only twins; the dense-kd and
+    cascade parts keep their own twins (on by default) and the parts without the field do not receive it."""
+    from flows.configs import PaperConfig, paper_parts
+
+    for on in (False, True):
+        parts = paper_parts(PaperConfig(model="smollm2-135m", ce_control=on))
+        assert parts["iterative"].ce_control is on
+        assert parts["dense-kd"].ce_control is True and parts["cascade"].ce_control is True
+        assert not hasattr(parts["wanda"], "ce_control") and not hasattr(parts["teacher-swap"], "ce_control")

@@ -156,6 +156,34 @@ def test_killed_flow_resumes_with_the_same_metrics(prefect_server, tiny_setup, t
     assert len(rows) == 2 and all(re.search(r"\| \d+/\d+ \(val \d+\.\d → \d+\.\d\) \|", r) for r in rows), rows
 
 
+def test_iterative_ce_twins_train_beside_each_round_and_leave_the_kd_chain_alone(prefect_server, tiny_setup, tmp_path):
+    values = flow_values(tiny_setup, tmp_path / "plain", prune=PRUNE, targets=[0.2, 0.4])
+    plain = run_flow("iterative", values)
+    twinned = run_flow("iterative", {**values, "workdir": str(tmp_path / "twins"), "ce_control": True})
+    labels = [s["label"] for s in twinned["stages"]]
+    assert "distill R1 CE-only" in labels and "distill R2 CE-only" in labels
+    assert "distill R1 CE-only" not in [s["label"] for s in plain["stages"]]
+    m = twinned["metrics"]
+    # The KD chain is the plain flow's: round 2 prunes round 1's KD model, not its twin.
+    for key in ("R1_post_kd_text", "R2_pre_kd_text", "R2_post_kd_text"):
+        assert m[key] == pytest.approx(plain["metrics"][key], rel=1e-6), key
+    for r in (1, 2):
+        # The twin really trained to another model; the difference is KD's PPL minus the twin's, on the same windows.
+        assert m[f"R{r}_ce_only_text"] > 1 and m[f"R{r}_ce_only_text"] != m[f"R{r}_post_kd_text"]
+        assert m[f"R{r}_kd_minus_ce_text"] == pytest.approx(m[f"R{r}_post_kd_text"] - m[f"R{r}_ce_only_text"],
+                                                           rel=1e-6, abs=1e-9)
+    report = open(twinned["report"]).read()
+    section = report.split("### KD against its CE-only twin, per round")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| R")]
+    assert [r.split("|")[1].strip() for r in rows] == ["R1", "R2"]
+    assert re.search(r"\[[+−-]?\d+\.\d\d, [+−-]?\d+\.\d\d\]", rows[0]) and "- text: KD lower than" in section
+    assert "KD against its CE-only twin" not in open(plain["report"]).read()
+    _, _, children = mlflow_runs(twinned)
+    twin_runs = {r.data.tags["arm"]: r for r in children if r.data.tags.get("arm", "").endswith("ce-only")}
+    assert set(twin_runs) == {"round-1-ce-only", "round-2-ce-only"}
+    assert twin_runs["round-1-ce-only"].data.metrics["post_ce_ppl_text"] == pytest.approx(m["R1_ce_only_text"])
+
+
 def test_wanda_and_multi_seed(prefect_server, tiny_setup, tmp_path):
     w = run_flow("wanda", flow_values(tiny_setup, tmp_path / "w", sparsities=[0.5], prune=PRUNE, log_models=True))
     assert w["metrics"]["wanda0.5_post_kd_text"] > 1 and "Table V" in open(w["report"]).read()
