@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,15 @@ TRAIN_TEXT = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
     " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor .",
 ]
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) imported as a module, for the tests that drive its main()."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_tokenizer(vocab_size: int = 300):

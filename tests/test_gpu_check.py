@@ -3,12 +3,11 @@ GPU worker runs must not first fail there)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
+
 
 
 def _numbers(value) -> list[float]:
@@ -24,9 +23,7 @@ def _numbers(value) -> list[float]:
 
 
 def test_dry_run_writes_every_section_with_numbers(tmp_path):
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_benchmark("gpu_check")
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     for name in gpu_check.SECTIONS:

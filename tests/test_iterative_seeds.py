@@ -3,20 +3,17 @@ metrics.json and config.json; it refuses runs that differ in more than their see
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
+
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("iterative_seeds", ROOT / "benchmarks" / "iterative_seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("iterative_seeds")
 
 
 def _run(path: Path, seed: int, posts: list[float], **config) -> Path:

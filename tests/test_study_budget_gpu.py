@@ -5,20 +5,16 @@ without Prefect/MLflow runs), resumable, in study.json's shape, and its report's
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
+
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("study_budget_gpu", ROOT / "benchmarks" / "study_budget_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("study_budget_gpu")
 
 
 @pytest.fixture(scope="module")
